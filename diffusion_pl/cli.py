@@ -1,11 +1,61 @@
-"""Command-line entry point `diffusion-pl` (placeholder until the Lightning layer lands)."""
+"""`diffusion-pl`: LightningCLI for fit / validate / test, jsonargparse commands for sample / evaluate / sweep.
 
+    diffusion-pl fit --config configs/quickstart.yaml
+    diffusion-pl sample --ckpt path/to/last.ckpt --num_samples 64 --steps 250
+"""
+
+from __future__ import annotations
+
+import importlib
 import sys
 
+# name -> "module:function"; each function's typed signature is its command line (jsonargparse.CLI).
+EXTRA_COMMANDS: dict[str, str] = {}
+LIGHTNING_COMMANDS = ("fit", "validate", "test")
 
-def main(argv=None) -> int:
-    print("usage: diffusion-pl {fit,validate,test,sample,evaluate} ...")
-    return 0
+USAGE = """usage: diffusion-pl {fit,validate,test,%s} [options]
+
+diffusion-pl: paper-exact ADM / Improved DDPM diffusion models on PyTorch Lightning.
+
+  fit        train a DiffusionModule or NoisyClassifierModule (diffusion-pl fit --config configs/quickstart.yaml)
+  validate   run validation of a checkpoint
+  test       run the test loop of a checkpoint
+%s
+Run `diffusion-pl COMMAND --help` for the options of one command.
+"""
+
+
+def _usage() -> str:
+    extra = "".join(f"  {name:<10} see `diffusion-pl {name} --help`\n" for name in EXTRA_COMMANDS)
+    return USAGE % (",".join(EXTRA_COMMANDS) or "...", extra)
+
+
+def run_lightning_cli(args: list[str]) -> None:
+    """Run LightningCLI on `args` (first element is the subcommand)."""
+    from diffusion_pl.lightning.cli import build_lightning_cli
+
+    build_lightning_cli(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    command = args[0]
+    if command in EXTRA_COMMANDS:
+        from jsonargparse import CLI
+
+        module_name, function_name = EXTRA_COMMANDS[command].split(":")
+        function = getattr(importlib.import_module(module_name), function_name)
+        CLI(function, args=args[1:], prog=f"diffusion-pl {command}")
+        return 0
+    if command in LIGHTNING_COMMANDS:
+        run_lightning_cli(args)
+        return 0
+    print(f"diffusion-pl: unknown command {command!r}\n", file=sys.stderr)
+    print(_usage(), file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":
