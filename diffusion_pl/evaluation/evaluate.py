@@ -1,0 +1,109 @@
+"""High-level evaluation: generated uint8 images + a reference -> dict of metrics, single-process or DDP."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import torch
+
+from diffusion_pl.evaluation.distributed import all_gather_uneven, compute_on_rank_zero_and_broadcast
+from diffusion_pl.evaluation.features import InceptionFeatures
+from diffusion_pl.evaluation.metrics import ALL_METRICS, DEFAULT_SEED, compute_metrics
+from diffusion_pl.evaluation.npz import load_samples_npz
+from diffusion_pl.evaluation.reference import load_reference, read_cache, reference_features
+from diffusion_pl.utils.images import nhwc_to_nchw
+
+
+def _as_image_source(images):
+    """torch tensor = uint8 NCHW; numpy array = uint8 NHWC (file layout); str = ADM npz path; else iterable of NCHW."""
+    if isinstance(images, (str, os.PathLike)):
+        return nhwc_to_nchw(load_samples_npz(os.fspath(images))[0])
+    if isinstance(images, np.ndarray):
+        if images.dtype != np.uint8:
+            raise TypeError(f"expected uint8 NHWC images, got a numpy array of dtype {images.dtype}")
+        return nhwc_to_nchw(images)
+    return images
+
+
+def resolve_reference(reference, feature_extractor=None, weights_path=None, device=None, batch_size: int = 64):
+    """dict of features/statistics as is; a reference cache npz (from reference_features) loaded; an ADM npz or a folder
+    of images -> reference_features (extracted once, cached)."""
+    if reference is None or isinstance(reference, Mapping):
+        return reference
+    if isinstance(reference, (str, os.PathLike)):
+        path = os.fspath(reference)
+        if os.path.isfile(path) and read_cache(path) is not None:
+            return load_reference(path)
+        return reference_features(
+            path, feature_extractor=feature_extractor, weights_path=weights_path, device=device, batch_size=batch_size
+        )
+    raise TypeError(f"reference must be a dict of features/statistics or a path, got {type(reference).__name__}")
+
+
+def _extract(images, feature_extractor, weights_path, device, batch_size, progress):
+    if feature_extractor is None:
+        feature_extractor = InceptionFeatures(weights_path, device=device, batch_size=batch_size, progress=progress)
+    return feature_extractor, feature_extractor(_as_image_source(images))
+
+
+def evaluate_samples(
+    gen_uint8,
+    reference,
+    weights_path: str | None = None,
+    device: str | torch.device | None = None,
+    metrics: Iterable[str] = ALL_METRICS,
+    batch_size: int = 64,
+    feature_extractor=None,
+    kid_subset_size: int = 1000,
+    prc_neighborhood: int = 3,
+    seed: int = DEFAULT_SEED,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Single process: features of the generated images, then compute_metrics against the reference.
+
+    gen_uint8: uint8 NCHW tensor, uint8 NHWC numpy array, ADM npz path, or iterable of uint8 NCHW batches.
+    reference: dict of features/statistics (see compute_metrics), a reference cache file, an ADM npz or an image folder.
+    feature_extractor: callable images -> dict(pool, logits);
+        default InceptionFeatures(weights_path, device, batch_size).
+    """
+    metrics = tuple(metrics)
+    extractor, gen = _extract(gen_uint8, feature_extractor, weights_path, device, batch_size, progress)
+    ref = resolve_reference(reference, extractor, weights_path, device, batch_size) if metrics != ("isc",) else None
+    return compute_metrics(
+        gen, ref, metrics, kid_subset_size=kid_subset_size, prc_neighborhood=prc_neighborhood, seed=seed
+    )
+
+
+def evaluate_samples_distributed(
+    gen_shard_uint8,
+    reference,
+    weights_path: str | None = None,
+    device: str | torch.device | None = None,
+    metrics: Iterable[str] = ALL_METRICS,
+    batch_size: int = 64,
+    feature_extractor=None,
+    kid_subset_size: int = 1000,
+    prc_neighborhood: int = 3,
+    seed: int = DEFAULT_SEED,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Every rank calls this with its own shard of generated images (shards may differ in size).
+
+    Each rank extracts features of its shard, the features are all-gathered in rank order (uneven sizes), rank 0
+    resolves the reference and computes the metrics once, and the dict is broadcast: every rank returns the same values,
+    equal to evaluate_samples on the concatenation of the shards in rank order. The reference is only used on rank 0
+    (other ranks may pass None). Without an initialised process group this is evaluate_samples.
+    """
+    metrics = tuple(metrics)
+    extractor, local = _extract(gen_shard_uint8, feature_extractor, weights_path, device, batch_size, progress)
+    gen = {k: all_gather_uneven(v) for k, v in local.items()}
+
+    def on_rank_zero():
+        ref = resolve_reference(reference, extractor, weights_path, device, batch_size) if metrics != ("isc",) else None
+        return compute_metrics(
+            gen, ref, metrics, kid_subset_size=kid_subset_size, prc_neighborhood=prc_neighborhood, seed=seed
+        )
+
+    return compute_on_rank_zero_and_broadcast(on_rank_zero)

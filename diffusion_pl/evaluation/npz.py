@@ -1,0 +1,118 @@
+"""Sample files in the ADM format (npz: arr_0 = uint8 NHWC images, arr_1 = int labels) and PNG grids.
+
+Writes are atomic."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+from collections.abc import Callable
+from typing import IO
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.utils import make_grid
+
+
+def atomic_write(path: str, write: Callable[[IO[bytes]], None], overwrite: bool = True) -> str:
+    """Call write(f) on a temporary file next to `path`, then os.replace it into place.
+
+    With overwrite=False an existing `path` raises FileExistsError before anything is written.
+    """
+    path = os.fspath(path)
+    if not overwrite and os.path.exists(path):
+        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _check_images_nhwc(images: np.ndarray, where: str) -> None:
+    if images.dtype != np.uint8:
+        raise ValueError(f"{where}: arr_0 has dtype {images.dtype}, expected uint8 NHWC images")
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(
+            f"{where}: arr_0 has shape {images.shape}, expected uint8 NHWC images (N, H, W, C) with C in (1, 3)"
+        )
+
+
+def _check_labels(labels: np.ndarray, n: int, where: str) -> None:
+    if labels.ndim != 1 or labels.shape[0] != n:
+        raise ValueError(f"{where}: arr_1 has shape {labels.shape}, expected ({n},) labels, one per image")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{where}: arr_1 has dtype {labels.dtype}, expected integer class labels")
+
+
+def save_samples_npz(
+    path: str,
+    images_uint8_nhwc: np.ndarray | torch.Tensor,
+    labels: np.ndarray | torch.Tensor | None = None,
+    overwrite: bool = False,
+) -> str:
+    """Write samples as ADM does: arr_0 = uint8 NHWC images, arr_1 = int64 labels (when given). Atomic.
+
+    Convert float NCHW samples first with diffusion_pl.utils.images.to_uint8 + nchw_to_nhwc.
+    Refuses to replace an existing file unless overwrite=True.
+    """
+    images = (
+        images_uint8_nhwc.cpu().numpy()
+        if isinstance(images_uint8_nhwc, torch.Tensor)
+        else np.asarray(images_uint8_nhwc)
+    )
+    _check_images_nhwc(images, os.fspath(path))
+    arrays = {"arr_0": images}
+    if labels is not None:
+        lab = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+        _check_labels(lab, images.shape[0], os.fspath(path))
+        arrays["arr_1"] = lab.astype(np.int64)
+    return atomic_write(path, lambda f: np.savez(f, **arrays), overwrite=overwrite)
+
+
+def load_samples_npz(path: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read an ADM sample/reference npz -> (uint8 NHWC images, labels or None), validating dtype and shapes."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such sample file")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "arr_0" not in data.files:
+                raise ValueError(f"{path}: no 'arr_0' array (found {data.files}); expected an ADM sample npz")
+            images = data["arr_0"]
+            labels = data["arr_1"] if "arr_1" in data.files else None
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+        raise ValueError(
+            f"{path}: not a readable npz file ({type(e).__name__}: {e}); the file is corrupt or truncated"
+        ) from e
+    except ValueError as e:
+        if str(e).startswith(path):
+            raise
+        raise ValueError(f"{path}: cannot read npz ({e})") from e
+    _check_images_nhwc(images, path)
+    if labels is not None:
+        _check_labels(labels, images.shape[0], path)
+    return images, labels
+
+
+def save_image_grid(path: str, images_uint8_nchw: torch.Tensor, nrow: int = 8, overwrite: bool = True) -> str:
+    """Save a PNG grid of uint8 NCHW images (torchvision make_grid, 2 px padding). Atomic."""
+    x = torch.as_tensor(images_uint8_nchw)
+    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(
+            f"save_image_grid expects uint8 NCHW images with 1 or 3 channels, got {x.dtype} {tuple(x.shape)}"
+        )
+    grid = make_grid(x.cpu(), nrow=nrow, padding=2)  # 1-channel input is repeated to 3 by make_grid
+    image = Image.fromarray(grid.permute(1, 2, 0).contiguous().numpy())
+    return atomic_write(path, lambda f: image.save(f, format="PNG"), overwrite=overwrite)
