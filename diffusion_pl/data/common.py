@@ -1,0 +1,109 @@
+"""Shared data pieces: a uint8 NHWC array dataset (memmap-friendly), shape checks, DataLoader construction."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from diffusion_pl.utils.images import from_uint8
+
+
+def check_images(images: np.ndarray, labels: np.ndarray, *, image_size: int, channels: int, num_classes: int,
+                 name: str) -> None:
+    """Raise ValueError naming `name` unless images are uint8 (N, S, S, C) and labels are integers in 0..K-1."""
+    expected = f"(N, {image_size}, {image_size}, {channels})"
+    if images.dtype != np.uint8:
+        raise ValueError(f"{name}: images must be uint8 {expected}, got dtype {images.dtype}")
+    if images.ndim != 4 or tuple(images.shape[1:]) != (image_size, image_size, channels):
+        raise ValueError(f"{name}: images must have shape {expected}, got {tuple(images.shape)}")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise ValueError(f"{name}: expected {len(images)} labels of shape (N,), got shape {tuple(labels.shape)}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{name}: labels must be integers, got dtype {labels.dtype}")
+    if len(labels) and num_classes > 0 and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"{name}: labels must lie in 0..{num_classes - 1}, got {labels.min()}..{labels.max()}")
+
+
+class ArrayImageDataset(Dataset):
+    """Items (x, y): x float32 CHW in [-1, 1] from uint8 NHWC images, y an int64 label.
+
+    `images`/`labels` are arrays or paths to .npy files. Paths are opened lazily with mmap_mode="r" in each process
+    (and not pickled), so DDP processes and DataLoader workers share the page cache instead of holding copies.
+    The optional horizontal flip draws from torch's global RNG, which DataLoader seeds per worker.
+    """
+
+    def __init__(self, images: np.ndarray | str | os.PathLike, labels: np.ndarray | str | os.PathLike,
+                 random_flip: bool = False) -> None:
+        self._images_src = images if isinstance(images, np.ndarray) else str(images)
+        self._labels_src = labels if isinstance(labels, np.ndarray) else str(labels)
+        self.random_flip = random_flip
+        self._images: np.ndarray | None = None
+        self._labels: np.ndarray | None = None
+        if len(self.images) != len(self.labels):
+            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+
+    @property
+    def images(self) -> np.ndarray:
+        if self._images is None:
+            src = self._images_src
+            self._images = src if isinstance(src, np.ndarray) else np.load(src, mmap_mode="r")
+        return self._images
+
+    @property
+    def labels(self) -> np.ndarray:
+        if self._labels is None:
+            src = self._labels_src
+            self._labels = src if isinstance(src, np.ndarray) else np.load(src, mmap_mode="r")
+        return self._labels
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        if not isinstance(self._images_src, np.ndarray):
+            state["_images"] = None
+        if not isinstance(self._labels_src, np.ndarray):
+            state["_labels"] = None
+        return state
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        hwc = np.array(self.images[index], dtype=np.uint8, copy=True)
+        if self.random_flip and torch.rand(()) < 0.5:
+            hwc = hwc[:, ::-1]
+        chw = torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1)))
+        return from_uint8(chw), torch.tensor(int(self.labels[index]), dtype=torch.int64)
+
+
+def make_dataloader(dataset: Dataset, *, batch_size: int, num_workers: int, train: bool,
+                    pin_memory: bool = False) -> DataLoader:
+    """Train: shuffle and drop_last. persistent_workers whenever num_workers > 0."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train,
+        drop_last=train,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=pin_memory,
+    )
+
+
+def use_pin_memory(trainer: object | None) -> bool:
+    """Pin host memory only when batches go to a CUDA device."""
+    if trainer is not None:
+        try:
+            return trainer.strategy.root_device.type == "cuda"  # type: ignore[attr-defined]
+        except Exception:
+            pass
+    return torch.cuda.is_available()
+
+
+def missing_files(directory: Path, names: Sequence[str]) -> list[str]:
+    """Names from `names` that are not files in `directory`."""
+    return [n for n in names if not (directory / n).is_file()]
