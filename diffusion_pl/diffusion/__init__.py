@@ -1,1 +1,44 @@
-"""diffusion_pl.diffusion"""
+"""The diffusion maths on tensors: schedules, the Gaussian process, losses, timestep samplers, respacing, samplers
+and guidance. No Lightning and no network classes: a model is any callable ``model(x, t, **model_kwargs)``."""
+
+from .gaussian import approx_standard_normal_cdf, discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from .guidance import classifier_cond_fn, classifier_free_model
+from .process import LOSS_TYPES, MEAN_TYPES, VAR_TYPES, GaussianDiffusion, create_diffusion
+from .respace import space_timesteps
+from .samplers import SAMPLING_METHODS, ddim_step, p_sample, sample_loop
+from .schedules import BETA_SCHEDULES, betas_for_alpha_bar, cosine_alpha_bar, get_named_beta_schedule
+from .timestep_samplers import (
+    TIMESTEP_SAMPLERS,
+    LossSecondMomentSampler,
+    TimestepSampler,
+    UniformSampler,
+    create_timestep_sampler,
+)
+
+__all__ = [
+    "BETA_SCHEDULES",
+    "LOSS_TYPES",
+    "MEAN_TYPES",
+    "SAMPLING_METHODS",
+    "TIMESTEP_SAMPLERS",
+    "VAR_TYPES",
+    "GaussianDiffusion",
+    "LossSecondMomentSampler",
+    "TimestepSampler",
+    "UniformSampler",
+    "approx_standard_normal_cdf",
+    "betas_for_alpha_bar",
+    "classifier_cond_fn",
+    "classifier_free_model",
+    "cosine_alpha_bar",
+    "create_diffusion",
+    "create_timestep_sampler",
+    "ddim_step",
+    "discretized_gaussian_log_likelihood",
+    "get_named_beta_schedule",
+    "mean_flat",
+    "normal_kl",
+    "p_sample",
+    "sample_loop",
+    "space_timesteps",
+]
