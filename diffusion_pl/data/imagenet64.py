@@ -1,0 +1,329 @@
+"""ImageNet 64x64: the official downsampled npz batches or an image folder, prepared once into a uint8 .npy memmap."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import numpy as np
+from lightning.pytorch.utilities import rank_zero_warn
+from PIL import Image
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from diffusion_pl.data.common import ArrayImageDataset, check_images, make_dataloader, use_pin_memory
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
+NPZ_LAYOUT = (
+    "train_data_batch_1.npz .. train_data_batch_10.npz and val_data.npz (the official downsampled ImageNet release, "
+    "directly in data_dir or one sub-folder down, e.g. Imagenet64_train_part1_npz/), each with 'data' uint8 "
+    "(N, 3*S*S) in R|G|B planar order and 1-based 'labels' (N,)"
+)
+FOLDER_LAYOUT = "data_dir/train/<class_name>/<image files> and data_dir/val/<class_name>/<image files>"
+MANIFEST_VERSION = 1
+
+
+def center_crop_arr(image: Image.Image, image_size: int) -> np.ndarray:
+    """ADM preprocessing: halve with BOX while min side >= 2*size, BICUBIC so min side = size, centre crop -> HWC."""
+    image = image.convert("RGB")
+    while min(*image.size) >= 2 * image_size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = image_size / min(*image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    arr = np.asarray(image)
+    top = (arr.shape[0] - image_size) // 2
+    left = (arr.shape[1] - image_size) // 2
+    return arr[top : top + image_size, left : left + image_size]
+
+
+def _load_folder_image(args: tuple[str, int]) -> np.ndarray:
+    path, image_size = args
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return center_crop_arr(image, image_size)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(f"ImageNet-64: cannot read image {path}: {err}") from err
+
+
+def planar_to_hwc(data: np.ndarray, image_size: int) -> np.ndarray:
+    """Rows of R|G|B planes (N, 3*S*S), each plane row-major SxS -> uint8 NHWC (N, S, S, 3)."""
+    return data.reshape(-1, 3, image_size, image_size).transpose(0, 2, 3, 1)
+
+
+def list_class_folders(root: Path) -> list[str]:
+    """Sorted sub-folder names of `root` (class name -> index by this order)."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"ImageNet-64 (folder): no directory {root}. Expected layout: {FOLDER_LAYOUT}")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise FileNotFoundError(f"ImageNet-64 (folder): no class sub-folders in {root}. Expected: {FOLDER_LAYOUT}")
+    return classes
+
+
+def find_npz_batches(data_dir: Path) -> tuple[list[Path], Path]:
+    """Train batches sorted by number, and val_data.npz, searched in data_dir and its direct sub-folders."""
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"ImageNet-64 (npz): no directory {data_dir}. Expected: {NPZ_LAYOUT}")
+    found: dict[str, Path] = {}
+    for path in sorted(data_dir.glob("*.npz")) + sorted(data_dir.glob("*/*.npz")):
+        if re.fullmatch(r"train_data_batch_\d+\.npz|val_data\.npz", path.name):
+            if path.name in found:
+                raise ValueError(f"ImageNet-64 (npz): {path.name} found twice: {found[path.name]} and {path}")
+            found[path.name] = path
+    train = sorted((p for n, p in found.items() if n.startswith("train")), key=lambda p: int(p.stem.split("_")[-1]))
+    if not train or "val_data.npz" not in found:
+        missing = ("train_data_batch_*.npz" if not train else "") + (" val_data.npz" if "val_data.npz" not in found else "")
+        raise FileNotFoundError(f"ImageNet-64 (npz): missing {missing.strip()} under {data_dir}. Expected: {NPZ_LAYOUT}")
+    if len(train) != 10:
+        rank_zero_warn(f"ImageNet-64 (npz): found {len(train)} train batches in {data_dir}, the full release has 10")
+    return train, found["val_data.npz"]
+
+
+def _read_npz(path: Path, image_size: int, load_data: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
+    """-> (uint8 (N, 3*S*S) or None, 0-based int64 labels)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            labels = np.asarray(z["labels"])
+            data = np.asarray(z["data"]) if load_data else None
+    except Exception as err:  # OSError, KeyError, zipfile.BadZipFile, zlib.error, ... on missing keys or corruption
+        raise ValueError(f"ImageNet-64 (npz): cannot read {path}: {err!r}. Expected {NPZ_LAYOUT}") from err
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"ImageNet-64 (npz): {path}: 'labels' must be integers (N,), got {labels.dtype} {labels.shape}")
+    if len(labels) and (labels.min() < 1 or labels.max() > 1000):
+        raise ValueError(
+            f"ImageNet-64 (npz): {path}: 'labels' must be 1-based class ids 1..1000, got {labels.min()}..{labels.max()}"
+        )
+    if data is not None:
+        width = 3 * image_size * image_size
+        if data.dtype != np.uint8 or data.shape != (len(labels), width):
+            raise ValueError(
+                f"ImageNet-64 (npz): {path}: 'data' must be uint8 ({len(labels)}, {width}) for image_size="
+                f"{image_size}, got {data.dtype} {data.shape}"
+            )
+    return data, labels.astype(np.int64) - 1
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _atomic_write_json(path: Path, obj: dict) -> None:
+    tmp = _tmp_name(path)
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+class PreparedSplit:
+    """The cache files of one split: <prefix>_images.npy (N,S,S,3) uint8, <prefix>_labels.npy (N,) int64, manifest."""
+
+    def __init__(self, cache_dir: Path, source: str, split: str, image_size: int) -> None:
+        self.source, self.split, self.image_size = source, split, image_size
+        prefix = f"{source}{image_size}_{split}"
+        self.images = cache_dir / f"{prefix}_images.npy"
+        self.labels = cache_dir / f"{prefix}_labels.npy"
+        self.manifest = cache_dir / f"{prefix}_manifest.json"
+
+    def read_manifest(self) -> dict | None:
+        """The manifest if the split is complete and consistent with its .npy files, else None."""
+        try:
+            manifest = json.loads(self.manifest.read_text())
+            count = manifest["count"]
+            expected = (self.source, self.split, self.image_size, MANIFEST_VERSION)
+            if (manifest["source"], manifest["split"], manifest["image_size"], manifest["version"]) != expected:
+                return None
+            images = np.load(self.images, mmap_mode="r")
+            labels = np.load(self.labels, mmap_mode="r")
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        s = self.image_size
+        if images.shape != (count, s, s, 3) or images.dtype != np.uint8 or labels.shape != (count,):
+            return None
+        return manifest
+
+    def write(self, count: int, chunks: Iterable[tuple[np.ndarray, np.ndarray]], info: dict) -> None:
+        """Stream (images NHWC, labels) chunks into temporary .npy files, then rename them; manifest last."""
+        self.images.parent.mkdir(parents=True, exist_ok=True)
+        tmp_images, tmp_labels = _tmp_name(self.images), _tmp_name(self.labels)
+        s = self.image_size
+        try:
+            images = np.lib.format.open_memmap(tmp_images, mode="w+", dtype=np.uint8, shape=(count, s, s, 3))
+            labels = np.empty(count, dtype=np.int64)
+            offset = 0
+            for chunk_images, chunk_labels in chunks:
+                n = len(chunk_labels)
+                if offset + n > count:
+                    raise ValueError(f"ImageNet-64: more than the {count} expected images for split {self.split!r}")
+                images[offset : offset + n] = chunk_images
+                labels[offset : offset + n] = chunk_labels
+                offset += n
+            if offset != count:
+                raise ValueError(f"ImageNet-64: got {offset} images for split {self.split!r}, expected {count}")
+            images.flush()
+            del images
+            with open(tmp_labels, "wb") as f:  # a file object: np.save would append ".npy" to the temp name
+                np.save(f, labels, allow_pickle=False)
+            os.replace(tmp_images, self.images)
+            os.replace(tmp_labels, self.labels)
+        finally:
+            for tmp in (tmp_images, tmp_labels):
+                tmp.unlink(missing_ok=True)
+        manifest = {"version": MANIFEST_VERSION, "source": self.source, "split": self.split,
+                    "image_size": s, "count": count, "images": self.images.name, "labels": self.labels.name, **info}
+        _atomic_write_json(self.manifest, manifest)
+
+
+class ImageNet64DataModule(L.LightningDataModule):
+    """ImageNet at image_size (64): 3 channels, 1000 classes (npz) or one class per train sub-folder (folder).
+
+    source="npz": the official downsampled batches (train_data_batch_1..10.npz, val_data.npz).
+    source="folder": data_dir/train/<class>/*, data_dir/val/<class>/*, ADM preprocessing (BOX halving, BICUBIC,
+    centre crop). prepare_data writes uint8 (N, S, S, 3) .npy caches under cache_dir (default data_dir/prepared),
+    once; every process then maps them read-only. val = test = the validation split.
+    class_cond=False: num_classes is 0 and y is all zeros (ignore it).
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data/imagenet64",
+        batch_size: int = 64,
+        num_workers: int = 4,
+        random_flip: bool = True,
+        source: Literal["npz", "folder"] = "npz",
+        cache_dir: str | None = None,
+        image_size: int = 64,
+        class_cond: bool = True,
+    ) -> None:
+        super().__init__()
+        if source not in ("npz", "folder"):
+            raise ValueError(f"ImageNet64DataModule: source must be 'npz' or 'folder', got {source!r}")
+        self.save_hyperparameters()
+        self.data_dir = data_dir
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.random_flip = random_flip
+        self.source = source
+        self.cache_dir = cache_dir
+        self.image_size = image_size
+        self.in_channels = 3
+        self.class_cond = class_cond
+        self.class_names: list[str] | None = None
+        if source == "folder":
+            self.class_names = list_class_folders(Path(data_dir) / "train")
+        self.dataset_classes = len(self.class_names) if self.class_names is not None else 1000
+        self.num_classes = self.dataset_classes if class_cond else 0
+        self.train_dataset: ArrayImageDataset | None = None
+        self.val_dataset: ArrayImageDataset | None = None
+
+    @property
+    def prepared_dir(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir is not None else Path(self.data_dir) / "prepared"
+
+    def split_files(self, split: str) -> PreparedSplit:
+        return PreparedSplit(self.prepared_dir, self.source, split, self.image_size)
+
+    def prepare_data(self) -> None:
+        """Build the .npy caches of train and val unless complete ones exist (Lightning calls this on rank 0)."""
+        todo = [s for s in ("train", "val") if self.split_files(s).read_manifest() is None]
+        if not todo:
+            return
+        if self.source == "npz":
+            train, val = find_npz_batches(Path(self.data_dir))
+            inputs = {"train": train, "val": [val]}
+            for split in todo:
+                self._prepare_npz(split, inputs[split])
+        else:
+            for split in todo:
+                self._prepare_folder(split)
+
+    def _prepare_npz(self, split: str, paths: list[Path]) -> None:
+        counts = [len(_read_npz(p, self.image_size, load_data=False)[1]) for p in paths]
+
+        def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            for path in tqdm(paths, desc=f"ImageNet-64 {split} npz -> npy", disable=None):
+                data, labels = _read_npz(path, self.image_size)
+                yield planar_to_hwc(data, self.image_size), labels
+
+        info = {"inputs": [str(p.relative_to(self.data_dir)) for p in paths], "counts": counts,
+                "num_classes": 1000}
+        self.split_files(split).write(sum(counts), chunks(), info)
+
+    def _prepare_folder(self, split: str) -> None:
+        root = Path(self.data_dir) / split
+        class_names = self.class_names or list_class_folders(Path(self.data_dir) / "train")
+        index = {name: i for i, name in enumerate(class_names)}
+        files: list[str] = []
+        labels: list[int] = []
+        for name in list_class_folders(root):
+            if name not in index:
+                raise ValueError(f"ImageNet-64 (folder): class folder {root / name} has no counterpart in "
+                                 f"{Path(self.data_dir) / 'train'} (classes come from the train folders)")
+            found = sorted(str(p) for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+            files += found
+            labels += [index[name]] * len(found)
+        if not files:
+            raise FileNotFoundError(f"ImageNet-64 (folder): no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}. "
+                                    f"Expected: {FOLDER_LAYOUT}")
+        label_array = np.asarray(labels, dtype=np.int64)
+
+        def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            jobs = [(f, self.image_size) for f in files]
+            bar = dict(total=len(files), desc=f"ImageNet-64 {split} images -> npy", disable=None)
+            if self.num_workers > 0:
+                import multiprocessing
+
+                with multiprocessing.get_context().Pool(self.num_workers) as pool:
+                    for i, arr in enumerate(tqdm(pool.imap(_load_folder_image, jobs, chunksize=64), **bar)):
+                        yield arr[None], label_array[i : i + 1]
+            else:
+                for i, arr in enumerate(tqdm(map(_load_folder_image, jobs), **bar)):
+                    yield arr[None], label_array[i : i + 1]
+
+        info = {"inputs": str(root), "class_names": class_names, "num_classes": len(class_names)}
+        self.split_files(split).write(len(files), chunks(), info)
+
+    def _open(self, split: str, random_flip: bool) -> ArrayImageDataset:
+        files = self.split_files(split)
+        manifest = files.read_manifest()
+        if manifest is None:
+            raise RuntimeError(
+                f"ImageNet-64: no complete prepared {split} split in {self.prepared_dir} ({files.manifest.name}). "
+                "Call prepare_data() first (Trainer does this on rank 0 before setup)."
+            )
+        if self.source == "folder" and manifest.get("class_names") != self.class_names:
+            raise ValueError(f"ImageNet-64: {files.manifest} lists other classes than {Path(self.data_dir) / 'train'}; "
+                             f"delete {self.prepared_dir} to rebuild the cache")
+        labels = np.load(files.labels, mmap_mode="r")
+        images = np.load(files.images, mmap_mode="r")
+        check_images(images, labels, image_size=self.image_size, channels=3,
+                     num_classes=self.dataset_classes, name=str(files.images))
+        if not self.class_cond:
+            return ArrayImageDataset(files.images, np.zeros(len(labels), dtype=np.int64), random_flip=random_flip)
+        return ArrayImageDataset(files.images, files.labels, random_flip=random_flip)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is None and stage in (None, "fit"):
+            self.train_dataset = self._open("train", self.random_flip)
+        if self.val_dataset is None:
+            self.val_dataset = self._open("val", False)
+
+    def _loader(self, dataset: ArrayImageDataset | None, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("ImageNet64DataModule: call prepare_data() and setup() before requesting a dataloader")
+        return make_dataloader(dataset, batch_size=self.batch_size, num_workers=self.num_workers, train=train,
+                               pin_memory=use_pin_memory(self.trainer))
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, train=False)

@@ -1,0 +1,218 @@
+"""ImageNet64DataModule on official-format npz batches and an image folder written by the test."""
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusion_pl.data import ImageNet64DataModule
+from diffusion_pl.data.imagenet64 import center_crop_arr
+from diffusion_pl.utils.images import to_uint8
+
+S = 64
+PLANE = S * S
+
+
+def _write_npz(root, n_per_batch=3, seed=0):
+    """Official layout: Imagenet64_train_part1_npz/train_data_batch_1..5, part2/6..10, Imagenet64_val/val_data."""
+    rng = np.random.default_rng(seed)
+    batches = {}
+    for i in range(1, 11):
+        folder = root / ("Imagenet64_train_part1_npz" if i <= 5 else "Imagenet64_train_part2_npz")
+        batches[f"train_data_batch_{i}"] = folder
+    batches["val_data"] = root / "Imagenet64_val"
+    written = {}
+    for name, folder in batches.items():
+        folder.mkdir(parents=True, exist_ok=True)
+        data = rng.integers(0, 256, size=(n_per_batch, 3 * PLANE), dtype=np.uint8)
+        labels = rng.integers(1, 1001, size=n_per_batch).tolist()  # 1-based, as released
+        labels[0] = 1000 if name == "val_data" else labels[0]
+        np.savez(folder / f"{name}.npz", data=data, labels=labels, mean=data.mean(0))
+        written[name] = (data, np.asarray(labels))
+    return written
+
+
+@pytest.fixture
+def npz_root(tmp_path):
+    return tmp_path, _write_npz(tmp_path)
+
+
+def test_attributes_after_init():
+    dm = ImageNet64DataModule(data_dir="nowhere")
+    assert (dm.image_size, dm.in_channels, dm.num_classes) == (64, 3, 1000)
+    assert ImageNet64DataModule(data_dir="nowhere", class_cond=False).num_classes == 0
+
+
+def test_npz_planar_to_hwc_and_labels(npz_root):
+    root, written = npz_root
+    dm = ImageNet64DataModule(data_dir=str(root), batch_size=4, num_workers=0, random_flip=False)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert len(dm.train_dataset) == 30 and len(dm.val_dataset) == 3
+    assert isinstance(dm.train_dataset.images, np.memmap)
+    # batch order is numeric: batch 10 comes last, so item 27 is row 0 of train_data_batch_10
+    for index, (name, row) in {0: ("train_data_batch_1", 0), 5: ("train_data_batch_2", 2),
+                               27: ("train_data_batch_10", 0), 29: ("train_data_batch_10", 2)}.items():
+        data, labels = written[name]
+        x, y = dm.train_dataset[index]
+        assert x.shape == (3, S, S) and x.dtype == torch.float32
+        assert y.dtype == torch.int64 and y.item() == labels[row] - 1
+        pixels = to_uint8(x[None])[0]
+        assert torch.equal(pixels, torch.from_numpy(data[row].reshape(3, S, S)))
+        hwc = dm.train_dataset.images[index]
+        r, c = 5, 17
+        assert tuple(hwc[r, c]) == (data[row][r * S + c], data[row][PLANE + r * S + c], data[row][2 * PLANE + r * S + c])
+    vdata, vlabels = written["val_data"]
+    xs, ys = next(iter(dm.val_dataloader()))
+    assert torch.equal(to_uint8(xs), torch.from_numpy(vdata.reshape(-1, 3, S, S)))
+    assert ys.tolist() == (vlabels - 1).tolist() and ys[0].item() == 999
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 3, S, S) and -1 <= x.min() and x.max() <= 1
+    assert len(dm.train_dataloader()) == 30 // 4
+
+
+def test_cache_written_once_atomically(npz_root):
+    root, _ = npz_root
+    cache = root / "cache"
+    dm = ImageNet64DataModule(data_dir=str(root), cache_dir=str(cache), num_workers=0)
+    dm.prepare_data()
+    files = sorted(p.name for p in cache.iterdir())
+    assert files == ["npz64_train_images.npy", "npz64_train_labels.npy", "npz64_train_manifest.json",
+                     "npz64_val_images.npy", "npz64_val_labels.npy", "npz64_val_manifest.json"]  # no temp leftovers
+    manifest = json.loads((cache / "npz64_train_manifest.json").read_text())
+    assert manifest["count"] == 30 and manifest["source"] == "npz" and manifest["counts"] == [3] * 10
+    assert manifest["inputs"][-1] == "Imagenet64_train_part2_npz/train_data_batch_10.npz"
+    mtimes = {p: p.stat().st_mtime_ns for p in cache.iterdir()}
+    ImageNet64DataModule(data_dir=str(root), cache_dir=str(cache), num_workers=0).prepare_data()
+    assert {p: p.stat().st_mtime_ns for p in cache.iterdir()} == mtimes
+    # an incomplete cache (no manifest: interrupted run) is rebuilt
+    (cache / "npz64_val_manifest.json").unlink()
+    dm.prepare_data()
+    assert (cache / "npz64_val_manifest.json").exists()
+    assert (cache / "npz64_train_images.npy").stat().st_mtime_ns == mtimes[cache / "npz64_train_images.npy"]
+
+
+def test_default_cache_dir_and_workers_share_memmap(npz_root):
+    root, written = npz_root
+    dm = ImageNet64DataModule(data_dir=str(root), batch_size=10, num_workers=2, random_flip=False)
+    dm.prepare_data()
+    assert (root / "prepared" / "npz64_train_images.npy").is_file()
+    dm.setup("fit")
+    assert len(pickle.dumps(dm.train_dataset)) < 10_000  # the memmap is reopened in workers, not copied
+    xs = torch.cat([x for x, _ in dm.val_dataloader()])
+    assert torch.equal(to_uint8(xs), torch.from_numpy(written["val_data"][0].reshape(-1, 3, S, S)))
+
+
+def test_class_cond_false_gives_zero_labels(npz_root):
+    root, _ = npz_root
+    dm = ImageNet64DataModule(data_dir=str(root), num_workers=0, class_cond=False)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.num_classes == 0 and all(dm.train_dataset[i][1].item() == 0 for i in range(30))
+
+
+def test_missing_and_corrupt_npz_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train_data_batch_1.npz"):
+        ImageNet64DataModule(data_dir=str(tmp_path / "absent")).prepare_data()
+    tmp_path.joinpath("empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"missing train_data_batch_\*\.npz val_data\.npz"):
+        ImageNet64DataModule(data_dir=str(tmp_path / "empty")).prepare_data()
+    with pytest.raises(RuntimeError, match="prepare_data"):
+        ImageNet64DataModule(data_dir=str(tmp_path / "empty")).setup("fit")
+
+    root = tmp_path / "corrupt"
+    _write_npz(root)
+    bad = root / "Imagenet64_train_part1_npz" / "train_data_batch_3.npz"
+    bad.write_bytes(bad.read_bytes()[:100])  # truncated download
+    with pytest.raises(ValueError, match="train_data_batch_3.npz"):
+        ImageNet64DataModule(data_dir=str(root), num_workers=0).prepare_data()
+    assert not list((root / "prepared").glob("*train*"))  # nothing half-written left behind
+
+    np.savez(bad, data=np.zeros((3, 3 * 32 * 32), np.uint8), labels=[1, 2, 3])  # a 32x32 batch
+    with pytest.raises(ValueError, match=r"'data' must be uint8 \(3, 12288\)"):
+        ImageNet64DataModule(data_dir=str(root), num_workers=0).prepare_data()
+    np.savez(bad, data=np.zeros((3, 3 * PLANE), np.uint8), labels=[0, 1, 2])  # 0-based labels
+    with pytest.raises(ValueError, match="1-based"):
+        ImageNet64DataModule(data_dir=str(root), num_workers=0).prepare_data()
+    np.savez(bad, images=np.zeros((3, 3 * PLANE), np.uint8), labels=[1, 2, 3])  # wrong key
+    with pytest.raises(ValueError, match="'data'"):
+        ImageNet64DataModule(data_dir=str(root), num_workers=0).prepare_data()
+
+
+# ---------------------------------------------------------------- image folder
+
+
+def _write_folder(root):
+    """train/{b_zebra,a_ant}, val/{a_ant}; non-square sizes and non-RGB modes."""
+    rng = np.random.default_rng(0)
+    specs = {
+        ("train", "b_zebra"): [("wide.png", (128, 64), "RGB"), ("tall.png", (70, 300), "L"), ("big.jpg", (517, 260), "RGB")],
+        ("train", "a_ant"): [("rgba.png", (90, 65), "RGBA"), ("p.gif", (64, 64), "P")],
+        ("val", "a_ant"): [("v.png", (200, 100), "RGB")],
+    }
+    arrays = {}
+    for (split, cls), files in specs.items():
+        folder = root / split / cls
+        folder.mkdir(parents=True)
+        for name, (w, h), mode in files:
+            arr = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+            image = Image.fromarray(arr).convert(mode)
+            image.save(folder / name)
+            arrays[(split, cls, name)] = arr
+    (root / "train" / "b_zebra" / "notes.txt").write_text("not an image")
+    return arrays
+
+
+def test_center_crop_arr_adm_preprocessing():
+    rng = np.random.default_rng(1)
+    arr = rng.integers(0, 256, size=(64, 128, 3), dtype=np.uint8)  # min side == size: no resampling, crop only
+    assert np.array_equal(center_crop_arr(Image.fromarray(arr), 64), arr[:, 32:96])
+    # 260x517 -> BOX halving to 130x258 (130 >= 128), then BICUBIC to 64x127, crop columns 31..95
+    left_right = np.zeros((260, 517, 3), np.uint8)
+    left_right[:, 258:] = 255
+    out = center_crop_arr(Image.fromarray(left_right), 64)
+    assert out.shape == (64, 64, 3) and out.dtype == np.uint8
+    assert (out[:, :28] == 0).all() and (out[:, 36:] == 255).all()  # the edge lands in the middle of the crop
+    assert center_crop_arr(Image.fromarray(arr[:, :, 0]), 32).shape == (32, 32, 3)  # grayscale -> RGB
+
+
+def test_folder_source(tmp_path):
+    arrays = _write_folder(tmp_path)
+    dm = ImageNet64DataModule(data_dir=str(tmp_path), source="folder", batch_size=2, num_workers=0, random_flip=False)
+    assert dm.class_names == ["a_ant", "b_zebra"] and dm.num_classes == 2  # known right after __init__
+    dm.prepare_data()
+    dm.setup("fit")
+    assert len(dm.train_dataset) == 5 and len(dm.val_dataset) == 1
+    labels = [dm.train_dataset[i][1].item() for i in range(5)]
+    assert labels == [0, 0, 1, 1, 1]  # classes in sorted order, files sorted within a class: p.gif, rgba.png, ...
+    images = np.asarray(dm.train_dataset.images)
+    assert images.shape == (5, 64, 64, 3) and images.dtype == np.uint8
+    # b_zebra/wide.png is 128x64: exactly the centre 64 columns
+    assert np.array_equal(images[4], arrays[("train", "b_zebra", "wide.png")][:, 32:96])
+    x, y = dm.val_dataset[0]
+    assert x.shape == (3, 64, 64) and y.item() == 0
+    manifest = json.loads((tmp_path / "prepared" / "folder64_train_manifest.json").read_text())
+    assert manifest["class_names"] == ["a_ant", "b_zebra"] and manifest["count"] == 5
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (2, 3, 64, 64) and y.dtype == torch.int64
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train/<class_name>"):
+        ImageNet64DataModule(data_dir=str(tmp_path), source="folder")
+    _write_folder(tmp_path)
+    (tmp_path / "val" / "c_unknown").mkdir()
+    dm = ImageNet64DataModule(data_dir=str(tmp_path), source="folder", num_workers=0)
+    with pytest.raises(ValueError, match="c_unknown"):
+        dm.prepare_data()
+    (tmp_path / "val" / "c_unknown").rmdir()
+    # train was prepared before val failed and is kept; val is still missing
+    assert (tmp_path / "prepared" / "folder64_train_manifest.json").exists()
+    assert not (tmp_path / "prepared" / "folder64_val_manifest.json").exists()
+    (tmp_path / "val" / "a_ant" / "broken.png").write_bytes(b"\x89PNG garbage")
+    with pytest.raises(ValueError, match="broken.png"):
+        dm.prepare_data()
+    assert not list((tmp_path / "prepared").glob("*val*"))  # no partial files left
