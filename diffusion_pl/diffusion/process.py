@@ -87,7 +87,10 @@ class GaussianDiffusion:
         if betas.ndim != 1 or betas.numel() == 0:
             raise ValueError(f"betas must be a non-empty 1-D sequence, got shape {tuple(betas.shape)}")
         if not bool(((betas > 0) & (betas <= 1)).all()):
-            raise ValueError("every beta must lie in (0, 1]")
+            raise ValueError(
+                f"every beta must lie in (0, 1], got values in [{betas.min().item():.4g}, {betas.max().item():.4g}] "
+                f"(the linear schedule, scaled by 1000/T, needs T >= 50)"
+            )
         self.num_timesteps = int(betas.numel())
         self.original_num_steps = int(original_num_steps) if original_num_steps is not None else self.num_timesteps
         if timestep_map is None:
