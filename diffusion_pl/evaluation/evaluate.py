@@ -58,6 +58,8 @@ def evaluate_samples(
     feature_extractor=None,
     kid_subset_size: int = 1000,
     prc_neighborhood: int = 3,
+    isc_splits: int = 10,
+    kid_subsets: int = 100,
     seed: int = DEFAULT_SEED,
     progress: bool = True,
 ) -> dict[str, float]:
@@ -69,11 +71,16 @@ def evaluate_samples(
         default InceptionFeatures(weights_path, device, batch_size).
     """
     metrics = tuple(metrics)
+    metric_options = dict(
+        kid_subset_size=kid_subset_size,
+        kid_subsets=kid_subsets,
+        prc_neighborhood=prc_neighborhood,
+        isc_splits=isc_splits,
+        seed=seed,
+    )
     extractor, gen = _extract(gen_uint8, feature_extractor, weights_path, device, batch_size, progress)
     ref = resolve_reference(reference, extractor, weights_path, device, batch_size) if metrics != ("isc",) else None
-    return compute_metrics(
-        gen, ref, metrics, kid_subset_size=kid_subset_size, prc_neighborhood=prc_neighborhood, seed=seed
-    )
+    return compute_metrics(gen, ref, metrics, **metric_options)
 
 
 def evaluate_samples_distributed(
@@ -86,6 +93,8 @@ def evaluate_samples_distributed(
     feature_extractor=None,
     kid_subset_size: int = 1000,
     prc_neighborhood: int = 3,
+    isc_splits: int = 10,
+    kid_subsets: int = 100,
     seed: int = DEFAULT_SEED,
     progress: bool = True,
 ) -> dict[str, float]:
@@ -97,13 +106,18 @@ def evaluate_samples_distributed(
     (other ranks may pass None). Without an initialised process group this is evaluate_samples.
     """
     metrics = tuple(metrics)
+    metric_options = dict(
+        kid_subset_size=kid_subset_size,
+        kid_subsets=kid_subsets,
+        prc_neighborhood=prc_neighborhood,
+        isc_splits=isc_splits,
+        seed=seed,
+    )
     extractor, local = _extract(gen_shard_uint8, feature_extractor, weights_path, device, batch_size, progress)
     gen = {k: all_gather_uneven(v) for k, v in local.items()}
 
     def on_rank_zero():
         ref = resolve_reference(reference, extractor, weights_path, device, batch_size) if metrics != ("isc",) else None
-        return compute_metrics(
-            gen, ref, metrics, kid_subset_size=kid_subset_size, prc_neighborhood=prc_neighborhood, seed=seed
-        )
+        return compute_metrics(gen, ref, metrics, **metric_options)
 
     return compute_on_rank_zero_and_broadcast(on_rank_zero)
