@@ -128,8 +128,13 @@ class CIFAR10DataModule(L.LightningDataModule):
     def _loader(self, dataset: ArrayImageDataset | None, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("CIFAR10DataModule: call setup() before requesting a dataloader")
-        return make_dataloader(dataset, batch_size=self.batch_size, num_workers=self.num_workers, train=train,
-                               pin_memory=use_pin_memory(self.trainer))
+        return make_dataloader(
+            dataset,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            train=train,
+            pin_memory=use_pin_memory(self.trainer),
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, train=True)

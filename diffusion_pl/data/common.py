@@ -13,8 +13,9 @@ from torch.utils.data import DataLoader, Dataset
 from diffusion_pl.utils.images import from_uint8
 
 
-def check_images(images: np.ndarray, labels: np.ndarray, *, image_size: int, channels: int, num_classes: int,
-                 name: str) -> None:
+def check_images(
+    images: np.ndarray, labels: np.ndarray, *, image_size: int, channels: int, num_classes: int, name: str
+) -> None:
     """Raise ValueError naming `name` unless images are uint8 (N, S, S, C) and labels are integers in 0..K-1."""
     expected = f"(N, {image_size}, {image_size}, {channels})"
     if images.dtype != np.uint8:
@@ -37,8 +38,9 @@ class ArrayImageDataset(Dataset):
     The optional horizontal flip draws from torch's global RNG, which DataLoader seeds per worker.
     """
 
-    def __init__(self, images: np.ndarray | str | os.PathLike, labels: np.ndarray | str | os.PathLike,
-                 random_flip: bool = False) -> None:
+    def __init__(
+        self, images: np.ndarray | str | os.PathLike, labels: np.ndarray | str | os.PathLike, random_flip: bool = False
+    ) -> None:
         self._images_src = images if isinstance(images, np.ndarray) else str(images)
         self._labels_src = labels if isinstance(labels, np.ndarray) else str(labels)
         self.random_flip = random_flip
@@ -80,8 +82,9 @@ class ArrayImageDataset(Dataset):
         return from_uint8(chw), torch.tensor(int(self.labels[index]), dtype=torch.int64)
 
 
-def make_dataloader(dataset: Dataset, *, batch_size: int, num_workers: int, train: bool,
-                    pin_memory: bool = False) -> DataLoader:
+def make_dataloader(
+    dataset: Dataset, *, batch_size: int, num_workers: int, train: bool, pin_memory: bool = False
+) -> DataLoader:
     """Train: shuffle and drop_last. persistent_workers whenever num_workers > 0."""
     return DataLoader(
         dataset,

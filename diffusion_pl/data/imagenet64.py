@@ -79,8 +79,11 @@ def find_npz_batches(data_dir: Path) -> tuple[list[Path], Path]:
             found[path.name] = path
     train = sorted((p for n, p in found.items() if n.startswith("train")), key=lambda p: int(p.stem.split("_")[-1]))
     if not train or "val_data.npz" not in found:
-        missing = ("train_data_batch_*.npz" if not train else "") + (" val_data.npz" if "val_data.npz" not in found else "")
-        raise FileNotFoundError(f"ImageNet-64 (npz): missing {missing.strip()} under {data_dir}. Expected: {NPZ_LAYOUT}")
+        missing = [] if train else ["train_data_batch_*.npz"]
+        missing += [] if "val_data.npz" in found else ["val_data.npz"]
+        raise FileNotFoundError(
+            f"ImageNet-64 (npz): missing {' '.join(missing)} under {data_dir}. Expected: {NPZ_LAYOUT}"
+        )
     if len(train) != 10:
         rank_zero_warn(f"ImageNet-64 (npz): found {len(train)} train batches in {data_dir}, the full release has 10")
     return train, found["val_data.npz"]
@@ -89,13 +92,16 @@ def find_npz_batches(data_dir: Path) -> tuple[list[Path], Path]:
 def _read_npz(path: Path, image_size: int, load_data: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
     """-> (uint8 (N, 3*S*S) or None, 0-based int64 labels)."""
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with (
+            open(path, "rb") as f,
+            np.load(f, allow_pickle=False) as z,
+        ):  # own the handle: np.load leaks it on a bad zip
             labels = np.asarray(z["labels"])
             data = np.asarray(z["data"]) if load_data else None
     except Exception as err:  # OSError, KeyError, zipfile.BadZipFile, zlib.error, ... on missing keys or corruption
         raise ValueError(f"ImageNet-64 (npz): cannot read {path}: {err!r}. Expected {NPZ_LAYOUT}") from err
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"ImageNet-64 (npz): {path}: 'labels' must be integers (N,), got {labels.dtype} {labels.shape}")
+        raise ValueError(f"ImageNet-64 (npz): {path}: 'labels' must be integers (N,), got {labels.dtype}{labels.shape}")
     if len(labels) and (labels.min() < 1 or labels.max() > 1000):
         raise ValueError(
             f"ImageNet-64 (npz): {path}: 'labels' must be 1-based class ids 1..1000, got {labels.min()}..{labels.max()}"
@@ -174,8 +180,16 @@ class PreparedSplit:
         finally:
             for tmp in (tmp_images, tmp_labels):
                 tmp.unlink(missing_ok=True)
-        manifest = {"version": MANIFEST_VERSION, "source": self.source, "split": self.split,
-                    "image_size": s, "count": count, "images": self.images.name, "labels": self.labels.name, **info}
+        manifest = {
+            "version": MANIFEST_VERSION,
+            "source": self.source,
+            "split": self.split,
+            "image_size": s,
+            "count": count,
+            "images": self.images.name,
+            "labels": self.labels.name,
+            **info,
+        }
         _atomic_write_json(self.manifest, manifest)
 
 
@@ -250,8 +264,7 @@ class ImageNet64DataModule(L.LightningDataModule):
                 data, labels = _read_npz(path, self.image_size)
                 yield planar_to_hwc(data, self.image_size), labels
 
-        info = {"inputs": [str(p.relative_to(self.data_dir)) for p in paths], "counts": counts,
-                "num_classes": 1000}
+        info = {"inputs": [str(p.relative_to(self.data_dir)) for p in paths], "counts": counts, "num_classes": 1000}
         self.split_files(split).write(sum(counts), chunks(), info)
 
     def _prepare_folder(self, split: str) -> None:
@@ -262,14 +275,18 @@ class ImageNet64DataModule(L.LightningDataModule):
         labels: list[int] = []
         for name in list_class_folders(root):
             if name not in index:
-                raise ValueError(f"ImageNet-64 (folder): class folder {root / name} has no counterpart in "
-                                 f"{Path(self.data_dir) / 'train'} (classes come from the train folders)")
+                raise ValueError(
+                    f"ImageNet-64 (folder): class folder {root / name} has no counterpart in "
+                    f"{Path(self.data_dir) / 'train'} (classes come from the train folders)"
+                )
             found = sorted(str(p) for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
             files += found
             labels += [index[name]] * len(found)
         if not files:
-            raise FileNotFoundError(f"ImageNet-64 (folder): no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}. "
-                                    f"Expected: {FOLDER_LAYOUT}")
+            raise FileNotFoundError(
+                f"ImageNet-64 (folder): no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}. "
+                f"Expected: {FOLDER_LAYOUT}"
+            )
         label_array = np.asarray(labels, dtype=np.int64)
 
         def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -297,12 +314,20 @@ class ImageNet64DataModule(L.LightningDataModule):
                 "Call prepare_data() first (Trainer does this on rank 0 before setup)."
             )
         if self.source == "folder" and manifest.get("class_names") != self.class_names:
-            raise ValueError(f"ImageNet-64: {files.manifest} lists other classes than {Path(self.data_dir) / 'train'}; "
-                             f"delete {self.prepared_dir} to rebuild the cache")
+            raise ValueError(
+                f"ImageNet-64: {files.manifest} lists other classes than {Path(self.data_dir) / 'train'}; "
+                f"delete {self.prepared_dir} to rebuild the cache"
+            )
         labels = np.load(files.labels, mmap_mode="r")
         images = np.load(files.images, mmap_mode="r")
-        check_images(images, labels, image_size=self.image_size, channels=3,
-                     num_classes=self.dataset_classes, name=str(files.images))
+        check_images(
+            images,
+            labels,
+            image_size=self.image_size,
+            channels=3,
+            num_classes=self.dataset_classes,
+            name=str(files.images),
+        )
         if not self.class_cond:
             return ArrayImageDataset(files.images, np.zeros(len(labels), dtype=np.int64), random_flip=random_flip)
         return ArrayImageDataset(files.images, files.labels, random_flip=random_flip)
@@ -316,8 +341,13 @@ class ImageNet64DataModule(L.LightningDataModule):
     def _loader(self, dataset: ArrayImageDataset | None, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("ImageNet64DataModule: call prepare_data() and setup() before requesting a dataloader")
-        return make_dataloader(dataset, batch_size=self.batch_size, num_workers=self.num_workers, train=train,
-                               pin_memory=use_pin_memory(self.trainer))
+        return make_dataloader(
+            dataset,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            train=train,
+            pin_memory=use_pin_memory(self.trainer),
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, train=True)

@@ -47,7 +47,7 @@ def load_mnist5k_csv(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     if pixels.min() < 0 or pixels.max() > 255:
         raise ValueError(f"MNIST-5k: pixel values in {path} must lie in 0..255, got {pixels.min()}..{pixels.max()}")
     if labels.min() < 0 or labels.max() > 9:
-        raise ValueError(f"MNIST-5k: labels (last column) in {path} must lie in 0..9, got {labels.min()}..{labels.max()}")
+        raise ValueError(f"MNIST-5k: labels (last column) of {path} must be 0..9, got {labels.min()}..{labels.max()}")
     return pixels.astype(np.uint8).reshape(-1, 28, 28), labels
 
 
@@ -67,7 +67,7 @@ def stratified_split(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.n
     order = np.lexsort((classes, -(exact - take)))
     take[order[:remainder]] += 1
     rng = np.random.default_rng(seed)
-    val = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)]
+    val = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take, strict=True)]
     val_idx = np.sort(np.concatenate(val))
     train_idx = np.setdiff1d(np.arange(n), val_idx)
     return train_idx, val_idx
@@ -122,8 +122,13 @@ class MNIST5kDataModule(L.LightningDataModule):
     def _loader(self, dataset: ArrayImageDataset | None, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("MNIST5kDataModule: call setup() before requesting a dataloader")
-        return make_dataloader(dataset, batch_size=self.batch_size, num_workers=self.num_workers, train=train,
-                               pin_memory=use_pin_memory(self.trainer))
+        return make_dataloader(
+            dataset,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            train=train,
+            pin_memory=use_pin_memory(self.trainer),
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, train=True)

@@ -22,14 +22,19 @@ def _write_cifar(root, seed=0):
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         data = rng.integers(0, 256, size=(N_PER_BATCH, 3072), dtype=np.uint8)
         labels = rng.integers(0, 10, size=N_PER_BATCH).tolist()
-        entry = {b"batch_label": name.encode(), b"labels": labels, b"data": data,
-                 b"filenames": [f"{name}_{i}.png".encode() for i in range(N_PER_BATCH)]}
+        entry = {
+            b"batch_label": name.encode(),
+            b"labels": labels,
+            b"data": data,
+            b"filenames": [f"{name}_{i}.png".encode() for i in range(N_PER_BATCH)],
+        }
         with open(folder / name, "wb") as f:
             pickle.dump(entry, f)
         written[name] = (data, labels)
     with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({b"num_cases_per_batch": N_PER_BATCH, b"label_names": [n.encode() for n in NAMES],
-                     b"num_vis": 3072}, f)
+        pickle.dump(
+            {b"num_cases_per_batch": N_PER_BATCH, b"label_names": [n.encode() for n in NAMES], b"num_vis": 3072}, f
+        )
     return written
 
 

@@ -54,8 +54,12 @@ def test_npz_planar_to_hwc_and_labels(npz_root):
     assert len(dm.train_dataset) == 30 and len(dm.val_dataset) == 3
     assert isinstance(dm.train_dataset.images, np.memmap)
     # batch order is numeric: batch 10 comes last, so item 27 is row 0 of train_data_batch_10
-    for index, (name, row) in {0: ("train_data_batch_1", 0), 5: ("train_data_batch_2", 2),
-                               27: ("train_data_batch_10", 0), 29: ("train_data_batch_10", 2)}.items():
+    for index, (name, row) in {
+        0: ("train_data_batch_1", 0),
+        5: ("train_data_batch_2", 2),
+        27: ("train_data_batch_10", 0),
+        29: ("train_data_batch_10", 2),
+    }.items():
         data, labels = written[name]
         x, y = dm.train_dataset[index]
         assert x.shape == (3, S, S) and x.dtype == torch.float32
@@ -64,7 +68,8 @@ def test_npz_planar_to_hwc_and_labels(npz_root):
         assert torch.equal(pixels, torch.from_numpy(data[row].reshape(3, S, S)))
         hwc = dm.train_dataset.images[index]
         r, c = 5, 17
-        assert tuple(hwc[r, c]) == (data[row][r * S + c], data[row][PLANE + r * S + c], data[row][2 * PLANE + r * S + c])
+        at = r * S + c  # offset inside each plane
+        assert tuple(hwc[r, c]) == (data[row][at], data[row][PLANE + at], data[row][2 * PLANE + at])
     vdata, vlabels = written["val_data"]
     xs, ys = next(iter(dm.val_dataloader()))
     assert torch.equal(to_uint8(xs), torch.from_numpy(vdata.reshape(-1, 3, S, S)))
@@ -80,8 +85,14 @@ def test_cache_written_once_atomically(npz_root):
     dm = ImageNet64DataModule(data_dir=str(root), cache_dir=str(cache), num_workers=0)
     dm.prepare_data()
     files = sorted(p.name for p in cache.iterdir())
-    assert files == ["npz64_train_images.npy", "npz64_train_labels.npy", "npz64_train_manifest.json",
-                     "npz64_val_images.npy", "npz64_val_labels.npy", "npz64_val_manifest.json"]  # no temp leftovers
+    assert files == [
+        "npz64_train_images.npy",
+        "npz64_train_labels.npy",
+        "npz64_train_manifest.json",
+        "npz64_val_images.npy",
+        "npz64_val_labels.npy",
+        "npz64_val_manifest.json",
+    ]  # no temp leftovers
     manifest = json.loads((cache / "npz64_train_manifest.json").read_text())
     assert manifest["count"] == 30 and manifest["source"] == "npz" and manifest["counts"] == [3] * 10
     assert manifest["inputs"][-1] == "Imagenet64_train_part2_npz/train_data_batch_10.npz"
@@ -149,7 +160,11 @@ def _write_folder(root):
     """train/{b_zebra,a_ant}, val/{a_ant}; non-square sizes and non-RGB modes."""
     rng = np.random.default_rng(0)
     specs = {
-        ("train", "b_zebra"): [("wide.png", (128, 64), "RGB"), ("tall.png", (70, 300), "L"), ("big.jpg", (517, 260), "RGB")],
+        ("train", "b_zebra"): [
+            ("wide.png", (128, 64), "RGB"),
+            ("tall.png", (70, 300), "L"),
+            ("big.jpg", (517, 260), "RGB"),
+        ],
         ("train", "a_ant"): [("rgba.png", (90, 65), "RGBA"), ("p.gif", (64, 64), "P")],
         ("val", "a_ant"): [("v.png", (200, 100), "RGB")],
     }
