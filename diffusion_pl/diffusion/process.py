@@ -4,7 +4,8 @@ Notation (Ho et al. 2020; Nichol & Dhariwal 2021):
     beta_t, alpha_t = 1 - beta_t, alpha_bar_t = prod_{s<=t} alpha_s            (t = 0..T-1 here)
     q(x_t | x_0)        = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I)
     q(x_{t-1} | x_t, x_0) = N(mu_tilde_t, beta_tilde_t I),
-        mu_tilde_t   = beta_t sqrt(alpha_bar_{t-1}) / (1 - alpha_bar_t) x_0 + (1 - alpha_bar_{t-1}) sqrt(alpha_t) / (1 - alpha_bar_t) x_t
+        mu_tilde_t   = beta_t sqrt(alpha_bar_{t-1}) / (1 - alpha_bar_t) x_0
+                       + (1 - alpha_bar_{t-1}) sqrt(alpha_t) / (1 - alpha_bar_t) x_t
         beta_tilde_t = beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)
     p(x_{t-1} | x_t)    = N(mu_theta(x_t, t), Sigma_theta(x_t, t))
 

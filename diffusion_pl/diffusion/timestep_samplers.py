@@ -60,8 +60,8 @@ class TimestepSampler:
             padded_losses[: losses.numel()] = losses
             all_t = all_gather(padded_t).reshape(len(sizes), largest)
             all_losses = all_gather(padded_losses).reshape(len(sizes), largest)
-            t = torch.cat([row[:n] for row, n in zip(all_t, sizes)])
-            losses = torch.cat([row[:n] for row, n in zip(all_losses, sizes)])
+            t = torch.cat([row[:n] for row, n in zip(all_t, sizes, strict=True)])
+            losses = torch.cat([row[:n] for row, n in zip(all_losses, sizes, strict=True)])
         self.update_with_all_losses(t.tolist(), losses.tolist())
 
     def update_with_all_losses(self, ts: Sequence[int], losses: Sequence[float]) -> None:
@@ -115,7 +115,9 @@ class LossSecondMomentSampler(TimestepSampler):
         return p * (1.0 - self.uniform_prob) + self.uniform_prob / self.num_timesteps
 
     def update_with_all_losses(self, ts: Sequence[int], losses: Sequence[float]) -> None:
-        for t, loss in zip(ts, losses):
+        if len(ts) != len(losses):
+            raise ValueError(f"got {len(ts)} timesteps but {len(losses)} losses")
+        for t, loss in zip(ts, losses, strict=True):
             t = int(t)
             if not 0 <= t < self.num_timesteps:
                 raise ValueError(f"timestep {t} outside [0, {self.num_timesteps})")

@@ -88,7 +88,8 @@ def test_cfg_combines_eps_and_keeps_conditional_variance(learn_sigma):
 def test_cfg_model_works_inside_a_process():
     process = create_diffusion(steps=10)
     model = classifier_free_model(CountingConditionalModel(), 1.0, null_class=3)
-    out = p_sample(process, model, torch.randn(2, 2, 3, 3), torch.tensor([5, 0]), model_kwargs={"y": torch.tensor([0, 1])})
+    x, t = torch.randn(2, 2, 3, 3), torch.tensor([5, 0])
+    out = p_sample(process, model, x, t, model_kwargs={"y": torch.tensor([0, 1])})
     assert out["sample"].shape == (2, 2, 3, 3)
     with pytest.raises(ValueError, match="class labels"):
         model(torch.randn(2, 2, 3, 3), torch.tensor([1, 1]))

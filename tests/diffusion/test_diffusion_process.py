@@ -37,9 +37,9 @@ def test_q_sample_and_posterior_match_reference():
     xt = ours.q_sample(x0, t, noise)
     assert xt.dtype == torch.float32
     torch.testing.assert_close(xt, ref.q_sample(x0, t, noise), rtol=0, atol=0)
-    for a, b in zip(ours.q_mean_variance(x0, t), ref.q_mean_variance(x0, t)):
+    for a, b in zip(ours.q_mean_variance(x0, t), ref.q_mean_variance(x0, t), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    for a, b in zip(ours.q_posterior_mean_variance(x0, xt, t), ref.q_posterior_mean_variance(x0, xt, t)):
+    for a, b in zip(ours.q_posterior_mean_variance(x0, xt, t), ref.q_posterior_mean_variance(x0, xt, t), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
