@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
@@ -116,7 +117,7 @@ def read_cache(path: str) -> tuple[str, dict[str, np.ndarray]] | None:
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError, EOFError):
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
         return None
     if "key" not in arrays:
         return None
@@ -153,7 +154,7 @@ def reference_features(
         )
         cache_path = cache_path or default_cache_path(sid, cache_dir)
         hit = read_cache(cache_path)
-        if hit is not None and hit[0] == key:
+        if hit is not None and hit[0] == key and {"pool", "logits", "mu", "sigma"} <= set(hit[1]):
             arrays = hit[1]
             return {
                 "pool": torch.from_numpy(arrays["pool"]),
