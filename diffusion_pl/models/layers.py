@@ -59,6 +59,56 @@ def _group_norm_fp32(x: torch.Tensor, num_groups: int, eps: float) -> torch.Tens
     return F.group_norm(x.float(), num_groups, None, None, eps)
 
 
+def _norm_modulate(x, weight, bias, scale, shift, num_groups, eps, act):
+    """float32 ``[SiLU](norm(x) * w(1 + scale) + b(1 + scale) + shift)`` (scale/shift may be None); autocast off."""
+    n = F.group_norm(x.float(), num_groups, None, None, eps)
+    w, b = weight.float(), bias.float()
+    if scale is None:
+        a, c = w[None], b[None]
+    else:
+        one_plus = 1.0 + scale.float()
+        a, c = w * one_plus, b * one_plus + shift.float()
+    spatial = (1,) * (x.dim() - 2)
+    out = torch.addcmul(c.view(*c.shape, *spatial), n, a.view(*a.shape, *spatial))
+    return F.silu(out) if act else out
+
+
+class _NormActRecompute(torch.autograd.Function):
+    """Memory-efficient GroupNorm(+AdaGN)+SiLU: saves only its inputs and recomputes the cheap element-wise chain in
+    backward, instead of keeping the normalised and the pre-activation tensors alive (two full-size activations per
+    call) until the backward pass. Same maths as :func:`_norm_modulate`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, shift, num_groups, eps, act):
+        ctx.cfg = (num_groups, eps, act)
+        ctx.save_for_backward(x, weight, bias, scale, shift)
+        with torch.autocast(x.device.type, enabled=False):
+            return _norm_modulate(x, weight, bias, scale, shift, num_groups, eps, act).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors
+        inputs = [t.detach().requires_grad_(need) if t is not None else None for t, need in zip(saved, ctx.needs_input_grad)]
+        with torch.enable_grad(), torch.autocast(grad.device.type, enabled=False):
+            out = _norm_modulate(*inputs, *ctx.cfg).to(saved[0].dtype)
+        wrt = [t for t in inputs if t is not None and t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wrt, grad))
+        return tuple(next(grads) if t is not None and t.requires_grad else None for t in inputs) + (None, None, None)
+
+
+def norm_act(
+    norm: "GroupNorm32", x: torch.Tensor, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None, act: bool = True
+) -> torch.Tensor:
+    """``SiLU(norm(x) * (1 + scale) + shift)`` in float32, returned in ``x.dtype``; recomputed in backward when a
+    gradient is needed (see :class:`_NormActRecompute`)."""
+    if torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad):
+        return _NormActRecompute.apply(x, norm.weight, norm.bias, scale, shift, norm.num_groups, norm.eps, act)
+    if torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            return _norm_modulate(x, norm.weight, norm.bias, scale, shift, norm.num_groups, norm.eps, act).to(x.dtype)
+    return _norm_modulate(x, norm.weight, norm.bias, scale, shift, norm.num_groups, norm.eps, act).to(x.dtype)
+
+
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm with 32 groups evaluated in float32 and cast back to the input dtype.
 
@@ -182,16 +232,16 @@ class ResBlock(_Checkpointed):
         return x
 
     def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = F.silu(self.in_norm(x))
+        h = norm_act(self.in_norm, x)
         h = self.in_conv(self._resample(h))
         x = self._resample(x)
         e = self.emb_proj(F.silu(emb))
         if self.use_scale_shift_norm:
             scale, shift = e.chunk(2, dim=1)
-            h = self.out_norm.modulated(h, scale, shift)
+            h = norm_act(self.out_norm, h, scale, shift)
         else:
-            h = self.out_norm(h + e.to(h.dtype)[:, :, None, None])
-        h = self.out_conv(self.dropout(F.silu(h)))
+            h = norm_act(self.out_norm, h + e.to(h.dtype)[:, :, None, None])
+        h = self.out_conv(self.dropout(h))
         return self.skip(x) + h
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:

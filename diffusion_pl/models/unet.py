@@ -27,6 +27,7 @@ from .layers import (
     Downsample,
     GroupNorm32,
     ResBlock,
+    norm_act,
     Upsample,
     timestep_embedding,
     zero_init,
@@ -296,7 +297,7 @@ class UNetModel(_Backbone):
         h = self._encode(x, emb, skips)
         for stage in self.up:
             h = stage(torch.cat([h, skips.pop()], dim=1), emb)
-        return self.out_conv(F.silu(self.out_norm(h)))
+        return self.out_conv(norm_act(self.out_norm, h))
 
 
 class EncoderUNetModel(_Backbone):
@@ -349,7 +350,7 @@ class EncoderUNetModel(_Backbone):
         """Class logits ``[N, out_channels]`` of noisy images ``x`` at ``timesteps`` ``[N]``."""
         self._check_input(x)
         emb = self.time_embed(_check_timesteps(x, timesteps))
-        h = F.silu(self.out_norm(self._encode(x, emb)))
+        h = norm_act(self.out_norm, self._encode(x, emb))
         if self.pool == "attention":
             return self.head(h)
         return self.head(h.mean(dim=(2, 3)))
