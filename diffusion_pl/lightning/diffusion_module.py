@@ -1,0 +1,256 @@
+"""DiffusionModule: trains an ADM UNetModel with the Improved DDPM / ADM objective.
+
+Every constructor argument is a config key (``model.init_args.<name>`` in the YAML) and a plain type, so
+``DiffusionModule.load_from_checkpoint(path)`` rebuilds the network from the checkpoint alone (weights_only loading).
+The network settings are the UNetModel arguments with the same names; ``learn_sigma`` and ``out_channels`` follow
+from ``var_type``, so they cannot disagree with the diffusion process.
+
+A checkpoint written while lightning's EMAWeightAveraging callback is active holds the EMA weights in ``state_dict``
+(what ``load_from_checkpoint`` loads) and the raw weights in ``current_model_state`` (used to resume training).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from diffusion_pl.diffusion import LossSecondMomentSampler, create_diffusion, create_timestep_sampler
+from diffusion_pl.lightning.common import (
+    base_seed,
+    check_data_matches,
+    derive_seed,
+    lr_factor,
+    make_all_gather,
+    quartile_means,
+    reseed_for_epoch,
+    reseed_for_step,
+)
+from diffusion_pl.models import UNetModel
+
+SAMPLER_STATE_KEY = "diffusion_pl_timestep_sampler"
+SEED_KEY = "diffusion_pl_seed"
+
+
+class DiffusionModule(L.LightningModule):
+    """ADM / Improved DDPM diffusion model.
+
+    Network (UNetModel arguments): image_size .. use_checkpoint; attention_resolutions are image resolutions;
+    channel_mult None = the paper default for image_size.
+    Conditioning: class_cond with num_classes labels; null_class adds the extra label index num_classes used by
+    classifier-free guidance, and p_uncond replaces a training label by it with that probability.
+    Diffusion: steps (T), noise_schedule, mean_type, var_type, loss_type, rescale_learned_sigmas (hybrid vb weight
+    T/1000), rescale_timesteps, timestep_sampler ("uniform" or Improved DDPM's "loss-second-moment").
+    Optimiser: AdamW(lr, betas, weight_decay) on all parameters; linear warm-up over warmup_steps; with anneal_lr
+    the lr decays linearly to 0 at trainer.max_steps.
+    Validation: the loss on the validation split with fixed noise and timesteps per batch (EMA weights when
+    EMAWeightAveraging is a callback); with val_bpd_batches > 0, also bits/dim on that many batches with the
+    full process (val_bpd_respacing "") or a respaced one (e.g. "100", faster, a looser bound).
+    """
+
+    def __init__(
+        self,
+        # --- network (UNetModel) ---
+        image_size: int = 32,
+        in_channels: int = 3,
+        model_channels: int = 128,
+        num_res_blocks: int = 2,
+        attention_resolutions: tuple[int, ...] = (16, 8),
+        dropout: float = 0.0,
+        channel_mult: tuple[int, ...] | None = None,
+        conv_resample: bool = True,
+        num_heads: int = 1,
+        num_head_channels: int = -1,
+        num_heads_upsample: int = -1,
+        use_scale_shift_norm: bool = False,
+        resblock_updown: bool = False,
+        use_new_attention_order: bool = False,
+        use_checkpoint: bool = False,
+        # --- conditioning ---
+        class_cond: bool = False,
+        num_classes: int = 1000,
+        null_class: bool = False,
+        p_uncond: float = 0.0,
+        # --- diffusion ---
+        steps: int = 1000,
+        noise_schedule: Literal["linear", "cosine"] = "cosine",
+        mean_type: Literal["epsilon", "start_x", "previous_x"] = "epsilon",
+        var_type: Literal["fixed_small", "fixed_large", "learned", "learned_range"] = "learned_range",
+        loss_type: Literal["simple", "hybrid", "kl"] = "hybrid",
+        rescale_learned_sigmas: bool = False,
+        rescale_timesteps: bool = False,
+        timestep_sampler: Literal["uniform", "loss-second-moment"] = "uniform",
+        # --- optimiser ---
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        anneal_lr: bool = False,
+        # --- validation ---
+        val_bpd_batches: int = 0,
+        val_bpd_respacing: str = "",
+        val_clip_denoised: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if not 0.0 <= p_uncond < 1.0:
+            raise ValueError(f"model.init_args.p_uncond must be in [0, 1), got {p_uncond}")
+        if p_uncond > 0 and not (class_cond and null_class):
+            raise ValueError(
+                f"model.init_args.p_uncond = {p_uncond} drops labels to the null class, which needs "
+                f"class_cond: true and null_class: true (got class_cond={class_cond}, null_class={null_class})"
+            )
+        if null_class and not class_cond:
+            raise ValueError("model.init_args.null_class: true needs class_cond: true")
+        # The process lives on the CPU in float64 even when the module is built under torch.device("meta").
+        with torch.device("cpu"):
+            self.diffusion = create_diffusion(
+                steps=steps,
+                noise_schedule=noise_schedule,
+                mean_type=mean_type,
+                var_type=var_type,
+                loss_type=loss_type,
+                rescale_learned_sigmas=rescale_learned_sigmas,
+                rescale_timesteps=rescale_timesteps,
+            )
+            self.timestep_sampler = create_timestep_sampler(timestep_sampler, steps)
+        self.unet = UNetModel(
+            image_size=image_size,
+            in_channels=in_channels,
+            model_channels=model_channels,
+            out_channels=in_channels,
+            num_res_blocks=num_res_blocks,
+            attention_resolutions=tuple(attention_resolutions),
+            dropout=dropout,
+            channel_mult=tuple(channel_mult) if channel_mult is not None else None,
+            conv_resample=conv_resample,
+            num_classes=num_classes if class_cond else None,
+            null_class=null_class,
+            use_checkpoint=use_checkpoint,
+            num_heads=num_heads,
+            num_head_channels=num_head_channels,
+            num_heads_upsample=num_heads_upsample,
+            use_scale_shift_norm=use_scale_shift_norm,
+            resblock_updown=resblock_updown,
+            use_new_attention_order=use_new_attention_order,
+            learn_sigma=self.diffusion.learns_variance,
+        )
+        self.seed = base_seed()
+        self._last_batch_start: float | None = None
+
+    # ------------------------------------------------------------------------------------------------ model
+    @property
+    def null_label(self) -> int | None:
+        """The label index of the null class (classifier-free guidance), or None."""
+        return self.hparams.num_classes if self.hparams.null_class else None
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """The network's output in float32 (also under autocast): [N, C or 2C, H, W]."""
+        return self.unet(x, t, y=y).float()
+
+    def _model_kwargs(self, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"y": y} if self.hparams.class_cond else {}
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def setup(self, stage: str) -> None:
+        hp = self.hparams
+        expected = {"image_size": (hp.image_size, "image_size"), "in_channels": (hp.in_channels, "in_channels")}
+        if hp.class_cond:
+            expected["num_classes"] = (hp.num_classes, "num_classes")
+        check_data_matches(getattr(self.trainer, "datamodule", None), expected, "DiffusionModule")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        anneal_steps = self._anneal_steps() if hp.anneal_lr else None
+        warmup = hp.warmup_steps
+        scheduler = LambdaLR(optimizer, lambda step: lr_factor(step, warmup, anneal_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _anneal_steps(self) -> int:
+        max_steps = self.trainer.max_steps
+        if max_steps is None or max_steps <= 0:
+            raise ValueError("model.init_args.anneal_lr: true decays the lr to 0 at trainer.max_steps: set trainer.max_steps")
+        return int(max_steps)
+
+    # ------------------------------------------------------------------------------------------------ training
+    def on_train_epoch_start(self) -> None:
+        reseed_for_epoch(self.seed, self.current_epoch, self.global_rank)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        reseed_for_step(self.seed, self.global_step, self.global_rank)
+        now = time.perf_counter()
+        if self._last_batch_start is not None:
+            images = batch[0].shape[0] * self.trainer.world_size
+            self.log("train/images_per_sec", images / max(now - self._last_batch_start, 1e-9), batch_size=1)
+        self._last_batch_start = now
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        n = x.shape[0]
+        t, weights = self.timestep_sampler.sample(n, device=x.device)
+        if self.hparams.class_cond and self.hparams.p_uncond > 0:
+            drop = torch.rand(n, device=x.device) < self.hparams.p_uncond
+            y = torch.where(drop, torch.full_like(y, self.null_label), y)
+        losses = self.diffusion.training_losses(self, x, t, model_kwargs=self._model_kwargs(y))
+        loss = (losses["loss"] * weights).mean()
+
+        if isinstance(self.timestep_sampler, LossSecondMomentSampler):
+            self.timestep_sampler.update_with_local_losses(t, losses["loss"].detach(), all_gather=make_all_gather(self))
+
+        # ADM's log_loss_dict: importance-weighted terms, overall and per timestep quartile.
+        for key in ("loss", "mse", "vb"):
+            weighted = losses[key].detach() * weights
+            self.log(f"train/{key}", weighted.mean(), prog_bar=key == "loss", batch_size=n)
+            for q, value in quartile_means(weighted, t, self.diffusion.num_timesteps).items():
+                self.log(f"train/{key}_q{q}", value, batch_size=n)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=n)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Called after backward and gradient unscaling, before gradient clipping.
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads, norm_type=2.0), batch_size=1)
+
+    # ------------------------------------------------------------------------------------------------ validation
+    def _eval_generator(self, batch_idx: int) -> torch.Generator:
+        # Fixed per batch (and rank), so validation losses are comparable across epochs.
+        return torch.Generator(device=self.device).manual_seed(derive_seed(0, batch_idx, self.global_rank))
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        n = x.shape[0]
+        generator = self._eval_generator(batch_idx)
+        t = torch.randint(0, self.diffusion.num_timesteps, (n,), generator=generator, device=self.device)
+        noise = torch.randn(x.shape, generator=generator, device=self.device, dtype=x.dtype)
+        kwargs = self._model_kwargs(y)
+        losses = self.diffusion.training_losses(self, x, t, noise=noise, model_kwargs=kwargs)
+        for key in ("loss", "mse", "vb"):
+            self.log(f"val/{key}", losses[key].mean(), prog_bar=key == "loss", sync_dist=True, batch_size=n)
+        if batch_idx < self.hparams.val_bpd_batches:
+            process = self.diffusion
+            if self.hparams.val_bpd_respacing:
+                process = process.respaced(self.hparams.val_bpd_respacing)
+            out = process.calc_bpd_loop(
+                self, x, clip_denoised=self.hparams.val_clip_denoised, model_kwargs=kwargs, generator=generator
+            )
+            self.log("val/bpd", out["total_bpd"].mean(), prog_bar=True, sync_dist=True, batch_size=n)
+            self.log("val/prior_bpd", out["prior_bpd"].mean(), sync_dist=True, batch_size=n)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[SAMPLER_STATE_KEY] = self.timestep_sampler.state_dict()
+        checkpoint[SEED_KEY] = self.seed
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if SAMPLER_STATE_KEY in checkpoint:
+            self.timestep_sampler.load_state_dict(checkpoint[SAMPLER_STATE_KEY])
+        if SEED_KEY in checkpoint:
+            self.seed = int(checkpoint[SEED_KEY])
