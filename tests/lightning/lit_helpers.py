@@ -1,0 +1,61 @@
+"""Tiny data and settings shared by the tests of diffusion_pl.lightning (8 px images, 32-channel U-Nets, T = 10)."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class TinyDataModule(L.LightningDataModule):
+    """Fixed random images in [-1, 1] (independent of the global RNG) with the attributes the modules check."""
+
+    def __init__(self, n_train: int = 16, n_val: int = 8, batch_size: int = 4, image_size: int = 8,
+                 in_channels: int = 1, num_classes: int = 3) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.image_size = image_size
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        g = torch.Generator().manual_seed(1234)
+        n = n_train + n_val
+        x = torch.rand(n, in_channels, image_size, image_size, generator=g) * 2 - 1
+        y = torch.randint(0, num_classes, (n,), generator=g)
+        self.train_set = TensorDataset(x[:n_train], y[:n_train])
+        self.val_set = TensorDataset(x[n_train:], y[n_train:])
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.batch_size)
+
+
+def tiny_diffusion_kwargs(**overrides) -> dict:
+    kwargs = dict(
+        image_size=8, in_channels=1, model_channels=32, num_res_blocks=1, channel_mult=(1, 2),
+        attention_resolutions=(4,), num_head_channels=32, use_scale_shift_norm=True, resblock_updown=True,
+        class_cond=True, num_classes=3, null_class=True, p_uncond=0.2, steps=10, dropout=0.1, lr=1e-3,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def tiny_classifier_kwargs(**overrides) -> dict:
+    kwargs = dict(
+        image_size=8, in_channels=1, model_channels=32, out_channels=3, num_res_blocks=1, channel_mult=(1, 2),
+        attention_resolutions=(4,), num_head_channels=32, use_scale_shift_norm=True, resblock_updown=True,
+        pool="attention", steps=10, lr=1e-3,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def trainer_kwargs(tmp_path, **overrides) -> dict:
+    kwargs = dict(
+        accelerator="cpu", devices=1, default_root_dir=str(tmp_path), logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
+        max_steps=3, log_every_n_steps=1,
+    )
+    kwargs.update(overrides)
+    return kwargs
