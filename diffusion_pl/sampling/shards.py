@@ -1,0 +1,162 @@
+"""Sharded sample output: each shard (a contiguous block of sample indices) is one npz written atomically; an
+interrupted run resumes by skipping finished shards; the merge writes the final ADM npz.
+
+Layout of an output directory:
+    <out>/samples.npz         arr_0 uint8 NHWC, arr_1 int64 labels (when the samples have labels)
+    <out>/grid.png            PNG grid of the first samples
+    <out>/settings.json       the settings of the run (+ timing summary)
+    <out>/shards/settings.json  the settings the shards were made with (a resume must match them)
+    <out>/shards/shard_000012.npz  images, labels, indices of shard 12
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from diffusion_pl.evaluation.npz import atomic_write, save_image_grid, save_samples_npz
+from diffusion_pl.sampling.engine import SampleEngine
+from diffusion_pl.utils.images import nchw_to_nhwc, to_uint8
+
+SAMPLES_NAME = "samples.npz"
+GRID_NAME = "grid.png"
+SETTINGS_NAME = "settings.json"
+SHARD_DIR = "shards"
+
+
+@dataclass(frozen=True)
+class Shard:
+    shard_id: int
+    indices: list[int]
+
+
+def plan_shards(num_samples: int, shard_size: int) -> list[Shard]:
+    """Contiguous blocks of ``shard_size`` sample indices (the last may be shorter)."""
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    return [
+        Shard(k, list(range(start, min(start + shard_size, num_samples))))
+        for k, start in enumerate(range(0, num_samples, shard_size))
+    ]
+
+
+def rank_shards(shards: Sequence[Shard], rank: int, world_size: int) -> list[Shard]:
+    """The shards of one rank: shard k goes to rank k mod world_size."""
+    return [s for s in shards if s.shard_id % world_size == rank]
+
+
+def shard_path(shard_dir: str, shard_id: int) -> str:
+    return os.path.join(shard_dir, f"shard_{shard_id:06d}.npz")
+
+
+def read_shard(path: str) -> dict[str, np.ndarray] | None:
+    """The arrays of a finished shard, or None if the file is missing or unreadable (then it is redone)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return None
+
+
+def shard_done(shard_dir: str, shard: Shard) -> bool:
+    arrays = read_shard(shard_path(shard_dir, shard.shard_id))
+    return arrays is not None and "indices" in arrays and arrays["indices"].tolist() == shard.indices
+
+
+def write_shard(shard_dir: str, shard: Shard, images_uint8_nhwc: np.ndarray, labels: np.ndarray | None) -> str:
+    arrays = {"images": images_uint8_nhwc, "indices": np.asarray(shard.indices, dtype=np.int64)}
+    if labels is not None:
+        arrays["labels"] = np.asarray(labels, dtype=np.int64)
+    return atomic_write(shard_path(shard_dir, shard.shard_id), lambda f: np.savez(f, **arrays))
+
+
+def prepare_shard_dir(shard_dir: str, settings: dict, overwrite: bool) -> None:
+    """Create ``shard_dir`` or check that its shards were made with the same ``settings`` (resume).
+
+    With ``overwrite`` an existing shard directory is emptied first. Different settings without ``overwrite`` raise.
+    """
+    settings_path = os.path.join(shard_dir, SETTINGS_NAME)
+    if overwrite and os.path.isdir(shard_dir):
+        shutil.rmtree(shard_dir)
+    os.makedirs(shard_dir, exist_ok=True)
+    text = json.dumps(settings, sort_keys=True, indent=1)
+    if os.path.isfile(settings_path):
+        with open(settings_path) as f:
+            previous = json.load(f)
+        if previous != json.loads(text):
+            changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+            raise ValueError(
+                f"{shard_dir} holds shards of a run with different settings ({', '.join(changed)} differ): "
+                f"pass --overwrite to discard them, or choose another output directory"
+            )
+        return
+    atomic_write(settings_path, lambda f: f.write(text.encode()))
+
+
+def run_shards(
+    engine: SampleEngine,
+    shards: Sequence[Shard],
+    shard_dir: str,
+    batch_size: int,
+    labels: np.ndarray | None = None,
+    desc: str = "sampling",
+) -> tuple[int, int]:
+    """Generate and write every shard of ``shards`` that is not already finished. Returns (done now, skipped).
+
+    ``labels``: optional explicit labels for ALL samples (indexed by sample index).
+    """
+    todo = [s for s in shards if not shard_done(shard_dir, s)]
+    num_batches = sum((len(s.indices) + batch_size - 1) // batch_size for s in todo)
+    with engine.progress_bar(num_batches, desc=desc) as bar:
+        for shard in todo:
+            shard_labels = None if labels is None else labels[shard.indices]
+            images, out_labels = [], []
+            for batch in engine.generate(shard.indices, batch_size, labels=shard_labels, bar=bar):
+                images.append(nchw_to_nhwc(to_uint8(batch.images)))
+                if batch.labels is not None:
+                    out_labels.append(batch.labels.numpy())
+            write_shard(
+                shard_dir, shard, np.concatenate(images), np.concatenate(out_labels) if out_labels else None
+            )
+    return len(todo), len(shards) - len(todo)
+
+
+def merge_shards(shard_dir: str, shards: Sequence[Shard]) -> tuple[np.ndarray, np.ndarray | None]:
+    """Concatenate finished shards in sample-index order -> (uint8 NHWC images, labels or None)."""
+    images, labels = [], []
+    for shard in shards:
+        path = shard_path(shard_dir, shard.shard_id)
+        arrays = read_shard(path)
+        if arrays is None or arrays.get("indices", np.zeros(0)).tolist() != shard.indices:
+            raise RuntimeError(f"{path}: shard missing or incomplete; rerun the same command to finish it")
+        images.append(arrays["images"])
+        if "labels" in arrays:
+            labels.append(arrays["labels"])
+    return np.concatenate(images), (np.concatenate(labels) if labels else None)
+
+
+def write_outputs(
+    out_dir: str,
+    images: np.ndarray,
+    labels: np.ndarray | None,
+    settings: dict,
+    overwrite: bool,
+    grid_size: int = 64,
+) -> dict[str, str]:
+    """Write samples.npz (ADM format), grid.png (first ``grid_size`` samples) and settings.json. Returns the paths."""
+    npz = save_samples_npz(os.path.join(out_dir, SAMPLES_NAME), images, labels, overwrite=overwrite)
+    grid_images = torch.from_numpy(images[:grid_size]).permute(0, 3, 1, 2).contiguous()
+    nrow = max(1, int(np.ceil(np.sqrt(grid_images.shape[0]))))
+    grid = save_image_grid(os.path.join(out_dir, GRID_NAME), grid_images, nrow=nrow, overwrite=True)
+    text = json.dumps(settings, indent=2, sort_keys=True)
+    js = atomic_write(os.path.join(out_dir, SETTINGS_NAME), lambda f: f.write(text.encode()))
+    return {"samples": npz, "grid": grid, "settings": js}
