@@ -13,7 +13,7 @@ from PIL import Image
 
 from diffusion_pl.evaluation import evaluate_samples, reference_features
 
-N_GEN, N_REAL, KID_SUBSET = 20, 18, 8
+N_GEN, N_REAL, KID_SUBSET, ISC_SPLITS = 12, 10, 6, 3
 
 
 def write_png_folder(folder, images_nchw: torch.Tensor) -> str:
@@ -26,7 +26,10 @@ def write_png_folder(folder, images_nchw: torch.Tensor) -> str:
 @pytest.fixture(scope="module")
 def parity(tmp_path_factory, random_inception_weights, inception):
     root = tmp_path_factory.mktemp("parity")
-    gen = smooth_images(N_GEN, seed=1, shift=15.0)
+    # two modes of generated images, one close to the real ones and one darker: precision/recall not both 1
+    gen = torch.cat(
+        [smooth_images(N_GEN // 2, seed=1, shift=15.0), smooth_images(N_GEN - N_GEN // 2, seed=3, shift=-60.0)]
+    )
     real = smooth_images(N_REAL, seed=2)
     gen_dir = write_png_folder(root / "gen", gen)
     real_dir = write_png_folder(root / "real", real)
@@ -39,6 +42,7 @@ def parity(tmp_path_factory, random_inception_weights, inception):
         prc=True,
         kid=True,
         kid_subset_size=KID_SUBSET,
+        isc_splits=ISC_SPLITS,
         feature_extractor="inception-v3-compat",  # one extractor for all four, so PRC uses Inception pool, not VGG16
         feature_extractor_weights_path=random_inception_weights,
         batch_size=16,
@@ -48,7 +52,7 @@ def parity(tmp_path_factory, random_inception_weights, inception):
     )
     ref = reference_features(real_dir, feature_extractor=inception, cache_dir=str(root / "cache"))
     # generated images go in as a tensor, the real ones through the folder reader: both paths are compared
-    ours = evaluate_samples(gen, ref, feature_extractor=inception, kid_subset_size=KID_SUBSET)
+    ours = evaluate_samples(gen, ref, feature_extractor=inception, kid_subset_size=KID_SUBSET, isc_splits=ISC_SPLITS)
     return theirs, ours
 
 
