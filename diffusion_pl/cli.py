@@ -10,7 +10,11 @@ import importlib
 import sys
 
 # name -> "module:function"; each function's typed signature is its command line (jsonargparse.CLI).
-EXTRA_COMMANDS: dict[str, str] = {}
+EXTRA_COMMANDS: dict[str, str] = {
+    "sample": "diffusion_pl.commands.sample:sample",
+    "evaluate": "diffusion_pl.commands.evaluate:evaluate",
+    "sweep": "diffusion_pl.commands.sweep:sweep",
+}
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 
 USAGE = """usage: diffusion-pl {fit,validate,test,%s} [options]

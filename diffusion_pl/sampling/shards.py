@@ -109,14 +109,18 @@ def run_shards(
     batch_size: int,
     labels: np.ndarray | None = None,
     desc: str = "sampling",
+    bar=None,
 ) -> tuple[int, int]:
     """Generate and write every shard of ``shards`` that is not already finished. Returns (done now, skipped).
 
-    ``labels``: optional explicit labels for ALL samples (indexed by sample index).
+    ``labels``: optional explicit labels for ALL samples (indexed by sample index). ``bar``: a progress bar from
+    :meth:`SampleEngine.progress_bar` to update (default: a new one over these shards).
     """
     todo = [s for s in shards if not shard_done(shard_dir, s)]
-    num_batches = sum((len(s.indices) + batch_size - 1) // batch_size for s in todo)
-    with engine.progress_bar(num_batches, desc=desc) as bar:
+    own_bar = bar is None
+    if own_bar:
+        bar = engine.progress_bar(num_batches_of(todo, batch_size), desc=desc)
+    try:
         for shard in todo:
             shard_labels = None if labels is None else labels[shard.indices]
             images, out_labels = [], []
@@ -127,7 +131,14 @@ def run_shards(
             write_shard(
                 shard_dir, shard, np.concatenate(images), np.concatenate(out_labels) if out_labels else None
             )
+    finally:
+        if own_bar:
+            bar.close()
     return len(todo), len(shards) - len(todo)
+
+
+def num_batches_of(shards: Sequence[Shard], batch_size: int) -> int:
+    return sum((len(s.indices) + batch_size - 1) // batch_size for s in shards)
 
 
 def merge_shards(shard_dir: str, shards: Sequence[Shard]) -> tuple[np.ndarray, np.ndarray | None]:

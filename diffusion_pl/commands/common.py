@@ -1,0 +1,227 @@
+"""Helpers shared by `diffusion-pl sample / evaluate / sweep`: loading models and classifiers (diffusion-pl or released
+OpenAI checkpoints), compatibility checks, and building the sampling engine."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from diffusion_pl.diffusion import GaussianDiffusion, create_diffusion
+from diffusion_pl.models import RELEASED_CONFIGS, EncoderUNetModel, UNetModel, load_openai_checkpoint, released_config
+from diffusion_pl.sampling import SampleEngine, check_guidance
+
+
+@dataclass
+class LoadedModel:
+    """A diffusion network with its FULL training process and what the sampler and the checks need to know."""
+
+    net: nn.Module  # net(x, t, y=None) -> [N, C or 2C, H, W]
+    diffusion: GaussianDiffusion
+    image_size: int
+    in_channels: int
+    class_cond: bool
+    num_classes: int | None
+    null_class: int | None
+    info: dict[str, Any] = field(default_factory=dict)  # hparams-like, for check_classifier_compatible
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.in_channels, self.image_size, self.image_size)
+
+
+@dataclass
+class LoadedClassifier:
+    net: nn.Module  # net(x, t) -> logits
+    num_classes: int
+    info: dict[str, Any]
+    source: str
+
+
+class _Float32Output(nn.Module):
+    """Wraps a raw network so its output is float32 (DiffusionModule.forward does the same)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.net(*args, **kwargs).float()
+
+
+def resolve_arch(arch: str, cls: type, option: str) -> dict[str, Any]:
+    """Constructor kwargs from a released preset name or a YAML file of kwargs (checked against ``cls``)."""
+    if arch in RELEASED_CONFIGS:
+        preset_cls, kwargs = released_config(arch)
+        if preset_cls is not cls:
+            raise ValueError(
+                f"--{option} {arch!r} is a {preset_cls.__name__} preset, but a {cls.__name__} is needed here; presets of "
+                f"that kind: {', '.join(k for k, v in RELEASED_CONFIGS.items() if v[0] is cls)}"
+            )
+        return kwargs
+    if os.path.isfile(arch):
+        with open(arch) as f:
+            kwargs = yaml.safe_load(f)
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"--{option} {arch}: expected a YAML mapping of {cls.__name__} arguments")
+        for key in ("attention_resolutions", "channel_mult"):
+            if isinstance(kwargs.get(key), list):
+                kwargs[key] = tuple(kwargs[key])
+        return kwargs
+    raise ValueError(
+        f"--{option} {arch!r} is neither a released preset ({', '.join(k for k, v in RELEASED_CONFIGS.items() if v[0] is cls)})"
+        f" nor a YAML file of {cls.__name__} arguments"
+    )
+
+
+def load_model(
+    ckpt: str | None = None,
+    openai_ckpt: str | None = None,
+    arch: str | None = None,
+    diffusion_steps: int = 1000,
+    noise_schedule: str = "cosine",
+    var_type: str = "auto",
+    rescale_timesteps: bool = False,
+) -> LoadedModel:
+    """A diffusion-pl checkpoint (it carries its config) or a released OpenAI checkpoint + arch + process settings."""
+    if (ckpt is None) == (openai_ckpt is None):
+        raise ValueError("give exactly one of --ckpt (a diffusion-pl checkpoint) or --openai_ckpt (with --arch)")
+    if ckpt is not None:
+        from diffusion_pl.lightning import DiffusionModule
+
+        if not os.path.isfile(ckpt):
+            raise FileNotFoundError(f"--ckpt {ckpt}: no such checkpoint file")
+        module = DiffusionModule.load_from_checkpoint(ckpt, map_location="cpu").eval()
+        hp = dict(module.hparams)
+        return LoadedModel(
+            net=module,
+            diffusion=module.diffusion,
+            image_size=int(hp["image_size"]),
+            in_channels=int(hp["in_channels"]),
+            class_cond=bool(hp["class_cond"]),
+            num_classes=int(hp["num_classes"]) if hp["class_cond"] else None,
+            null_class=module.null_label,
+            info=hp,
+        )
+    if arch is None:
+        raise ValueError("--openai_ckpt needs --arch: a released preset name or a YAML file of UNetModel arguments")
+    kwargs = resolve_arch(arch, UNetModel, "arch")
+    net = load_openai_checkpoint(UNetModel(**kwargs), openai_ckpt).eval()
+    learn_sigma = bool(kwargs.get("learn_sigma", False))
+    if var_type == "auto":  # guided-diffusion: learn_sigma -> learned range, else fixed large (sigma_small False)
+        var_type = "learned_range" if learn_sigma else "fixed_large"
+    diffusion = create_diffusion(
+        steps=diffusion_steps,
+        noise_schedule=noise_schedule,
+        var_type=var_type,
+        loss_type="hybrid" if var_type in ("learned", "learned_range") else "simple",
+        rescale_timesteps=rescale_timesteps,
+    )
+    num_classes = kwargs.get("num_classes")
+    image_size, in_channels = int(kwargs["image_size"]), int(kwargs.get("in_channels", 3))
+    info = dict(steps=diffusion_steps, noise_schedule=noise_schedule, rescale_timesteps=rescale_timesteps,
+                image_size=image_size, in_channels=in_channels, class_cond=num_classes is not None,
+                num_classes=num_classes)  # fmt: skip
+    return LoadedModel(
+        net=_Float32Output(net),
+        diffusion=diffusion,
+        image_size=image_size,
+        in_channels=in_channels,
+        class_cond=num_classes is not None,
+        num_classes=int(num_classes) if num_classes is not None else None,
+        null_class=int(num_classes) if kwargs.get("null_class") and num_classes is not None else None,
+        info=info,
+    )
+
+
+def load_classifier(
+    model: LoadedModel,
+    classifier_ckpt: str | None = None,
+    classifier_openai_ckpt: str | None = None,
+    classifier_arch: str | None = None,
+) -> LoadedClassifier | None:
+    """A NoisyClassifierModule checkpoint or a released OpenAI classifier, checked against the diffusion model."""
+    from diffusion_pl.lightning.callbacks import check_classifier_compatible
+
+    if classifier_ckpt is not None and classifier_openai_ckpt is not None:
+        raise ValueError("give at most one of --classifier_ckpt and --classifier_openai_ckpt")
+    if classifier_ckpt is not None:
+        from diffusion_pl.lightning import NoisyClassifierModule
+
+        if not os.path.isfile(classifier_ckpt):
+            raise FileNotFoundError(f"--classifier_ckpt {classifier_ckpt}: no such checkpoint file")
+        module = NoisyClassifierModule.load_from_checkpoint(classifier_ckpt, map_location="cpu").eval()
+        module.requires_grad_(False)
+        info, net, source = dict(module.hparams), module, classifier_ckpt
+    elif classifier_openai_ckpt is not None:
+        if classifier_arch is None:
+            raise ValueError("--classifier_openai_ckpt needs --classifier_arch (a released classifier preset or a YAML)")
+        kwargs = resolve_arch(classifier_arch, EncoderUNetModel, "classifier_arch")
+        raw = load_openai_checkpoint(EncoderUNetModel(**kwargs), classifier_openai_ckpt).eval().requires_grad_(False)
+        net, source = _Float32Output(raw), classifier_openai_ckpt
+        # Released classifiers do not record their process: it is assumed to be the one given for the model.
+        info = dict(image_size=int(kwargs["image_size"]), in_channels=int(kwargs.get("in_channels", 3)),
+                    out_channels=int(kwargs.get("out_channels", 1000)))  # fmt: skip
+    else:
+        return None
+    check_classifier_compatible(info, model.info, source)
+    return LoadedClassifier(net=net, num_classes=int(info["out_channels"]), info=info, source=source)
+
+
+def engine_options(
+    model: LoadedModel,
+    classifier: LoadedClassifier | None,
+    steps: str,
+    method: str,
+    eta: float,
+    clip_denoised: bool,
+    classifier_scale: float,
+    cfg_scale: float,
+    label_mode: str,
+    seed: int,
+    precision: str,
+) -> dict[str, Any]:
+    """Keyword arguments of SampleEngine (minus model/diffusion/classifier/device), after the guidance checks."""
+    check_guidance(model.class_cond, model.null_class, classifier is not None, classifier_scale, cfg_scale)
+    num_classes = model.num_classes if model.class_cond else (classifier.num_classes if classifier else None)
+    return dict(
+        image_shape=model.image_shape, respacing=steps, method=method, eta=eta, clip_denoised=clip_denoised,
+        class_cond=model.class_cond, num_classes=num_classes, null_class=model.null_class,
+        classifier_scale=classifier_scale, cfg_scale=cfg_scale, label_mode=label_mode, seed=seed, precision=precision,
+    )  # fmt: skip
+
+
+def build_engine(
+    model: LoadedModel, classifier: LoadedClassifier | None, options: dict[str, Any], device=None, progress=True
+) -> SampleEngine:
+    return SampleEngine(
+        model.net,
+        model.diffusion,
+        classifier=classifier.net if classifier is not None and options["classifier_scale"] != 0.0 else None,
+        device=device,
+        progress=progress,
+        **options,
+    )
+
+
+def expand_labels(labels: list[int] | None, num_samples: int) -> list[int] | None:
+    """--labels: one class for every sample, or one label per sample."""
+    if labels is None:
+        return None
+    if len(labels) == 1:
+        return labels * num_samples
+    if len(labels) != num_samples:
+        raise ValueError(f"--labels has {len(labels)} entries: give 1 (every sample) or num_samples = {num_samples}")
+    return list(labels)
+
+
+def write_json(path: str, obj: Any) -> str:
+    from diffusion_pl.evaluation.npz import atomic_write
+
+    text = json.dumps(obj, indent=2, sort_keys=True, default=str)
+    return atomic_write(path, lambda f: f.write(text.encode()))

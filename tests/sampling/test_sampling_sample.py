@@ -1,0 +1,128 @@
+"""`diffusion-pl sample`: output format, refusing to overwrite, resume after interruption, 2-rank DDP, compatibility
+errors, CLI help."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import diffusion_pl.commands.sample as sample_cmd
+from diffusion_pl.commands.sample import sample
+from diffusion_pl.evaluation import load_samples_npz
+from diffusion_pl.sampling import GuidanceConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+COMMON = dict(num_samples=6, batch_size=2, shard_size=2, steps="3", accelerator="cpu")
+
+
+@pytest.fixture(scope="module")
+def reference_run(ckpts, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ref") / "out")
+    sample(out_dir=out, ckpt=ckpts["cond"], classifier_ckpt=ckpts["classifier"], classifier_scale=1.0, **COMMON)
+    return out
+
+
+def test_npz_grid_settings(reference_run, ckpts):
+    images, labels = load_samples_npz(os.path.join(reference_run, "samples.npz"))
+    assert images.dtype == np.uint8 and images.shape == (6, 8, 8, 1)
+    assert labels.dtype == np.int64 and labels.shape == (6,) and set(labels.tolist()) <= {0, 1, 2}
+    assert images.std() > 10
+    with Image.open(os.path.join(reference_run, "grid.png")) as grid:
+        assert grid.size == (3 * 10 + 2, 2 * 10 + 2)  # 3 columns x 2 rows of 8 px + 2 px padding
+    with open(os.path.join(reference_run, "settings.json")) as f:
+        settings = json.load(f)
+    assert settings["classifier_scale"] == 1.0 and settings["num_samples"] == 6 and settings["steps"] == "3"
+    assert settings["ckpt"] == os.path.abspath(ckpts["cond"])
+
+
+def test_refuses_to_overwrite(reference_run, ckpts):
+    with pytest.raises(FileExistsError, match="already exists; pass --overwrite"):
+        sample(out_dir=reference_run, ckpt=ckpts["cond"], classifier_ckpt=ckpts["classifier"], classifier_scale=1.0,
+               **COMMON)  # fmt: skip
+
+
+def test_resume_after_interruption(reference_run, ckpts, tmp_path, monkeypatch):
+    out = str(tmp_path / "out")
+    kwargs = dict(out_dir=out, ckpt=ckpts["cond"], classifier_ckpt=ckpts["classifier"], classifier_scale=1.0, **COMMON)
+    real_run_shards = sample_cmd.run_shards
+    calls = []
+
+    def interrupted(engine, shards, *args, **kw):
+        calls.append([s.shard_id for s in shards])
+        if len(calls) == 2:
+            raise RuntimeError("simulated interruption")
+        return real_run_shards(engine, shards, *args, **kw)
+
+    monkeypatch.setattr(sample_cmd, "run_shards", interrupted)
+    with pytest.raises(RuntimeError, match="simulated interruption"):
+        sample(**kwargs)
+    assert not os.path.exists(os.path.join(out, "samples.npz"))
+    assert sorted(os.listdir(os.path.join(out, "shards"))) == ["settings.json", "shard_000000.npz"]
+    first_shard_mtime = os.stat(os.path.join(out, "shards", "shard_000000.npz")).st_mtime_ns
+
+    calls.clear()
+    monkeypatch.setattr(sample_cmd, "run_shards", lambda *a, **k: (calls.append(1), real_run_shards(*a, **k))[1])
+    sample(**kwargs)
+    assert len(calls) == 2  # shard 0 skipped, shards 1 and 2 generated
+    assert os.stat(os.path.join(out, "shards", "shard_000000.npz")).st_mtime_ns == first_shard_mtime
+    for a, b in zip(load_samples_npz(os.path.join(out, "samples.npz")),
+                    load_samples_npz(os.path.join(reference_run, "samples.npz")), strict=True):  # fmt: skip
+        np.testing.assert_array_equal(a, b)
+
+
+def test_resume_with_other_settings_refused(reference_run, ckpts):
+    os.rename(os.path.join(reference_run, "samples.npz"), os.path.join(reference_run, "kept.npz"))
+    try:
+        with pytest.raises(ValueError, match="different settings.*seed"):
+            sample(out_dir=reference_run, ckpt=ckpts["cond"], classifier_ckpt=ckpts["classifier"],
+                   classifier_scale=1.0, seed=1, **COMMON)  # fmt: skip
+    finally:
+        os.rename(os.path.join(reference_run, "kept.npz"), os.path.join(reference_run, "samples.npz"))
+
+
+@pytest.mark.ddp
+def test_two_ranks_equal_one_rank(reference_run, ckpts, tmp_path):
+    out = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "diffusion_pl.cli", "sample", "--out_dir", out, "--ckpt", ckpts["cond"],
+           "--classifier_ckpt", ckpts["classifier"], "--classifier_scale", "1.0", "--num_samples", "6",
+           "--batch_size", "2", "--shard_size", "2", "--steps", "3", "--accelerator", "cpu", "--devices", "2"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "images/s" in proc.stdout
+    for a, b in zip(load_samples_npz(os.path.join(out, "samples.npz")),
+                    load_samples_npz(os.path.join(reference_run, "samples.npz")), strict=True):  # fmt: skip
+        np.testing.assert_array_equal(a, b)
+
+
+def test_compatibility_errors(ckpts, tmp_path):
+    out = str(tmp_path / "x")
+    with pytest.raises(ValueError, match="cannot guide this diffusion model.*image_size: classifier 16 vs diffusion model 8"):
+        sample(out_dir=out, ckpt=ckpts["cond"], classifier_ckpt=ckpts["classifier16"], classifier_scale=1.0, **COMMON)
+    with pytest.raises(GuidanceConfigError, match="needs a noisy classifier, but none was given for an unconditional"):
+        sample(out_dir=out, ckpt=ckpts["uncond"], classifier_scale=1.0, **COMMON)
+    with pytest.raises(GuidanceConfigError, match="needs a model trained with a null class"):
+        sample(out_dir=out, ckpt=ckpts["nonull"], cfg_scale=2.0, **COMMON)
+    with pytest.raises(GuidanceConfigError, match="this model is unconditional"):
+        sample(out_dir=out, ckpt=ckpts["uncond"], cfg_scale=2.0, **COMMON)
+    with pytest.raises(ValueError, match="exactly one of --ckpt"):
+        sample(out_dir=out, **COMMON)
+    assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("command,options", [
+    ("sample", ["--ckpt", "--openai_ckpt", "--arch", "--classifier_scale", "--cfg_scale", "--devices", "--overwrite"]),
+    ("evaluate", ["--samples", "--reference", "--inception_weights", "--nll", "--data_class"]),
+    ("sweep", ["--classifier_scales", "--cfg_scales", "--wandb"]),
+])  # fmt: skip
+def test_cli_help(command, options):
+    proc = subprocess.run([sys.executable, "-m", "diffusion_pl.cli", command, "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for option in options:
+        assert option in proc.stdout
