@@ -155,6 +155,63 @@ def run_sampling(
     return SamplingResult(paths, num_samples, predictor.generated, seconds, total / max(seconds, 1e-9))
 
 
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def run_sampling_in_process(
+    model: LoadedModel,
+    classifier: LoadedClassifier | None,
+    options: dict[str, Any],
+    out_dir: str,
+    num_samples: int,
+    batch_size: int,
+    shard_size: int,
+    labels: list[int] | None,
+    settings: dict[str, Any],
+    overwrite: bool = False,
+    device: Any = None,
+) -> SamplingResult:
+    """:func:`run_sampling` inside processes that are already launched (torch.distributed initialised or a single
+    process): used by `evaluate` and `sweep`, which launch once for sampling and evaluation. Same shards and files."""
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    final = os.path.join(out_dir, SAMPLES_NAME)
+    if os.path.exists(final) and not overwrite:
+        raise FileExistsError(f"{final} already exists; pass --overwrite to replace it, or choose another directory")
+    shard_dir = os.path.join(out_dir, SHARD_DIR)
+    shards = plan_shards(num_samples, shard_size)
+    if rank == 0:
+        prepare_shard_dir(shard_dir, settings, overwrite)
+    _barrier()
+    label_arr = np.asarray(expand_labels(labels, num_samples), dtype=np.int64) if labels is not None else None
+    if device is not None:
+        model.net.to(device)
+        if classifier is not None:
+            classifier.net.to(device)
+    engine = build_engine(model, classifier, options, device=device, progress=rank == 0)
+    mine = rank_shards(shards, rank, world)
+    generated_samples = sum(len(s.indices) for s in mine if not shard_done(shard_dir, s))
+    start = time.perf_counter()
+    run_shards(engine, mine, shard_dir, batch_size, labels=label_arr)
+    total = _tensor(generated_samples)
+    if distributed:
+        dist.all_reduce(total)
+    seconds = time.perf_counter() - start
+    paths: dict[str, str] = {}
+    if rank == 0:
+        images, out_labels = merge_shards(shard_dir, shards)
+        paths = write_outputs(out_dir, images, out_labels, dict(settings, seconds=round(seconds, 3)), overwrite)
+    _barrier()
+    del engine
+    return SamplingResult(paths, num_samples, generated_samples, seconds, float(total) / max(seconds, 1e-9))
+
+
 def _tensor(value: int):
     import torch
 

@@ -59,3 +59,24 @@ def make_classifier_ckpt(path, seed: int = 1, **overrides) -> str:
     module = NoisyClassifierModule(**tiny_classifier_kwargs(**overrides))
     randomize_zero_init(module, seed)
     return save_module_checkpoint(module, str(path))
+
+
+class TinyDataModule(L.LightningDataModule):
+    """Fixed smooth random 1x8x8 images in [-1, 1] with 3 classes (train 12, val 6), independent of the global RNG."""
+
+    def __init__(self, n_train: int = 12, n_val: int = 6, batch_size: int = 4) -> None:
+        super().__init__()
+        self.batch_size, self.image_size, self.in_channels, self.num_classes = batch_size, 8, 1, 3
+        g = torch.Generator().manual_seed(4321)
+        n = n_train + n_val
+        x = torch.nn.functional.interpolate(torch.rand(n, 1, 4, 4, generator=g), size=8, mode="bilinear") * 2 - 1
+        x = (((x + 1) * 127.5).round() / 127.5 - 1).clamp(-1, 1)  # 8-bit values, as real data
+        y = torch.randint(0, 3, (n,), generator=g)
+        self.train_set = torch.utils.data.TensorDataset(x[:n_train], y[:n_train])
+        self.val_set = torch.utils.data.TensorDataset(x[n_train:], y[n_train:])
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(self.train_set, batch_size=self.batch_size)
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(self.val_set, batch_size=self.batch_size)
