@@ -140,6 +140,7 @@ class DiffusionModule(L.LightningModule):
         )
         self.seed = base_seed()
         self._last_batch_start: float | None = None
+        self._final_raw_state: dict[str, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------------------------------------ model
     @property
@@ -210,6 +211,25 @@ class DiffusionModule(L.LightningModule):
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=n)
         return loss
 
+    def on_train_epoch_end(self) -> None:
+        # Lightning's WeightAveraging copies the EMA weights into the module in on_train_end, and ModelCheckpoint
+        # (save_last) may write its final last.ckpt after that: keep the raw weights of the last step so that file's
+        # "current_model_state" (what resuming continues from) stays the raw weights, not the EMA ones.
+        if self._training_ends():
+            self._final_raw_state = {k: v.detach().clone() for k, v in self.state_dict().items()}
+
+    def _training_ends(self) -> bool:
+        trainer = self.trainer
+        if trainer.should_stop:
+            return True
+        if trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step:
+            return True
+        max_epochs = trainer.max_epochs
+        return max_epochs is not None and 0 <= max_epochs <= trainer.current_epoch + 1
+
+    def on_train_start(self) -> None:
+        self._final_raw_state = None
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Called after backward and gradient unscaling, before gradient clipping.
         grads = [p.grad for p in self.parameters() if p.grad is not None]
@@ -248,6 +268,8 @@ class DiffusionModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[SAMPLER_STATE_KEY] = self.timestep_sampler.state_dict()
         checkpoint[SEED_KEY] = self.seed
+        if self._final_raw_state is not None and "current_model_state" in checkpoint:
+            checkpoint["current_model_state"] = self._final_raw_state
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if SAMPLER_STATE_KEY in checkpoint:

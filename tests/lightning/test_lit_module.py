@@ -126,3 +126,23 @@ def test_validation_bits_per_dim(tmp_path):
     # Fixed noise per batch: validating twice gives the same loss.
     (again,) = trainer.validate(model, TinyDataModule(), verbose=False)
     assert again["val/loss"] == pytest.approx(metrics["val/loss"])
+
+
+def test_final_last_checkpoint_keeps_raw_weights_for_resuming(tmp_path):
+    """EMAWeightAveraging copies the EMA weights into the module at on_train_end and ModelCheckpoint(save_last)
+    then writes last.ckpt: its current_model_state must still be the raw weights, its state_dict the EMA ones."""
+    from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
+
+    class Raw(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+            self.state = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+    raw = Raw()
+    model = DiffusionModule(**tiny_diffusion_kwargs())
+    checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True, every_n_train_steps=100)
+    trainer = L.Trainer(**trainer_kwargs(tmp_path, max_steps=3, enable_checkpointing=True,
+                                         callbacks=[EMAWeightAveraging(decay=0.5), raw, checkpoint]))
+    trainer.fit(model, TinyDataModule())
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert all(torch.equal(saved["current_model_state"][k], v) for k, v in raw.state.items())
+    assert any(not torch.equal(saved["state_dict"][k], v) for k, v in raw.state.items())
