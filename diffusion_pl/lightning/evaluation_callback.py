@@ -1,0 +1,213 @@
+"""SampleQualityEvaluation: FID / IS / precision / recall / KID during training, logged as curves over steps.
+
+Every ``every_n_steps`` training steps (checked at validation), ``num_samples`` samples are generated with the weights
+in place at validation (the EMA weights when lightning's EMAWeightAveraging is a callback), sharded over the ranks
+(sample i on the rank holding i; per-sample seeds, so the set does not depend on the number of ranks). Inception
+features are gathered in rank order, rank 0 computes the metrics once against the reference and broadcasts them;
+every rank runs the same collectives. Generated images and features are freed afterwards.
+
+    trainer:
+      callbacks:
+        - class_path: diffusion_pl.lightning.evaluation_callback.SampleQualityEvaluation
+          init_args: {every_n_steps: 5000, num_samples: 1000, steps: "100", inception_weights: /path/pt_inception.pth}
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks.weight_averaging import WeightAveraging
+
+from diffusion_pl.evaluation import InceptionFeatures, evaluate_samples_distributed, reference_features
+from diffusion_pl.evaluation.reference import load_reference, read_cache
+from diffusion_pl.lightning.callbacks import check_classifier_compatible
+from diffusion_pl.sampling import SampleEngine
+from diffusion_pl.utils.images import to_uint8
+
+
+class SampleQualityEvaluation(Callback):
+    """Sample-quality metrics every ``every_n_steps`` steps, logged as ``<prefix>/fid``, ``<prefix>/isc_mean``,
+    ``<prefix>/precision``, ``<prefix>/recall`` (and KID) against the global step.
+
+    Args:
+        every_n_steps: evaluate at the first validation run at least this many steps after the previous evaluation.
+        num_samples: samples per evaluation (split over ranks).
+        batch_size: sampling batch size per rank.
+        steps: sampling steps ("100", "250", "ddim50", "" = all T).
+        method / eta / clip_denoised: sampler settings.
+        reference: image folder, ADM reference npz or reference cache; None = the datamodule's ``reference_split``.
+        reference_split: "val" or "train" split of the trainer's datamodule (used when ``reference`` is None).
+        inception_weights: local Inception weights (offline clusters); None = torch-fidelity's cache/download.
+        metrics: subset of fid, isc, prc, kid.
+        classifier_path / classifier_scale: classifier guidance with a NoisyClassifierModule checkpoint.
+        cfg_scale: classifier-free guidance scale (model with a null class).
+        seed / label_mode / precision: as `diffusion-pl sample`.
+        cache_dir: reference feature cache directory.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 5000,
+        num_samples: int = 1000,
+        batch_size: int = 16,
+        steps: str = "100",
+        method: Literal["ddpm", "ddim"] = "ddpm",
+        eta: float = 0.0,
+        clip_denoised: bool = True,
+        reference: str | None = None,
+        reference_split: Literal["val", "train"] = "val",
+        inception_weights: str | None = None,
+        metrics: list[Literal["fid", "isc", "prc", "kid"]] = ["fid", "isc", "prc"],  # noqa: B006
+        kid_subset_size: int = 1000,
+        isc_splits: int = 10,
+        inception_batch_size: int = 64,
+        classifier_path: str | None = None,
+        classifier_scale: float = 0.0,
+        cfg_scale: float = 0.0,
+        seed: int = 0,
+        label_mode: Literal["random", "balanced"] = "random",
+        precision: Literal["fp32", "bf16"] = "fp32",
+        cache_dir: str | None = None,
+        prefix: str = "eval",
+    ) -> None:
+        if every_n_steps < 1 or num_samples < 2:
+            raise ValueError("SampleQualityEvaluation needs every_n_steps >= 1 and num_samples >= 2")
+        if classifier_scale != 0.0 and classifier_path is None:
+            raise ValueError("SampleQualityEvaluation.classifier_scale needs classifier_path (a NoisyClassifierModule)")
+        self.every_n_steps = every_n_steps
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.steps = steps
+        self.method, self.eta, self.clip_denoised = method, eta, clip_denoised
+        self.reference, self.reference_split = reference, reference_split
+        self.inception_weights = inception_weights
+        self.metrics = list(metrics)
+        self.kid_subset_size, self.isc_splits, self.inception_batch_size = kid_subset_size, isc_splits, inception_batch_size
+        self.classifier_path, self.classifier_scale, self.cfg_scale = classifier_path, classifier_scale, cfg_scale
+        self.seed, self.label_mode, self.precision = seed, label_mode, precision
+        self.cache_dir = cache_dir
+        self.prefix = prefix
+        self.last_step: int | None = None
+        self.last_metrics: dict[str, float] = {}
+        self._at_start = False
+        self._inception: InceptionFeatures | None = None
+        self._classifier = None
+        self._reference_cache: str | None = None
+
+    # ------------------------------------------------------------------------------------------------ hooks
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not hasattr(pl_module, "diffusion"):
+            raise TypeError(f"SampleQualityEvaluation needs a DiffusionModule, got {type(pl_module).__name__}")
+        if self.cfg_scale != 0.0 and not pl_module.hparams.get("null_class", False):
+            raise ValueError("SampleQualityEvaluation.cfg_scale needs a model with null_class: true")
+        # EMAWeightAveraging swaps EMA weights in at on_validation_epoch_start and out at ..._end (list order).
+        ema = [i for i, c in enumerate(trainer.callbacks) if isinstance(c, WeightAveraging)]
+        mine = trainer.callbacks.index(self) if self in trainer.callbacks else len(trainer.callbacks)
+        self._at_start = bool(ema) and min(ema) < mine
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._at_start:
+            self._maybe_evaluate(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._at_start:
+            self._maybe_evaluate(trainer, pl_module)
+
+    def state_dict(self) -> dict:
+        return {"last_step": self.last_step}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.last_step = state_dict.get("last_step")
+
+    def _due(self, trainer: L.Trainer) -> bool:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return False
+        return self.last_step is None or trainer.global_step - self.last_step >= self.every_n_steps
+
+    def _maybe_evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._due(trainer):  # global_step is the same on every rank: all ranks decide alike
+            return
+        self.last_step = trainer.global_step
+        values = self.evaluate(trainer, pl_module)
+        self.last_metrics = values
+        # callback_metrics (ModelCheckpoint can monitor eval/fid); the loggers get the values at the true global step.
+        for key, value in values.items():
+            pl_module.log(f"{self.prefix}/{key}", value, sync_dist=False, batch_size=1, logger=False)
+        for logger in trainer.loggers:
+            logger.log_metrics({f"{self.prefix}/{k}": v for k, v in values.items()}, step=trainer.global_step)
+
+    # ------------------------------------------------------------------------------------------------ work
+    def _engine(self, pl_module: L.LightningModule) -> SampleEngine:
+        hp = pl_module.hparams
+        classifier = None
+        if self.classifier_path is not None and self.classifier_scale != 0.0:
+            if self._classifier is None:
+                from diffusion_pl.lightning.classifier_module import NoisyClassifierModule
+
+                clf = NoisyClassifierModule.load_from_checkpoint(self.classifier_path, map_location="cpu")
+                check_classifier_compatible(clf.hparams, hp, self.classifier_path)
+                self._classifier = clf.eval().requires_grad_(False)
+            classifier = self._classifier.to(pl_module.device)
+        num_classes = int(hp.num_classes) if hp.class_cond else (int(classifier.hparams.out_channels) if classifier else None)
+        return SampleEngine(
+            pl_module, pl_module.diffusion, (int(hp.in_channels), int(hp.image_size), int(hp.image_size)),
+            respacing=self.steps, method=self.method, eta=self.eta, clip_denoised=self.clip_denoised,
+            class_cond=bool(hp.class_cond), num_classes=num_classes, null_class=pl_module.null_label,
+            classifier=classifier, classifier_scale=self.classifier_scale, cfg_scale=self.cfg_scale,
+            label_mode=self.label_mode, seed=self.seed, precision=self.precision, device=pl_module.device,
+        )  # fmt: skip
+
+    def _reference(self, trainer: L.Trainer):
+        """Reference features (rank 0 only), from the on-disk cache after the first time."""
+        extractor = self._inception
+        if self.reference is not None:
+            if os.path.isfile(self.reference) and read_cache(self.reference) is not None:
+                return load_reference(self.reference)
+            return reference_features(self.reference, feature_extractor=extractor, cache_dir=self.cache_dir)
+        datamodule = trainer.datamodule
+        if datamodule is None:
+            raise ValueError("SampleQualityEvaluation: set reference=... or train with a datamodule")
+        loader = datamodule.val_dataloader() if self.reference_split == "val" else datamodule.train_dataloader()
+        source_id = f"{type(datamodule).__module__}.{type(datamodule).__qualname__}:{self.reference_split}"
+        hp = getattr(datamodule, "hparams", None)
+        if hp:
+            source_id += ":" + ",".join(f"{k}={v}" for k, v in sorted(dict(hp).items()))
+        return reference_features(
+            (to_uint8(x) for x, _ in loader), feature_extractor=extractor, source_id=source_id,
+            num_images=len(loader.dataset), cache_dir=self.cache_dir,
+        )  # fmt: skip
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        """Generate this rank's share, gather features, compute on rank 0, broadcast. Same dict on every rank."""
+        rank, world = trainer.global_rank, trainer.world_size
+        if self._inception is None:
+            self._inception = InceptionFeatures(self.inception_weights, device=pl_module.device,
+                                                batch_size=self.inception_batch_size, progress=False)  # fmt: skip
+        indices = np.array_split(np.arange(self.num_samples), world)[rank].tolist()
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            # Validation runs under inference_mode; classifier guidance needs autograd (the engine picks its mode).
+            with torch.inference_mode(False):
+                engine = self._engine(pl_module)
+                images = [to_uint8(b.images) for b in engine.generate(indices, self.batch_size)]
+                local = torch.cat(images) if images else torch.zeros(0, *engine.image_shape, dtype=torch.uint8)
+                del images, engine
+                ref = self._reference(trainer) if rank == 0 and any(m != "isc" for m in self.metrics) else None
+                values = evaluate_samples_distributed(
+                    local, ref, feature_extractor=self._inception, metrics=self.metrics,
+                    kid_subset_size=self.kid_subset_size, isc_splits=self.isc_splits, progress=False,
+                )  # fmt: skip
+        finally:
+            pl_module.train(was_training)
+        del local, ref
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return values

@@ -1,0 +1,67 @@
+"""SampleQualityEvaluation during fit: metrics logged at the right steps (single process and 2-rank DDP)."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import os
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from sampling_helpers import TinyDataModule, randomize_zero_init, tiny_diffusion_kwargs
+
+from diffusion_pl.lightning import DiffusionModule
+from diffusion_pl.lightning.evaluation_callback import SampleQualityEvaluation
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_fit(root: str, weights: str, devices: int = 1) -> SampleQualityEvaluation:
+    torch.manual_seed(0)
+    module = DiffusionModule(**tiny_diffusion_kwargs(lr=1e-3))
+    randomize_zero_init(module)
+    callback = SampleQualityEvaluation(every_n_steps=2, num_samples=5, batch_size=3, steps="2",
+                                       inception_weights=weights, metrics=["fid", "isc", "prc"], isc_splits=1,
+                                       cache_dir=os.path.join(root, "cache"))  # fmt: skip
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=4,
+                        val_check_interval=2, limit_val_batches=1, num_sanity_val_steps=0, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, callbacks=[callback],
+                        logger=CSVLogger(root, name="csv", version=0), log_every_n_steps=1)  # fmt: skip
+    trainer.fit(module, datamodule=TinyDataModule(n_train=16, n_val=6, batch_size=4))
+    return callback
+
+
+def logged_rows(root: str) -> list[dict[str, str]]:
+    with open(glob.glob(os.path.join(root, "csv", "version_0", "metrics.csv"))[0]) as f:
+        return [r for r in csv.DictReader(f) if r.get("eval/fid")]
+
+
+def test_callback_logs_metric_curves(tmp_path, random_inception_weights):
+    callback = run_fit(str(tmp_path), random_inception_weights)
+    rows = logged_rows(str(tmp_path))
+    assert sorted({int(r["step"]) for r in rows}) == [2, 4]  # evaluated at steps 2 and 4
+    assert all(float(r["eval/fid"]) > 0 and r["eval/precision"] != "" for r in rows)
+    assert set(callback.last_metrics) == {"fid", "isc_mean", "isc_std", "precision", "recall", "f_score"}
+    assert callback.last_step == 4
+    assert len(rows) == 2  # logged once per evaluation
+
+
+@pytest.mark.ddp
+def test_callback_two_ranks(tmp_path, random_inception_weights):
+    script = (
+        "import sys; sys.path.insert(0, %r)\n"
+        "from test_sampling_callback import run_fit\n"
+        "if __name__ == '__main__':\n"
+        "    cb = run_fit(%r, %r, devices=2)\n"
+        "    print('METRICS', cb.last_step, sorted(cb.last_metrics))\n"
+    ) % (HERE, str(tmp_path), random_inception_weights)
+    path = tmp_path / "run_ddp.py"
+    path.write_text(script)
+    proc = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=400, cwd=HERE)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("METRICS 4") == 2  # both ranks finished with the same evaluations
+    assert sorted({int(r["step"]) for r in logged_rows(str(tmp_path))}) == [2, 4]
