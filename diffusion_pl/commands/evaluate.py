@@ -28,9 +28,9 @@ from diffusion_pl.evaluation import (
     load_samples_npz,
     reference_features,
 )
-from diffusion_pl.evaluation.reference import load_reference, read_cache
 from diffusion_pl.evaluation.features import InceptionFeatures
 from diffusion_pl.evaluation.npz import atomic_write
+from diffusion_pl.evaluation.reference import load_reference, read_cache
 from diffusion_pl.utils.images import nhwc_to_nchw, to_uint8
 
 Metric = Literal["fid", "isc", "prc", "kid"]

@@ -19,11 +19,11 @@ from diffusion_pl.sampling.shards import (
     Shard,
     merge_shards,
     num_batches_of,
-    shard_done,
     plan_shards,
     prepare_shard_dir,
     rank_shards,
     run_shards,
+    shard_done,
     write_outputs,
 )
 

@@ -10,7 +10,6 @@ This module knows networks and the diffusion maths, not Lightning.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 

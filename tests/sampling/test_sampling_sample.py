@@ -102,7 +102,7 @@ def test_two_ranks_equal_one_rank(reference_run, ckpts, tmp_path):
 
 def test_compatibility_errors(ckpts, tmp_path):
     out = str(tmp_path / "x")
-    with pytest.raises(ValueError, match="cannot guide this diffusion model.*image_size: classifier 16 vs diffusion model 8"):
+    with pytest.raises(ValueError, match="(?s)cannot guide this diffusion model.*image_size: classifier 16 vs diffusion model 8"):
         sample(out_dir=out, ckpt=ckpts["cond"], classifier_ckpt=ckpts["classifier16"], classifier_scale=1.0, **COMMON)
     with pytest.raises(GuidanceConfigError, match="needs a noisy classifier, but none was given for an unconditional"):
         sample(out_dir=out, ckpt=ckpts["uncond"], classifier_scale=1.0, **COMMON)
