@@ -242,6 +242,20 @@ class DiffusionModule(L.LightningModule):
         return torch.Generator(device=self.device).manual_seed(derive_seed(0, batch_idx, self.global_rank))
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, "test")
+
+    def _bpd_process(self):
+        spec = self.hparams.val_bpd_respacing
+        if not spec:
+            return self.diffusion
+        if getattr(self, "_respaced_bpd", (None, None))[0] != spec:
+            self._respaced_bpd = (spec, self.diffusion.respaced(spec))
+        return self._respaced_bpd[1]
+
+    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, prefix: str) -> None:
         x, y = batch
         n = x.shape[0]
         generator = self._eval_generator(batch_idx)
@@ -250,19 +264,13 @@ class DiffusionModule(L.LightningModule):
         kwargs = self._model_kwargs(y)
         losses = self.diffusion.training_losses(self, x, t, noise=noise, model_kwargs=kwargs)
         for key in ("loss", "mse", "vb"):
-            self.log(f"val/{key}", losses[key].mean(), prog_bar=key == "loss", sync_dist=True, batch_size=n)
+            self.log(f"{prefix}/{key}", losses[key].mean(), prog_bar=key == "loss", sync_dist=True, batch_size=n)
         if batch_idx < self.hparams.val_bpd_batches:
-            process = self.diffusion
-            if self.hparams.val_bpd_respacing:
-                process = process.respaced(self.hparams.val_bpd_respacing)
-            out = process.calc_bpd_loop(
+            out = self._bpd_process().calc_bpd_loop(
                 self, x, clip_denoised=self.hparams.val_clip_denoised, model_kwargs=kwargs, generator=generator
             )
-            self.log("val/bpd", out["total_bpd"].mean(), prog_bar=True, sync_dist=True, batch_size=n)
-            self.log("val/prior_bpd", out["prior_bpd"].mean(), sync_dist=True, batch_size=n)
-
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self.validation_step(batch, batch_idx)
+            self.log(f"{prefix}/bpd", out["total_bpd"].mean(), prog_bar=True, sync_dist=True, batch_size=n)
+            self.log(f"{prefix}/prior_bpd", out["prior_bpd"].mean(), sync_dist=True, batch_size=n)
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

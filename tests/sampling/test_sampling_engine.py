@@ -76,9 +76,12 @@ def test_labels(nets):
 
 
 def test_bf16_close_to_fp32(nets):
-    a = engine(nets).sample(range(2)).images
-    b = engine(nets, precision="bf16").sample(range(2)).images
-    assert (a - b).abs().max() < 0.5 and not torch.equal(a, b)
+    # Deterministic DDIM, so only bf16 rounding separates the two runs (ancestral sampling of a random network can
+    # amplify a rounding difference at a single pixel through the [-1, 1] clip).
+    a = engine(nets, respacing="ddim4", method="ddim").sample(range(4)).images
+    b = engine(nets, respacing="ddim4", method="ddim", precision="bf16").sample(range(4)).images
+    assert not torch.equal(a, b)  # bf16 autocast was really used
+    assert (a - b).abs().mean() < 0.05
 
 
 def test_guidance_errors(nets):
