@@ -1,4 +1,19 @@
-"""Shared helpers for tests/diffusion: a deterministic toy model and the reference (oracle) process builder."""
+"""Shared helpers for tests/diffusion: a deterministic toy model and the reference (oracle) process builder.
+
+The oracle is the PyPI package guided-diffusion-sdk 1.0.0 (import name ``guided_diffusion``). Diffed against
+openai/guided-diffusion (gaussian_diffusion, respace, resample, losses, nn, unet, script_util), it is the real source
+plus additions; the maths used by these tests is identical (respace, resample, losses, script_util byte-identical;
+schedules, q_*, p_mean_variance, condition_mean/score, p_sample, _vb_terms_bpd, training_losses, calc_bpd_loop
+identical). Behaviour that differs from openai/guided-diffusion:
+  * ``ddim_sample`` with a ``cond_fn`` returns the UNGUIDED ``pred_xstart`` (the sample itself is the same): tests
+    rebuild the upstream value from ``p_mean_variance`` + ``condition_score``;
+  * extra sampling options and methods (``skip_timesteps``, ``init_image``, ``randomize_class``,
+    ``cond_fn_with_grad``, ``*_with_grad``, PLMS) that are off by default / unused here (the ``*_with_grad``
+    variants would hand a respaced process's cond_fn un-mapped timesteps);
+  * gradient checkpointing: a different ``CheckpointFunction`` and ``AttentionBlock`` honours ``use_checkpoint``
+    (upstream always checkpoints attention). Forward values and gradients are unchanged.
+``resample.LossSecondMomentResampler`` still uses ``np.int`` (removed in NumPy 1.24), as upstream: tests patch it.
+"""
 
 from __future__ import annotations
 

@@ -146,3 +146,28 @@ def test_create_timestep_sampler():
     assert isinstance(create_timestep_sampler("loss-second-moment", 10), LossSecondMomentSampler)
     with pytest.raises(ValueError, match="uniform, loss-second-moment"):
         create_timestep_sampler("importance", 10)
+
+
+@pytest.mark.parametrize("rounds", [0, 5, 10, 11, 25])
+def test_probabilities_and_importance_weights_match_reference_histories(monkeypatch, rounds):
+    """Identical loss histories (cold, partly warm, just warm, shifted) -> the reference's p and weights 1/(T p_t)."""
+    monkeypatch.setattr(np, "int", int, raising=False)
+    T = 9
+    ours = LossSecondMomentSampler(T)
+    ref = resample.LossSecondMomentResampler(_FakeDiffusion(T))
+    rng = np.random.default_rng(rounds)
+    for _ in range(rounds):
+        ts = rng.permutation(T).tolist()[: T - 1 if rounds == 10 else T]  # rounds=10: one step stays cold
+        losses = (rng.uniform(0.05, 3.0, len(ts)) * (np.asarray(ts) + 1)).tolist()
+        ours.update_with_local_losses(torch.tensor(ts), torch.tensor(losses, dtype=torch.float64))
+        ref.update_with_all_losses(ts, losses)
+    assert ours.warmed_up() == ref._warmed_up()
+    ref_p = ref.weights() / np.sum(ref.weights())
+    np.testing.assert_allclose(ours.probabilities().numpy(), ref_p, rtol=1e-12, atol=0)
+    np.testing.assert_array_equal(ours.loss_counts.numpy(), ref._loss_counts)
+    np.testing.assert_allclose(ours.loss_history.numpy(), ref._loss_history, rtol=0, atol=0)
+    t, w = ours.sample(64, "cpu", generator=torch.Generator().manual_seed(rounds))
+    # the reference's ScheduleSampler.sample: weights_np = 1 / (len(p) * p[indices_np]), returned as float32
+    np.testing.assert_allclose(w.numpy(), (1.0 / (T * ref_p[t.numpy()])).astype(np.float32), rtol=1e-6)
+    if ours.warmed_up():
+        assert w.std() > 0.01

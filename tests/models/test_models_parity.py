@@ -19,6 +19,11 @@ CASES = [
                                         num_classes=7, learn_sigma=True)),
     ("mnist-in1-updown-additive", dict(in_channels=1, num_heads=2, resblock_updown=True, num_res_blocks=2)),
     ("avgpool-resample-upheads", dict(conv_resample=False, num_heads=2, num_heads_upsample=4, channel_mult=(1, 1, 2))),
+    ("legacy-headch-updown-adagn-cond-sigma", dict(num_head_channels=16, resblock_updown=True,
+                                                   use_scale_shift_norm=True, num_classes=5, learn_sigma=True)),
+    ("new-heads-updown-additive-cond", dict(num_heads=2, use_new_attention_order=True, resblock_updown=True,
+                                            num_classes=3)),
+    ("legacy-heads-additive-cond", dict(num_heads=4, num_classes=4)),
 ]  # fmt: skip
 
 
@@ -55,11 +60,12 @@ def test_unet_matches_reference(case):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, cin, 16, 16, generator=g)
     t = torch.tensor([5, 917])
-    y = torch.tensor([0, 6]) if "num_classes" in case else None
+    y = torch.tensor([0, case["num_classes"] - 1]) if "num_classes" in case else None
     with torch.no_grad():
         expected = ref(x, t, y)
         got = ours(x, t, y)
-    assert got.shape == (2, ours.out_channels, 16, 16) and ours.out_channels == (2 * cin if case.get("learn_sigma") else cin)
+    assert got.shape == (2, ours.out_channels, 16, 16)
+    assert ours.out_channels == (2 * cin if case.get("learn_sigma") else cin)
     assert expected.abs().max() > 0.05  # randomised weights: a non-trivial output
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -100,6 +106,9 @@ CLS_BASE = dict(image_size=16, model_channels=32, num_res_blocks=1, channel_mult
         ("attention", dict(num_head_channels=32, resblock_updown=True, use_scale_shift_norm=True)),
         ("attention", dict(num_head_channels=16, use_new_attention_order=True)),
         ("adaptive", dict(num_heads=2, use_scale_shift_norm=True)),
+        ("attention", dict(num_head_channels=32)),
+        ("adaptive", dict(num_head_channels=16, use_new_attention_order=True, resblock_updown=True,
+                          use_scale_shift_norm=True)),
     ],
 )
 def test_classifier_matches_reference(pool, extra):
