@@ -19,6 +19,12 @@ ours, the reference key and how the tensor is stored there. It is the single, ex
     Encoder out_norm                      out.0                                       same
             head (attention pool)         out.2.positional_embedding/qkv_proj/c_proj  pos: transposed [C, T]; Conv1d
             head (adaptive, Linear)       out.3                                       Conv2d [O, I, 1, 1]
+
+openai/improved-diffusion checkpoints (iDDPM CIFAR-10 / ImageNet-64) use the same key names and shapes: its U-Net is
+the subset without BigGAN up/down blocks, ``num_head_channels`` or an encoder head, with conv resampling and a first
+conv of ``model_channels`` outputs. Its attention splits heads before q/k/v, i.e. the "legacy" order: build the model
+with ``use_new_attention_order=False`` (the ``iddpm_*`` presets do) and sample with ``rescale_timesteps=True`` and
+T = 4000, the settings those models were trained with (tests/models/test_models_improved_diffusion.py).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .layers import AttentionBlock, AttentionPool2d, Downsample, ResBlock, Upsample
+from .layers import AttentionPool2d, Downsample, ResBlock, Upsample
 from .unet import EncoderUNetModel, Stage, UNetModel
 
 __all__ = [
@@ -173,7 +179,8 @@ def load_openai_state_dict(
     unexpected = [f"{k} {tuple(v.shape)}" for k, v in state_dict.items() if k not in known]
     if mismatched or (strict and (missing or unexpected)):
         lines = [f"the OpenAI checkpoint does not fit this {type(model).__name__} configuration:"]
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+        sections = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
+        for title, items in sections:
             if items:
                 lines.append(f"  {title} ({len(items)}):")
                 lines.extend(f"    {item}" for item in items)
@@ -201,13 +208,15 @@ def export_openai_state_dict(model: UNetModel | EncoderUNetModel) -> dict[str, t
 def load_openai_checkpoint(
     model: UNetModel | EncoderUNetModel, path: str | os.PathLike, strict: bool = True
 ) -> UNetModel | EncoderUNetModel:
-    """Read a reference ``.pt`` file (``torch.load(weights_only=True)`` on CPU), load it into ``model`` and return it."""
+    """Read a reference ``.pt`` file (``torch.load(weights_only=True)`` on CPU), load it into ``model``, return it."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"OpenAI checkpoint not found: {path}")
     state_dict = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state_dict, Mapping):
-        raise OpenAICheckpointError(f"{path}: expected a state dict (mapping of tensors), got {type(state_dict).__name__}")
+        raise OpenAICheckpointError(
+            f"{path}: expected a state dict (mapping of tensors), got {type(state_dict).__name__}"
+        )
     try:
         load_openai_state_dict(model, state_dict, strict=strict)
     except OpenAICheckpointError as err:
