@@ -2,12 +2,21 @@
 
     diffusion-pl fit --config configs/quickstart.yaml
     diffusion-pl sample --ckpt path/to/last.ckpt --num_samples 64 --steps 250
+
+A user error (diffusion_pl.errors.UserError: a missing file, a bad option, a checkpoint that does not fit, a full disk)
+is printed as one line, ``diffusion-pl <command>: error: <message>``, with exit status 2; set DIFFUSION_PL_DEBUG=1 to
+get the traceback instead. Any other exception keeps its traceback.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+
+from diffusion_pl.errors import find_user_error
+
+DEBUG_ENV = "DIFFUSION_PL_DEBUG"
 
 # name -> "module:function"; each function's typed signature is its command line (jsonargparse.CLI).
 EXTRA_COMMANDS: dict[str, str] = {
@@ -38,7 +47,25 @@ def run_lightning_cli(args: list[str]) -> None:
     """Run LightningCLI on `args` (first element is the subcommand)."""
     from diffusion_pl.lightning.cli import build_lightning_cli
 
-    build_lightning_cli(args)
+    # LightningCLI warns when given args while sys.argv holds arguments too: pass None when they are the same.
+    build_lightning_cli(None if args == sys.argv[1:] else args)
+
+
+def run_command(command: str, args: list[str]) -> None:
+    """Run one subcommand (``args`` start with it); exceptions propagate."""
+    if command in EXTRA_COMMANDS:
+        from jsonargparse import CLI
+
+        module_name, function_name = EXTRA_COMMANDS[command].split(":")
+        function = getattr(importlib.import_module(module_name), function_name)
+        # A short usage line above parse errors (the full option list is in --help).
+        CLI(function, args=args[1:], prog=f"diffusion-pl {command}", usage=f"diffusion-pl {command} [options]")
+    else:
+        run_lightning_cli(args)
+
+
+def debug_requested() -> bool:
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,19 +74,19 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     command = args[0]
-    if command in EXTRA_COMMANDS:
-        from jsonargparse import CLI
-
-        module_name, function_name = EXTRA_COMMANDS[command].split(":")
-        function = getattr(importlib.import_module(module_name), function_name)
-        CLI(function, args=args[1:], prog=f"diffusion-pl {command}")
-        return 0
-    if command in LIGHTNING_COMMANDS:
-        run_lightning_cli(args)
-        return 0
-    print(f"diffusion-pl: unknown command {command!r}\n", file=sys.stderr)
-    print(_usage(), file=sys.stderr)
-    return 2
+    if command not in EXTRA_COMMANDS and command not in LIGHTNING_COMMANDS:
+        print(f"diffusion-pl: unknown command {command!r}\n", file=sys.stderr)
+        print(_usage(), file=sys.stderr)
+        return 2
+    try:
+        run_command(command, args)
+    except Exception as error:
+        user_error = find_user_error(error)
+        if user_error is None or debug_requested():
+            raise
+        print(f"diffusion-pl {command}: error: {user_error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

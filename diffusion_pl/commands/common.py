@@ -13,8 +13,25 @@ import yaml
 from torch import nn
 
 from diffusion_pl.diffusion import GaussianDiffusion, create_diffusion
-from diffusion_pl.models import RELEASED_CONFIGS, EncoderUNetModel, UNetModel, load_openai_checkpoint, released_config
-from diffusion_pl.sampling import SampleEngine, check_guidance
+from diffusion_pl.errors import UserFileNotFoundError, UserInputError
+from diffusion_pl.models import (
+    RELEASED_CONFIGS,
+    EncoderUNetModel,
+    OpenAICheckpointError,
+    UNetModel,
+    load_openai_state_dict,
+    released_config,
+)
+from diffusion_pl.sampling import SampleEngine, check_guidance, check_respacing
+
+# Which option takes which kind of checkpoint file (diffusion_pl.lightning.checkpoints.checkpoint_kind names): used
+# in the message when a file is given to the wrong option.
+OPTION_FOR_KIND = {
+    "DiffusionModule": "--ckpt",
+    "NoisyClassifierModule": "--classifier_ckpt",
+    "openai-unet": "--openai_ckpt (with --arch)",
+    "openai-classifier": "--classifier_openai_ckpt (with --classifier_arch)",
+}
 
 
 @dataclass
@@ -59,24 +76,48 @@ def resolve_arch(arch: str, cls: type, option: str) -> dict[str, Any]:
     if arch in RELEASED_CONFIGS:
         preset_cls, kwargs = released_config(arch)
         if preset_cls is not cls:
-            raise ValueError(
-                f"--{option} {arch!r} is a {preset_cls.__name__} preset, but a {cls.__name__} is needed here; presets of "
-                f"that kind: {', '.join(k for k, v in RELEASED_CONFIGS.items() if v[0] is cls)}"
+            raise UserInputError(
+                f"--{option} {arch!r} is a {preset_cls.__name__} preset, but a {cls.__name__} is needed here; "
+                f"presets of that kind: {', '.join(k for k, v in RELEASED_CONFIGS.items() if v[0] is cls)}"
             )
         return kwargs
     if os.path.isfile(arch):
         with open(arch) as f:
             kwargs = yaml.safe_load(f)
         if not isinstance(kwargs, dict):
-            raise ValueError(f"--{option} {arch}: expected a YAML mapping of {cls.__name__} arguments")
+            raise UserInputError(f"--{option} {arch}: expected a YAML mapping of {cls.__name__} arguments")
         for key in ("attention_resolutions", "channel_mult"):
             if isinstance(kwargs.get(key), list):
                 kwargs[key] = tuple(kwargs[key])
         return kwargs
-    raise ValueError(
-        f"--{option} {arch!r} is neither a released preset ({', '.join(k for k, v in RELEASED_CONFIGS.items() if v[0] is cls)})"
-        f" nor a YAML file of {cls.__name__} arguments"
+    presets = ", ".join(k for k, v in RELEASED_CONFIGS.items() if v[0] is cls)
+    raise UserInputError(
+        f"--{option} {arch!r} is neither a released preset ({presets}) nor a YAML file of {cls.__name__} arguments"
     )
+
+
+def load_openai_file(model: nn.Module, path: str, option: str, expected_kind: str, arch_option: str) -> nn.Module:
+    """Load a released OpenAI state dict into ``model``, with messages naming ``option`` for a missing, corrupt or
+    wrong kind of file and ``arch_option`` (first keys/shapes only) when the architecture does not fit."""
+    from diffusion_pl.lightning.checkpoints import checkpoint_kind, describe_kind, read_checkpoint
+
+    state_dict = read_checkpoint(path, option)
+    kind = checkpoint_kind(state_dict)
+    if kind != expected_kind:
+        fix = OPTION_FOR_KIND.get(kind)
+        raise UserInputError(
+            f"{option} {path} is {describe_kind(kind, state_dict)}, but {option} takes a released OpenAI "
+            f"{'U-Net' if expected_kind == 'openai-unet' else 'classifier'} state dict"
+            + (f": pass this file as {fix}" if fix else "")
+        )
+    try:
+        load_openai_state_dict(model, state_dict, max_listed=8)
+    except OpenAICheckpointError as err:
+        raise OpenAICheckpointError(
+            f"{option} {path} does not fit {arch_option} (give the preset or YAML the checkpoint was released "
+            f"with): {err}"
+        ) from None
+    return model
 
 
 def load_model(
@@ -90,13 +131,12 @@ def load_model(
 ) -> LoadedModel:
     """A diffusion-pl checkpoint (it carries its config) or a released OpenAI checkpoint + arch + process settings."""
     if (ckpt is None) == (openai_ckpt is None):
-        raise ValueError("give exactly one of --ckpt (a diffusion-pl checkpoint) or --openai_ckpt (with --arch)")
+        raise UserInputError("give exactly one of --ckpt (a diffusion-pl checkpoint) or --openai_ckpt (with --arch)")
     if ckpt is not None:
         from diffusion_pl.lightning import DiffusionModule
+        from diffusion_pl.lightning.checkpoints import load_module
 
-        if not os.path.isfile(ckpt):
-            raise FileNotFoundError(f"--ckpt {ckpt}: no such checkpoint file")
-        module = DiffusionModule.load_from_checkpoint(ckpt, map_location="cpu").eval()
+        module = load_module(DiffusionModule, ckpt, "--ckpt", OPTION_FOR_KIND).eval()
         hp = dict(module.hparams)
         return LoadedModel(
             net=module,
@@ -109,9 +149,9 @@ def load_model(
             info=hp,
         )
     if arch is None:
-        raise ValueError("--openai_ckpt needs --arch: a released preset name or a YAML file of UNetModel arguments")
+        raise UserInputError("--openai_ckpt needs --arch: a released preset name or a YAML file of UNetModel arguments")
     kwargs = resolve_arch(arch, UNetModel, "arch")
-    net = load_openai_checkpoint(UNetModel(**kwargs), openai_ckpt).eval()
+    net = load_openai_file(UNetModel(**kwargs), openai_ckpt, "--openai_ckpt", "openai-unet", f"--arch {arch}").eval()
     learn_sigma = bool(kwargs.get("learn_sigma", False))
     if var_type == "auto":  # guided-diffusion: learn_sigma -> learned range, else fixed large (sigma_small False)
         var_type = "learned_range" if learn_sigma else "fixed_large"
@@ -149,20 +189,23 @@ def load_classifier(
     from diffusion_pl.lightning.callbacks import check_classifier_compatible
 
     if classifier_ckpt is not None and classifier_openai_ckpt is not None:
-        raise ValueError("give at most one of --classifier_ckpt and --classifier_openai_ckpt")
+        raise UserInputError("give at most one of --classifier_ckpt and --classifier_openai_ckpt")
     if classifier_ckpt is not None:
         from diffusion_pl.lightning import NoisyClassifierModule
+        from diffusion_pl.lightning.checkpoints import load_module
 
-        if not os.path.isfile(classifier_ckpt):
-            raise FileNotFoundError(f"--classifier_ckpt {classifier_ckpt}: no such checkpoint file")
-        module = NoisyClassifierModule.load_from_checkpoint(classifier_ckpt, map_location="cpu").eval()
+        module = load_module(NoisyClassifierModule, classifier_ckpt, "--classifier_ckpt", OPTION_FOR_KIND).eval()
         module.requires_grad_(False)
         info, net, source = dict(module.hparams), module, classifier_ckpt
     elif classifier_openai_ckpt is not None:
         if classifier_arch is None:
-            raise ValueError("--classifier_openai_ckpt needs --classifier_arch (a released classifier preset or a YAML)")
+            raise UserInputError(
+                "--classifier_openai_ckpt needs --classifier_arch (a released classifier preset or a YAML)"
+            )
         kwargs = resolve_arch(classifier_arch, EncoderUNetModel, "classifier_arch")
-        raw = load_openai_checkpoint(EncoderUNetModel(**kwargs), classifier_openai_ckpt).eval().requires_grad_(False)
+        raw = load_openai_file(EncoderUNetModel(**kwargs), classifier_openai_ckpt, "--classifier_openai_ckpt",
+                               "openai-classifier", f"--classifier_arch {classifier_arch}")  # fmt: skip
+        raw.eval().requires_grad_(False)
         net, source = _Float32Output(raw), classifier_openai_ckpt
         # Released classifiers do not record their process: it is assumed to be the one given for the model.
         info = dict(image_size=int(kwargs["image_size"]), in_channels=int(kwargs.get("in_channels", 3)),
@@ -186,8 +229,12 @@ def engine_options(
     seed: int,
     precision: str,
 ) -> dict[str, Any]:
-    """Keyword arguments of SampleEngine (minus model/diffusion/classifier/device), after the guidance checks."""
+    """Keyword arguments of SampleEngine (minus model/diffusion/classifier/device), after checking the options against
+    the model and classifier (guidance, --steps against T, --eta), before anything is written."""
     check_guidance(model.class_cond, model.null_class, classifier is not None, classifier_scale, cfg_scale)
+    check_respacing(model.diffusion, steps, "--steps")
+    if method == "ddpm" and eta != 0.0:
+        raise UserInputError(f"--eta {eta} only applies to --method ddim; ancestral (ddpm) sampling has no eta")
     num_classes = model.num_classes if model.class_cond else (classifier.num_classes if classifier else None)
     return dict(
         image_shape=model.image_shape, respacing=steps, method=method, eta=eta, clip_denoised=clip_denoised,
@@ -209,6 +256,45 @@ def build_engine(
     )
 
 
+def check_labels(labels: list[int] | None, num_samples: int, options: dict[str, Any]) -> None:
+    """--labels: 1 or num_samples entries, each in 0..K-1, and only where labels are used (before any work)."""
+    if labels is None:
+        return
+    expand_labels(labels, num_samples)
+    k = options.get("num_classes")
+    if not options.get("class_cond") and not options.get("classifier_scale"):
+        raise UserInputError(
+            "--labels has no effect: the model is unconditional and no classifier guides it; drop --labels, or add "
+            "--classifier_ckpt with --classifier_scale > 0 to steer samples towards these classes"
+        )
+    bad = sorted({int(v) for v in labels if not 0 <= int(v) < int(k)})
+    if bad:
+        source = "the model" if options.get("class_cond") else "the classifier"
+        raise UserInputError(f"--labels {bad[:10]} outside 0..{int(k) - 1}: {source} has {k} classes")
+
+
+def check_out_dir(out_dir: str, option: str = "--out_dir") -> None:
+    """Fail early (before loading anything) if ``out_dir`` cannot be a directory: it, or a parent, is a file."""
+    path = os.path.abspath(out_dir)
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            return
+        path = parent
+    if not os.path.isdir(path):
+        which = "is a file" if path == os.path.abspath(out_dir) else f"is inside {path}, which is a file"
+        raise UserInputError(f"{option} {out_dir} {which}, not a directory: choose another {option}")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserInputError(f"{option} {out_dir}: {path} is not writable: choose another {option}")
+
+
+def check_file(path: str | None, option: str, what: str = "file") -> None:
+    """A file option names an existing file (checked before any long work)."""
+    if path is not None and not os.path.isfile(path):
+        kind = "a directory, not a file" if os.path.isdir(path) else "no such file"
+        raise UserFileNotFoundError(f"{option} {path}: {kind} (expected {what})")
+
+
 def expand_labels(labels: list[int] | None, num_samples: int) -> list[int] | None:
     """--labels: one class for every sample, or one label per sample."""
     if labels is None:
@@ -216,7 +302,9 @@ def expand_labels(labels: list[int] | None, num_samples: int) -> list[int] | Non
     if len(labels) == 1:
         return labels * num_samples
     if len(labels) != num_samples:
-        raise ValueError(f"--labels has {len(labels)} entries: give 1 (every sample) or num_samples = {num_samples}")
+        raise UserInputError(
+            f"--labels has {len(labels)} entries: give 1 (every sample) or num_samples = {num_samples}"
+        )
     return list(labels)
 
 

@@ -21,15 +21,28 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from diffusion_pl.commands.common import LoadedModel, engine_options, load_classifier, load_model, write_json
+from diffusion_pl.commands.common import (
+    LoadedModel,
+    check_file,
+    check_out_dir,
+    engine_options,
+    load_classifier,
+    load_model,
+    write_json,
+)
+from diffusion_pl.errors import UserFileExistsError, UserFileNotFoundError, UserInputError
 from diffusion_pl.evaluation import (
     all_gather_uneven,
     evaluate_samples_distributed,
     load_samples_npz,
     reference_features,
 )
-from diffusion_pl.evaluation.features import InceptionFeatures
-from diffusion_pl.evaluation.npz import atomic_write
+from diffusion_pl.evaluation.features import (
+    InceptionFeatures,
+    InceptionWeightsUnavailableError,
+    missing_weights_message,
+)
+from diffusion_pl.evaluation.npz import atomic_write, check_samples_npz
 from diffusion_pl.evaluation.reference import load_reference, read_cache
 from diffusion_pl.utils.images import nhwc_to_nchw, to_uint8
 
@@ -67,8 +80,14 @@ def build_datamodule(data_class: str, data_args: dict[str, Any] | None):
     try:
         cls = getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"--data_class {data_class!r}: cannot import it ({e})") from None
-    datamodule = cls(**(data_args or {}))
+        raise UserInputError(
+            f"--data_class {data_class!r}: cannot import it ({e}); use a class of diffusion_pl.data "
+            "(MNIST5kDataModule, CIFAR10DataModule, ImageNet64DataModule) or a full module.ClassName"
+        ) from None
+    try:
+        datamodule = cls(**(data_args or {}))
+    except TypeError as e:
+        raise UserInputError(f"--data_args {data_args} do not fit {name}: {e}") from e
     datamodule.prepare_data()
     datamodule.setup("fit")
     return datamodule
@@ -89,7 +108,9 @@ def datamodule_reference(data_class, data_args, split, extractor, cache_dir):
     datamodule = build_datamodule(data_class, data_args)
     loader = split_loader(datamodule, split)
     if split == "train" and getattr(datamodule, "random_flip", False):
-        raise ValueError("--split train with random_flip: true would use flipped images; set data_args.random_flip false")
+        raise UserInputError(
+            "--split train with random_flip: true would use flipped images; set data_args.random_flip false"
+        )
     source_id = f"{data_class}:{json.dumps(data_args or {}, sort_keys=True)}:{split}"
     return reference_features(
         _uint8_batches(loader), feature_extractor=extractor, source_id=source_id,
@@ -98,6 +119,23 @@ def datamodule_reference(data_class, data_args, split, extractor, cache_dir):
 
 
 # ------------------------------------------------------------------------------------------------ metrics
+def check_evaluation_inputs(reference: str | None, data_class: str | None, metrics, inception_weights: str | None):
+    """The reference and Inception weights options, checked before any sampling or feature extraction."""
+    if any(m != "isc" for m in metrics) and (reference is None) == (data_class is None):
+        raise UserInputError(
+            "give exactly one reference: --reference (a folder of images, an ADM reference npz or a diffusion-pl "
+            "reference cache) or --data_class (+ --data_args, --split); only --metrics [isc] needs none"
+        )
+    if reference is not None and not os.path.exists(reference):
+        raise UserFileNotFoundError(
+            f"--reference {reference}: no such file or directory (expected a folder of images, an ADM reference npz "
+            "such as VIRTUAL_imagenet64_labeled.npz, or a reference cache npz written by diffusion-pl)"
+        )
+    if inception_weights is not None and not os.path.isfile(inception_weights):
+        reason = f"no file at --inception_weights {inception_weights}"
+        raise InceptionWeightsUnavailableError(missing_weights_message(reason))
+
+
 def sample_metrics(
     samples_path: str,
     reference: str | None,
@@ -121,8 +159,7 @@ def sample_metrics(
     ref = None
     needs_ref = any(m != "isc" for m in metrics)
     if needs_ref and rank == 0:
-        if (reference is None) == (data_class is None):
-            raise ValueError("give exactly one reference: --reference (folder / ADM npz / cache) or --data_class")
+        check_evaluation_inputs(reference, data_class, metrics, None)
         if reference is not None:
             if os.path.isfile(reference) and read_cache(reference) is not None:
                 ref = load_reference(reference)
@@ -322,15 +359,28 @@ def evaluate(
     :param devices: processes (DDP when > 1)
     :param overwrite: replace existing output files
     """
-    device = launch(accelerator, devices)
-    rank, _ = rank_world()
-    os.makedirs(out_dir, exist_ok=True)
+    # Every input is checked before processes are launched, models loaded or anything written.
+    check_out_dir(out_dir)
+    out_json = os.path.join(out_dir, "nll.json" if nll else "metrics.json")
+    if os.path.exists(out_json) and not overwrite:
+        raise UserFileExistsError(
+            f"{out_json} already exists; pass --overwrite to replace it, or choose another --out_dir"
+        )
     if nll:
         if data_class is None:
-            raise ValueError("--nll needs --data_class (and --data_args) naming the data to evaluate")
-        out_json = os.path.join(out_dir, "nll.json")
-        if os.path.exists(out_json) and not overwrite:
-            raise FileExistsError(f"{out_json} already exists; pass --overwrite to replace it")
+            raise UserInputError("--nll needs --data_class (and --data_args) naming the data to evaluate")
+    else:
+        if samples is None and ckpt is None and openai_ckpt is None:
+            raise UserInputError("give --samples (an ADM npz) or a model (--ckpt / --openai_ckpt) to generate them")
+        if samples is not None and (ckpt is not None or openai_ckpt is not None):
+            raise UserInputError("give --samples or a model to sample from (--ckpt / --openai_ckpt), not both")
+        if samples is not None:
+            check_file(samples, "--samples", "an ADM sample npz: arr_0 uint8 NHWC images")
+            check_samples_npz(samples)
+        check_evaluation_inputs(reference, data_class, metrics, inception_weights)
+    device = launch(accelerator, devices)
+    rank, _ = rank_world()
+    if nll:
         model = load_model(ckpt, openai_ckpt, arch, diffusion_steps, noise_schedule, var_type, rescale_timesteps)
         result = nll_bpd(model, data_class, data_args, split, nll_batches, clip_denoised, seed, device)
         result.update(source=os.path.abspath(ckpt or openai_ckpt), data_class=data_class, data_args=data_args,
@@ -345,13 +395,8 @@ def evaluate(
                   f"{b['per_pixel_histogram_bpd']:.4f})\n  {out_json}\n  {result['files']['nll_terms']}")  # fmt: skip
         return result
 
-    out_json = os.path.join(out_dir, "metrics.json")
-    if os.path.exists(out_json) and not overwrite:
-        raise FileExistsError(f"{out_json} already exists; pass --overwrite to replace it")
     info: dict[str, Any] = {}
     if samples is None:
-        if ckpt is None and openai_ckpt is None:
-            raise ValueError("give --samples (an ADM npz) or a model (--ckpt / --openai_ckpt) to generate them")
         from diffusion_pl.commands.sample import print_summary, run_sampling_in_process, sampling_settings
 
         model = load_model(ckpt, openai_ckpt, arch, diffusion_steps, noise_schedule, var_type, rescale_timesteps)

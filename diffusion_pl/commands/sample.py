@@ -21,11 +21,14 @@ from diffusion_pl.commands.common import (
     LoadedClassifier,
     LoadedModel,
     build_engine,
+    check_labels,
+    check_out_dir,
     engine_options,
     expand_labels,
     load_classifier,
     load_model,
 )
+from diffusion_pl.errors import UserFileExistsError, UserInputError
 from diffusion_pl.sampling import (
     SAMPLES_NAME,
     SHARD_DIR,
@@ -96,7 +99,11 @@ class ShardPredictor(L.LightningModule):
 
     def predict_step(self, shard_id: int, batch_idx: int) -> None:
         shard = self._todo[int(shard_id)]
-        run_shards(self.engine, [shard], self.shard_dir, self.batch_size, labels=self.labels, bar=self.bar)
+        try:
+            run_shards(self.engine, [shard], self.shard_dir, self.batch_size, labels=self.labels, bar=self.bar)
+        except BaseException:
+            self.bar.close()  # on_predict_end does not run after an error: end the bar's line before the message
+            raise
         self.generated += len(shard.indices)
 
     def on_predict_end(self) -> None:
@@ -131,7 +138,9 @@ def run_sampling(
     merges the shards into samples.npz + grid.png + settings.json."""
     final = os.path.join(out_dir, SAMPLES_NAME)
     if os.path.exists(final) and not overwrite:
-        raise FileExistsError(f"{final} already exists; pass --overwrite to replace it, or choose another --out_dir")
+        raise UserFileExistsError(
+            f"{final} already exists; pass --overwrite to replace it, or choose another --out_dir"
+        )
     shard_dir = os.path.join(out_dir, SHARD_DIR)
     label_arr = np.asarray(expand_labels(labels, num_samples), dtype=np.int64) if labels is not None else None
     predictor = ShardPredictor(model, classifier, options, num_samples, shard_size, shard_dir, batch_size, label_arr,
@@ -183,7 +192,9 @@ def run_sampling_in_process(
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     final = os.path.join(out_dir, SAMPLES_NAME)
     if os.path.exists(final) and not overwrite:
-        raise FileExistsError(f"{final} already exists; pass --overwrite to replace it, or choose another directory")
+        raise UserFileExistsError(
+            f"{final} already exists; pass --overwrite to replace it, or choose another directory"
+        )
     shard_dir = os.path.join(out_dir, SHARD_DIR)
     shards = plan_shards(num_samples, shard_size)
     if rank == 0:
@@ -295,11 +306,22 @@ def sample(
     :param devices: number of processes/devices (DDP when > 1)
     :param overwrite: replace an existing samples.npz and discard existing shards
     """
+    # Every input is checked before anything is written or generated.
+    check_out_dir(out_dir)
+    final = os.path.join(out_dir, SAMPLES_NAME)
+    if os.path.exists(final) and not overwrite:
+        raise UserFileExistsError(
+            f"{final} already exists; pass --overwrite to replace it, or choose another --out_dir"
+        )
     model = load_model(ckpt, openai_ckpt, arch, diffusion_steps, noise_schedule, var_type, rescale_timesteps)
     classifier = load_classifier(model, classifier_ckpt, classifier_openai_ckpt, classifier_arch)
     options = engine_options(model, classifier, steps, method, eta, clip_denoised, classifier_scale, cfg_scale,
                              label_mode, seed, precision)  # fmt: skip
+    check_labels(labels, num_samples, options)
+    if batch_size < 1:
+        raise UserInputError(f"--batch_size must be >= 1, got {batch_size}")
     shard_size = shard_size or 4 * batch_size
+    plan_shards(num_samples, shard_size)  # checks --num_samples and --shard_size
     settings = sampling_settings(
         ckpt=ckpt, openai_ckpt=openai_ckpt, arch=arch, diffusion_steps=diffusion_steps, noise_schedule=noise_schedule,
         var_type=var_type, rescale_timesteps=rescale_timesteps, num_samples=num_samples, shard_size=shard_size,

@@ -11,10 +11,12 @@ import io
 import os
 from typing import Any, Literal
 
-from diffusion_pl.commands.common import engine_options, load_classifier, load_model, write_json
-from diffusion_pl.commands.evaluate import ALL, Metric, launch, rank_world, sample_metrics
+from diffusion_pl.commands.common import check_out_dir, engine_options, load_classifier, load_model, write_json
+from diffusion_pl.commands.evaluate import ALL, Metric, check_evaluation_inputs, launch, rank_world, sample_metrics
 from diffusion_pl.commands.sample import run_sampling_in_process, sampling_settings
+from diffusion_pl.errors import UserInputError
 from diffusion_pl.evaluation.npz import atomic_write
+from diffusion_pl.sampling import check_guidance
 
 PLOTTED = (("fid", "FID"), ("isc_mean", "IS"), ("precision", "precision"), ("recall", "recall"))
 
@@ -135,14 +137,20 @@ def sweep(
     :param devices: processes (DDP when > 1)
     :param overwrite: regenerate samples and replace outputs
     """
-    plan = [("classifier", float(s)) for s in (classifier_scales or [])] + [("cfg", float(s)) for s in (cfg_scales or [])]
+    plan = [("classifier", float(s)) for s in (classifier_scales or [])]
+    plan += [("cfg", float(s)) for s in (cfg_scales or [])]
     if not plan:
-        raise ValueError("nothing to sweep: give --classifier_scales and/or --cfg_scales")
+        raise UserInputError("nothing to sweep: give --classifier_scales and/or --cfg_scales")
+    check_out_dir(out_dir)
+    check_evaluation_inputs(reference, data_class, metrics, inception_weights)
     device = launch(accelerator, devices)
     rank, _ = rank_world()
     model = load_model(ckpt, openai_ckpt, arch, diffusion_steps, noise_schedule, var_type, rescale_timesteps)
     classifier = load_classifier(model, classifier_ckpt, classifier_openai_ckpt, classifier_arch)
-    # Check every point before sampling anything.
+    # Check every point before sampling anything: the guidance of each scale, then the shared options.
+    for kind, scale in plan:
+        check_guidance(model.class_cond, model.null_class, classifier is not None,
+                       scale if kind == "classifier" else 0.0, scale if kind == "cfg" else 0.0)  # fmt: skip
     all_options = [
         engine_options(model, classifier, steps, method, eta, clip_denoised, scale if kind == "classifier" else 0.0,
                        scale if kind == "cfg" else 0.0, label_mode, seed, precision)

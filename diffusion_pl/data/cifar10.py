@@ -16,6 +16,7 @@ from diffusion_pl.data.common import (
     missing_files,
     use_pin_memory,
 )
+from diffusion_pl.errors import UserFileNotFoundError, UserInputError
 
 BASE_FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
@@ -36,13 +37,13 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         with open(path, "rb") as f:
             entry = _str_keys(pickle.load(f, encoding="latin1"))
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
-        raise ValueError(f"CIFAR-10: {path} is not a CIFAR-10 python pickle batch: {err}") from err
+        raise UserInputError(f"CIFAR-10: {path} is not a CIFAR-10 python pickle batch: {err}") from err
     if "data" not in entry or ("labels" not in entry and "fine_labels" not in entry):
-        raise ValueError(f"CIFAR-10: {path} must hold keys 'data' and 'labels', found {sorted(map(str, entry))}")
+        raise UserInputError(f"CIFAR-10: {path} must hold keys 'data' and 'labels', found {sorted(map(str, entry))}")
     data = np.asarray(entry["data"])
     labels = np.asarray(entry.get("labels", entry.get("fine_labels")), dtype=np.int64)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise ValueError(f"CIFAR-10: {path}: 'data' must be uint8 (N, 3072), got {data.dtype} {data.shape}")
+        raise UserInputError(f"CIFAR-10: {path}: 'data' must be uint8 (N, 3072), got {data.dtype} {data.shape}")
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     check_images(images, labels, image_size=32, channels=3, num_classes=10, name=str(path))
     return images, labels
@@ -83,7 +84,7 @@ class CIFAR10DataModule(L.LightningDataModule):
     def _check_files(self) -> None:
         missing = missing_files(self.batches_dir, TRAIN_FILES + TEST_FILES + [META_FILE])
         if missing:
-            raise FileNotFoundError(
+            raise UserFileNotFoundError(
                 f"CIFAR-10: missing {missing} in {self.batches_dir}. Expected layout: "
                 f"{self.data_dir}/{BASE_FOLDER}/{{data_batch_1..data_batch_5, test_batch, batches.meta}} "
                 "(the extracted cifar-10-python.tar.gz). Fix: pass download=True (needs network), or extract the "
@@ -107,7 +108,9 @@ class CIFAR10DataModule(L.LightningDataModule):
             return None
         names = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
         if len(names) != 10:
-            raise ValueError(f"CIFAR-10: {self.batches_dir / META_FILE} lists {len(names)} label_names, expected 10")
+            raise UserInputError(
+                f"CIFAR-10: {self.batches_dir / META_FILE} lists {len(names)} label_names, expected 10"
+            )
         return names
 
     def _read_split(self, names: list[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from diffusion_pl.errors import UserInputError
 from diffusion_pl.utils.images import from_uint8
 
 
@@ -19,15 +20,15 @@ def check_images(
     """Raise ValueError naming `name` unless images are uint8 (N, S, S, C) and labels are integers in 0..K-1."""
     expected = f"(N, {image_size}, {image_size}, {channels})"
     if images.dtype != np.uint8:
-        raise ValueError(f"{name}: images must be uint8 {expected}, got dtype {images.dtype}")
+        raise UserInputError(f"{name}: images must be uint8 {expected}, got dtype {images.dtype}")
     if images.ndim != 4 or tuple(images.shape[1:]) != (image_size, image_size, channels):
-        raise ValueError(f"{name}: images must have shape {expected}, got {tuple(images.shape)}")
+        raise UserInputError(f"{name}: images must have shape {expected}, got {tuple(images.shape)}")
     if labels.ndim != 1 or len(labels) != len(images):
-        raise ValueError(f"{name}: expected {len(images)} labels of shape (N,), got shape {tuple(labels.shape)}")
+        raise UserInputError(f"{name}: expected {len(images)} labels of shape (N,), got shape {tuple(labels.shape)}")
     if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"{name}: labels must be integers, got dtype {labels.dtype}")
+        raise UserInputError(f"{name}: labels must be integers, got dtype {labels.dtype}")
     if len(labels) and num_classes > 0 and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"{name}: labels must lie in 0..{num_classes - 1}, got {labels.min()}..{labels.max()}")
+        raise UserInputError(f"{name}: labels must lie in 0..{num_classes - 1}, got {labels.min()}..{labels.max()}")
 
 
 class ArrayImageDataset(Dataset):
@@ -47,7 +48,7 @@ class ArrayImageDataset(Dataset):
         self._images: np.ndarray | None = None
         self._labels: np.ndarray | None = None
         if len(self.images) != len(self.labels):
-            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+            raise UserInputError(f"{len(self.images)} images but {len(self.labels)} labels")
 
     @property
     def images(self) -> np.ndarray:

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from diffusion_pl.data.common import ArrayImageDataset, check_images, make_dataloader, use_pin_memory
+from diffusion_pl.errors import UserFileNotFoundError, UserInputError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 NPZ_LAYOUT = (
@@ -49,7 +50,7 @@ def _load_folder_image(args: tuple[str, int]) -> np.ndarray:
             image.load()
             return center_crop_arr(image, image_size)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(f"ImageNet-64: cannot read image {path}: {err}") from err
+        raise UserInputError(f"ImageNet-64: cannot read image {path}: {err}") from err
 
 
 def planar_to_hwc(data: np.ndarray, image_size: int) -> np.ndarray:
@@ -60,28 +61,28 @@ def planar_to_hwc(data: np.ndarray, image_size: int) -> np.ndarray:
 def list_class_folders(root: Path) -> list[str]:
     """Sorted sub-folder names of `root` (class name -> index by this order)."""
     if not root.is_dir():
-        raise FileNotFoundError(f"ImageNet-64 (folder): no directory {root}. Expected layout: {FOLDER_LAYOUT}")
+        raise UserFileNotFoundError(f"ImageNet-64 (folder): no directory {root}. Expected layout: {FOLDER_LAYOUT}")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
-        raise FileNotFoundError(f"ImageNet-64 (folder): no class sub-folders in {root}. Expected: {FOLDER_LAYOUT}")
+        raise UserFileNotFoundError(f"ImageNet-64 (folder): no class sub-folders in {root}. Expected: {FOLDER_LAYOUT}")
     return classes
 
 
 def find_npz_batches(data_dir: Path) -> tuple[list[Path], Path]:
     """Train batches sorted by number, and val_data.npz, searched in data_dir and its direct sub-folders."""
     if not data_dir.is_dir():
-        raise FileNotFoundError(f"ImageNet-64 (npz): no directory {data_dir}. Expected: {NPZ_LAYOUT}")
+        raise UserFileNotFoundError(f"ImageNet-64 (npz): no directory {data_dir}. Expected: {NPZ_LAYOUT}")
     found: dict[str, Path] = {}
     for path in sorted(data_dir.glob("*.npz")) + sorted(data_dir.glob("*/*.npz")):
         if re.fullmatch(r"train_data_batch_\d+\.npz|val_data\.npz", path.name):
             if path.name in found:
-                raise ValueError(f"ImageNet-64 (npz): {path.name} found twice: {found[path.name]} and {path}")
+                raise UserInputError(f"ImageNet-64 (npz): {path.name} found twice: {found[path.name]} and {path}")
             found[path.name] = path
     train = sorted((p for n, p in found.items() if n.startswith("train")), key=lambda p: int(p.stem.split("_")[-1]))
     if not train or "val_data.npz" not in found:
         missing = [] if train else ["train_data_batch_*.npz"]
         missing += [] if "val_data.npz" in found else ["val_data.npz"]
-        raise FileNotFoundError(
+        raise UserFileNotFoundError(
             f"ImageNet-64 (npz): missing {' '.join(missing)} under {data_dir}. Expected: {NPZ_LAYOUT}"
         )
     if len(train) != 10:
@@ -99,17 +100,19 @@ def _read_npz(path: Path, image_size: int, load_data: bool = True) -> tuple[np.n
             labels = np.asarray(z["labels"])
             data = np.asarray(z["data"]) if load_data else None
     except Exception as err:  # OSError, KeyError, zipfile.BadZipFile, zlib.error, ... on missing keys or corruption
-        raise ValueError(f"ImageNet-64 (npz): cannot read {path}: {err!r}. Expected {NPZ_LAYOUT}") from err
+        raise UserInputError(f"ImageNet-64 (npz): cannot read {path}: {err!r}. Expected {NPZ_LAYOUT}") from err
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"ImageNet-64 (npz): {path}: 'labels' must be integers (N,), got {labels.dtype}{labels.shape}")
+        raise UserInputError(
+            f"ImageNet-64 (npz): {path}: 'labels' must be integers (N,), got {labels.dtype}{labels.shape}"
+        )
     if len(labels) and (labels.min() < 1 or labels.max() > 1000):
-        raise ValueError(
+        raise UserInputError(
             f"ImageNet-64 (npz): {path}: 'labels' must be 1-based class ids 1..1000, got {labels.min()}..{labels.max()}"
         )
     if data is not None:
         width = 3 * image_size * image_size
         if data.dtype != np.uint8 or data.shape != (len(labels), width):
-            raise ValueError(
+            raise UserInputError(
                 f"ImageNet-64 (npz): {path}: 'data' must be uint8 ({len(labels)}, {width}) for image_size="
                 f"{image_size}, got {data.dtype} {data.shape}"
             )
@@ -165,12 +168,12 @@ class PreparedSplit:
             for chunk_images, chunk_labels in chunks:
                 n = len(chunk_labels)
                 if offset + n > count:
-                    raise ValueError(f"ImageNet-64: more than the {count} expected images for split {self.split!r}")
+                    raise UserInputError(f"ImageNet-64: more than the {count} expected images for split {self.split!r}")
                 images[offset : offset + n] = chunk_images
                 labels[offset : offset + n] = chunk_labels
                 offset += n
             if offset != count:
-                raise ValueError(f"ImageNet-64: got {offset} images for split {self.split!r}, expected {count}")
+                raise UserInputError(f"ImageNet-64: got {offset} images for split {self.split!r}, expected {count}")
             images.flush()
             del images
             with open(tmp_labels, "wb") as f:  # a file object: np.save would append ".npy" to the temp name
@@ -216,7 +219,7 @@ class ImageNet64DataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if source not in ("npz", "folder"):
-            raise ValueError(f"ImageNet64DataModule: source must be 'npz' or 'folder', got {source!r}")
+            raise UserInputError(f"ImageNet64DataModule: source must be 'npz' or 'folder', got {source!r}")
         self.save_hyperparameters()
         self.data_dir = data_dir
         self.batch_size = batch_size
@@ -275,7 +278,7 @@ class ImageNet64DataModule(L.LightningDataModule):
         labels: list[int] = []
         for name in list_class_folders(root):
             if name not in index:
-                raise ValueError(
+                raise UserInputError(
                     f"ImageNet-64 (folder): class folder {root / name} has no counterpart in "
                     f"{Path(self.data_dir) / 'train'} (classes come from the train folders)"
                 )
@@ -283,7 +286,7 @@ class ImageNet64DataModule(L.LightningDataModule):
             files += found
             labels += [index[name]] * len(found)
         if not files:
-            raise FileNotFoundError(
+            raise UserFileNotFoundError(
                 f"ImageNet-64 (folder): no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}. "
                 f"Expected: {FOLDER_LAYOUT}"
             )
@@ -314,7 +317,7 @@ class ImageNet64DataModule(L.LightningDataModule):
                 "Call prepare_data() first (Trainer does this on rank 0 before setup)."
             )
         if self.source == "folder" and manifest.get("class_names") != self.class_names:
-            raise ValueError(
+            raise UserInputError(
                 f"ImageNet-64: {files.manifest} lists other classes than {Path(self.data_dir) / 'train'}; "
                 f"delete {self.prepared_dir} to rebuild the cache"
             )

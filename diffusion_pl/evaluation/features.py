@@ -16,6 +16,7 @@ import torch
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from tqdm.auto import tqdm
 
+from diffusion_pl.errors import UserRuntimeError
 from diffusion_pl.evaluation.distributed import get_rank
 
 FEATURE_EXTRACTOR_NAME = "inception-v3-compat"
@@ -25,7 +26,7 @@ INCEPTION_WEIGHTS_URL = URL_INCEPTION_V3
 INCEPTION_WEIGHTS_FILENAME = URL_INCEPTION_V3.rsplit("/", 1)[-1]
 
 
-class InceptionWeightsUnavailableError(RuntimeError):
+class InceptionWeightsUnavailableError(UserRuntimeError):
     """The Inception weights were neither given as a local file nor downloadable."""
 
 
@@ -34,12 +35,13 @@ def default_inception_weights_cache_path() -> str:
     return os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_WEIGHTS_FILENAME)
 
 
-def _missing_weights_message(reason: str) -> str:
+def missing_weights_message(reason: str) -> str:
     return (
         f"Inception-v3 weights are not available ({reason}). Either pass a local weights file "
-        f"(feature_extractor_weights_path=/path/to/{INCEPTION_WEIGHTS_FILENAME}, the `weights_path` option of "
-        f"diffusion-pl's evaluation), or pre-download {INCEPTION_WEIGHTS_URL} on a machine with internet access "
-        f"and copy it to {default_inception_weights_cache_path()} (torch-fidelity's cache; set TORCH_HOME to move it)."
+        f"/path/to/{INCEPTION_WEIGHTS_FILENAME} (--inception_weights of diffusion-pl evaluate / sweep, "
+        f"inception_weights of SampleQualityEvaluation, feature_extractor_weights_path= in torch-fidelity), or "
+        f"pre-download {INCEPTION_WEIGHTS_URL} on a machine with internet access and copy it to "
+        f"{default_inception_weights_cache_path()} (torch-fidelity's cache; set TORCH_HOME to move it)."
     )
 
 
@@ -102,7 +104,7 @@ def load_inception_extractor(
     """
     device = torch.device(device) if device is not None else default_device()
     if weights_path is not None and not os.path.isfile(weights_path):
-        raise InceptionWeightsUnavailableError(_missing_weights_message(f"no file at {weights_path!r}"))
+        raise InceptionWeightsUnavailableError(missing_weights_message(f"no file at {weights_path!r}"))
     try:
         if weights_path is None and not allow_download:
             with _no_download():
@@ -124,7 +126,7 @@ def load_inception_extractor(
     except Exception as e:  # download errors (URLError, HTTPError, OSError), unreadable or wrong state dicts
         where = weights_path if weights_path is not None else f"{INCEPTION_WEIGHTS_URL} (download)"
         raise InceptionWeightsUnavailableError(
-            _missing_weights_message(f"loading {where} failed with {type(e).__name__}: {e}")
+            missing_weights_message(f"loading {where} failed with {type(e).__name__}: {e}")
         ) from e
     return model.to(device).eval()
 

@@ -15,15 +15,18 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
+from diffusion_pl.errors import DiskFullError, UserFileExistsError, UserFileNotFoundError, UserInputError, is_disk_full
+
 
 def atomic_write(path: str, write: Callable[[IO[bytes]], None], overwrite: bool = True) -> str:
     """Call write(f) on a temporary file next to `path`, then os.replace it into place.
 
-    With overwrite=False an existing `path` raises FileExistsError before anything is written.
+    With overwrite=False an existing `path` raises FileExistsError before anything is written. A full disk (or
+    quota) raises DiskFullError naming `path`; the temporary file is removed and `path` is left as it was.
     """
     path = os.fspath(path)
     if not overwrite and os.path.exists(path):
-        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+        raise UserFileExistsError(f"{path} already exists; pass overwrite=True to replace it")
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
@@ -33,27 +36,37 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], None], overwrite: bool 
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if is_disk_full(error):
+            raise DiskFullError(
+                f"no space left on the device while writing {path} ({error.strerror}); nothing was written under "
+                "that name (the partial temporary file was removed)",
+                error.errno,
+            ) from error
         raise
     return path
 
 
 def _check_images_nhwc(images: np.ndarray, where: str) -> None:
-    if images.dtype != np.uint8:
-        raise ValueError(f"{where}: arr_0 has dtype {images.dtype}, expected uint8 NHWC images")
-    if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(
-            f"{where}: arr_0 has shape {images.shape}, expected uint8 NHWC images (N, H, W, C) with C in (1, 3)"
+    _check_nhwc(images.dtype, images.shape, where)
+
+
+def _check_nhwc(dtype: np.dtype, shape: tuple[int, ...], where: str) -> None:
+    if dtype != np.uint8:
+        raise UserInputError(f"{where}: arr_0 has dtype {dtype}, expected uint8 NHWC images")
+    if len(shape) != 4 or shape[-1] not in (1, 3):
+        raise UserInputError(
+            f"{where}: arr_0 has shape {shape}, expected uint8 NHWC images (N, H, W, C) with C in (1, 3)"
         )
 
 
 def _check_labels(labels: np.ndarray, n: int, where: str) -> None:
     if labels.ndim != 1 or labels.shape[0] != n:
-        raise ValueError(f"{where}: arr_1 has shape {labels.shape}, expected ({n},) labels, one per image")
+        raise UserInputError(f"{where}: arr_1 has shape {labels.shape}, expected ({n},) labels, one per image")
     if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"{where}: arr_1 has dtype {labels.dtype}, expected integer class labels")
+        raise UserInputError(f"{where}: arr_1 has dtype {labels.dtype}, expected integer class labels")
 
 
 def save_samples_npz(
@@ -85,25 +98,53 @@ def load_samples_npz(path: str) -> tuple[np.ndarray, np.ndarray | None]:
     """Read an ADM sample/reference npz -> (uint8 NHWC images, labels or None), validating dtype and shapes."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such sample file")
+        raise UserFileNotFoundError(f"{path}: no such sample file")
     try:
         with np.load(path, allow_pickle=False) as data:
             if "arr_0" not in data.files:
-                raise ValueError(f"{path}: no 'arr_0' array (found {data.files}); expected an ADM sample npz")
+                raise UserInputError(f"{path}: no 'arr_0' array (found {data.files}); expected an ADM sample npz")
             images = data["arr_0"]
             labels = data["arr_1"] if "arr_1" in data.files else None
     except (zipfile.BadZipFile, EOFError, OSError) as e:
-        raise ValueError(
+        raise UserInputError(
             f"{path}: not a readable npz file ({type(e).__name__}: {e}); the file is corrupt or truncated"
         ) from e
     except ValueError as e:
         if str(e).startswith(path):
             raise
-        raise ValueError(f"{path}: cannot read npz ({e})") from e
+        raise UserInputError(f"{path}: cannot read npz ({e}); expected an ADM sample npz (arr_0 uint8 NHWC)") from e
     _check_images_nhwc(images, path)
     if labels is not None:
         _check_labels(labels, images.shape[0], path)
     return images, labels
+
+
+def check_samples_npz(path: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Check an ADM sample npz from its headers only (fast, reads no image data): the file exists, is a readable zip,
+    and holds arr_0 as uint8 NHWC. Returns (shape, dtype) of arr_0. :func:`load_samples_npz` checks it all again."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserFileNotFoundError(f"{path}: no such sample file (expected an ADM npz: arr_0 uint8 NHWC images)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            if "arr_0.npy" not in names:
+                found = [n[: -len(".npy")] if n.endswith(".npy") else n for n in names]
+                raise UserInputError(f"{path}: no 'arr_0' array (found {found}); expected an ADM sample npz")
+            with archive.open("arr_0.npy") as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+                else:
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+    except UserInputError:
+        raise
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        raise UserInputError(
+            f"{path}: not a readable npz file ({type(e).__name__}: {e}); the file is corrupt or truncated"
+        ) from e
+    _check_nhwc(dtype, shape, path)
+    return shape, dtype
 
 
 def save_image_grid(path: str, images_uint8_nchw: torch.Tensor, nrow: int = 8, overwrite: bool = True) -> str:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from diffusion_pl.errors import UserFileNotFoundError, UserInputError
 from diffusion_pl.evaluation.features import InceptionFeatures, weights_identity
 from diffusion_pl.evaluation.metrics import fid_statistics
 from diffusion_pl.evaluation.npz import atomic_write, load_samples_npz
@@ -37,14 +38,14 @@ def default_cache_dir() -> str:
 
 def list_image_files(folder: str) -> list[str]:
     if not os.path.isdir(folder):
-        raise NotADirectoryError(f"{folder}: not a directory of reference images")
+        raise UserFileNotFoundError(f"{folder}: not a directory of reference images")
     files = sorted(
         os.path.realpath(os.path.join(folder, f))
         for f in os.listdir(folder)
         if os.path.splitext(f)[1].lower().lstrip(".") in IMAGE_EXTENSIONS and os.path.isfile(os.path.join(folder, f))
     )
     if not files:
-        raise ValueError(f"{folder}: no images with extensions {IMAGE_EXTENSIONS}")
+        raise UserInputError(f"{folder}: no images with extensions {IMAGE_EXTENSIONS}")
     return files
 
 
@@ -60,7 +61,7 @@ def images_from_folder(folder: str, batch_size: int = 64) -> Iterator[torch.Tens
             if first_size is None:
                 first_size = arr.shape
             elif arr.shape != first_size:
-                raise ValueError(f"{path}: image size {arr.shape[:2]} differs from {first_size[:2]} of {files[0]}")
+                raise UserInputError(f"{path}: image size {arr.shape[:2]} differs from {first_size[:2]} of {files[0]}")
             batch.append(arr)
         yield nhwc_to_nchw(np.stack(batch))
 
@@ -80,7 +81,7 @@ def _source_key(source, source_id: str | None, num_images: int | None) -> tuple[
             return path, {"files": len(files), "bytes": sum(os.path.getsize(f) for f in files)}
         if os.path.isfile(path):
             return path, {"bytes": os.path.getsize(path)}
-        raise FileNotFoundError(f"{source}: reference source is neither a folder of images nor an npz file")
+        raise UserFileNotFoundError(f"{source}: reference source is neither a folder of images nor an npz file")
     if source_id is None:
         raise ValueError(
             "a reference given as batches needs source_id= (e.g. 'cifar10-train') to key its cache, or cache=False"
@@ -171,7 +172,7 @@ def reference_features(
     else:
         feats = feature_extractor(images)
     if feats["pool"].shape[0] < 2:
-        raise ValueError(f"reference {source_id or source!r} gave {feats['pool'].shape[0]} images; need at least 2")
+        raise UserInputError(f"reference {source_id or source!r} gave {feats['pool'].shape[0]} images; need at least 2")
     stats = fid_statistics(feats["pool"])
     out = {"pool": feats["pool"], "logits": feats["logits"], "mu": stats["mu"], "sigma": stats["sigma"]}
     if cache:
@@ -184,11 +185,11 @@ def load_reference(path: str) -> dict[str, np.ndarray | torch.Tensor]:
     """Read a reference cache file written by reference_features (no key check) -> dict(pool, logits, mu, sigma)."""
     hit = read_cache(path)
     if hit is None:
-        raise ValueError(f"{path}: not a diffusion-pl reference cache (npz with key, mu, sigma, pool, logits)")
+        raise UserInputError(f"{path}: not a diffusion-pl reference cache (npz with key, mu, sigma, pool, logits)")
     arrays = hit[1]
     missing = {"mu", "sigma"} - set(arrays)
     if missing:
-        raise ValueError(f"{path}: reference cache lacks {sorted(missing)}")
+        raise UserInputError(f"{path}: reference cache lacks {sorted(missing)}")
     out: dict[str, np.ndarray | torch.Tensor] = {"mu": arrays["mu"], "sigma": arrays["sigma"]}
     for k in ("pool", "logits"):
         if k in arrays:

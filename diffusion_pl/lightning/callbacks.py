@@ -16,10 +16,13 @@ from lightning.pytorch.callbacks.weight_averaging import WeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 from diffusion_pl.diffusion import classifier_cond_fn, classifier_free_model, sample_loop
+from diffusion_pl.errors import UserFileNotFoundError, UserInputError, UserRuntimeError
+from diffusion_pl.lightning.checkpoints import load_module, read_module_checkpoint
+from diffusion_pl.sampling.engine import check_respacing
 from diffusion_pl.utils.images import to_uint8
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(UserRuntimeError):
     """Training produced a NaN/inf loss or gradient."""
 
 
@@ -72,7 +75,8 @@ class NonFiniteGuard(Callback):
         finite = bool(torch.isfinite(loss.detach()).all())
         # Every rank takes the same decision, so all of them stop together.
         if not trainer.strategy.reduce_boolean_decision(finite, all=True):
-            self._fail(trainer, f"non-finite loss ({float(loss.detach().float().mean())} on rank {trainer.global_rank})")
+            value = float(loss.detach().float().mean())
+            self._fail(trainer, f"non-finite loss ({value} on rank {trainer.global_rank})")
 
 
 class GuidedSampler(Callback):
@@ -113,9 +117,9 @@ class GuidedSampler(Callback):
         key: str = "samples",
     ) -> None:
         if every_n_val_runs < 1:
-            raise ValueError(f"GuidedSampler.every_n_val_runs must be >= 1, got {every_n_val_runs}")
+            raise UserInputError(f"GuidedSampler.every_n_val_runs must be >= 1, got {every_n_val_runs}")
         if classifier_path is not None and not os.path.isfile(classifier_path):
-            raise FileNotFoundError(f"GuidedSampler.classifier_path: no file at {classifier_path!r}")
+            raise UserFileNotFoundError(f"GuidedSampler.classifier_path: no file at {classifier_path!r}")
         self.every_n_val_runs = every_n_val_runs
         self.at_fit_end = at_fit_end
         self.respacing = respacing
@@ -146,10 +150,14 @@ class GuidedSampler(Callback):
                 raise TypeError(f"GuidedSampler needs a DiffusionModule, got {type(pl_module).__name__}")
         hp = pl_module.hparams
         if self.cfg_scale > 0 and not hp.get("null_class", False):
-            raise ValueError(
+            raise UserInputError(
                 f"GuidedSampler.cfg_scale = {self.cfg_scale} needs a model trained with a null class "
                 f"(model.init_args.null_class: true and p_uncond > 0)"
             )
+        # Checked now, not at the first grid many steps later.
+        if self.classifier_path is not None:
+            check_classifier_file(self.classifier_path, hp, "GuidedSampler.classifier_path")
+        check_respacing(pl_module.diffusion, self.respacing, "GuidedSampler.respacing")
         # EMAWeightAveraging swaps the EMA weights in at on_validation_epoch_start and out at
         # on_validation_epoch_end; callbacks run in list order, so draw at the hook where they are in place.
         callbacks = trainer.callbacks
@@ -205,7 +213,8 @@ class GuidedSampler(Callback):
         from diffusion_pl.lightning.classifier_module import NoisyClassifierModule
 
         if self._classifier is None:
-            classifier = NoisyClassifierModule.load_from_checkpoint(self.classifier_path, map_location=pl_module.device)
+            classifier = load_module(NoisyClassifierModule, self.classifier_path, "GuidedSampler.classifier_path",
+                                     map_location=pl_module.device)  # fmt: skip
             classifier.eval().requires_grad_(False)
             check_classifier_compatible(classifier.hparams, pl_module.hparams, self.classifier_path)
             self._classifier = classifier
@@ -223,7 +232,7 @@ class GuidedSampler(Callback):
         classes = self.classes if self.classes is not None else list(range(min(num_classes, self.max_classes)))
         bad = [c for c in classes if not 0 <= c < num_classes]
         if bad:
-            raise ValueError(f"GuidedSampler.classes {bad} are outside 0..{num_classes - 1}")
+            raise UserInputError(f"GuidedSampler.classes {bad} are outside 0..{num_classes - 1}")
         return torch.tensor(classes, dtype=torch.int64).repeat_interleave(self.samples_per_class)
 
     def draw(self, pl_module: L.LightningModule) -> torch.Tensor:
@@ -284,6 +293,13 @@ class GuidedSampler(Callback):
             self.last_path = path
 
 
+def check_classifier_file(path: str, model_hp: Mapping, option: str) -> None:
+    """Check, before training starts, that ``path`` is a readable NoisyClassifierModule checkpoint that can guide a
+    model with hyperparameters ``model_hp`` (reads the hyperparameters only; the weights are loaded when used)."""
+    checkpoint = read_module_checkpoint(path, "NoisyClassifierModule", option)
+    check_classifier_compatible(checkpoint.get("hyper_parameters") or {}, model_hp, path)
+
+
 def check_classifier_compatible(classifier_hp: Mapping, model_hp: Mapping, path: str | None = None) -> None:
     """Raise ValueError unless the classifier was trained on the guided model's process and image shape."""
     where = f" ({path})" if path else ""
@@ -297,7 +313,7 @@ def check_classifier_compatible(classifier_hp: Mapping, model_hp: Mapping, path:
             f"{model_hp['num_classes']}"
         )
     if problems:
-        raise ValueError(
+        raise UserInputError(
             f"the classifier{where} cannot guide this diffusion model; train it with the same settings:\n  "
             + "\n  ".join(problems)
         )

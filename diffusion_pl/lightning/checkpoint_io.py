@@ -14,9 +14,11 @@ import tempfile
 from typing import Any
 
 import torch
+from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from fsspec.implementations.local import LocalFileSystem
+
+from diffusion_pl.errors import DiskFullError, is_disk_full
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -36,12 +38,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp_path, path)
-        except BaseException:
+        except BaseException as error:
             # Any failure (including KeyboardInterrupt) leaves the previous checkpoint untouched.
             try:
                 os.unlink(tmp_path)
             except FileNotFoundError:
                 pass
+            if is_disk_full(error):
+                raise DiskFullError(
+                    f"disk full: no space left on the device while writing the checkpoint {path} ({error.strerror}); "
+                    f"it was not written and the checkpoints already in {directory} are intact. Free some space (or "
+                    "set a ModelCheckpoint dirpath on a disk with room) and resume with --ckpt_path set to the last "
+                    "checkpoint (e.g. last.ckpt)",
+                    error.errno,
+                ) from error
             raise
         _fsync_directory(directory)
 

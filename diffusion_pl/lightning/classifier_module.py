@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 
 from diffusion_pl.diffusion import create_diffusion
+from diffusion_pl.errors import UserInputError
+from diffusion_pl.lightning.checkpoints import apply_optimizer_settings, check_checkpoint_fits
 from diffusion_pl.lightning.common import (
     base_seed,
     check_data_matches,
@@ -37,7 +39,13 @@ class NoisyClassifierModule(L.LightningModule):
     rescale_timesteps must match the diffusion model to be guided. t ~ Uniform{t_min, ..., t_max - 1}
     (t_max None = steps). Optimiser: AdamW(lr, betas, weight_decay), linear warm-up, optional linear decay to 0 at
     trainer.max_steps (anneal_lr, as ADM's classifier recipe). Validation noises with fixed per-batch noise.
+    Resuming (``--ckpt_path``) may change the RESUME_CHANGEABLE_HPARAMS (training settings; a changed lr, betas or
+    weight_decay is applied to the restored optimizer); the other arguments must equal the checkpoint's.
     """
+
+    RESUME_CHANGEABLE_HPARAMS = frozenset({
+        "dropout", "use_checkpoint", "t_min", "t_max", "lr", "weight_decay", "betas", "warmup_steps", "anneal_lr",
+    })  # fmt: skip
 
     def __init__(
         self,
@@ -75,7 +83,7 @@ class NoisyClassifierModule(L.LightningModule):
         self.save_hyperparameters()
         upper = steps if t_max is None else t_max
         if not 0 <= t_min < upper <= steps:
-            raise ValueError(
+            raise UserInputError(
                 f"model.init_args.t_min = {t_min}, t_max = {t_max}: need 0 <= t_min < t_max <= steps = {steps}"
             )
         with torch.device("cpu"):
@@ -131,7 +139,7 @@ class NoisyClassifierModule(L.LightningModule):
         anneal_steps = None
         if hp.anneal_lr:
             if not self.trainer.max_steps or self.trainer.max_steps <= 0:
-                raise ValueError("model.init_args.anneal_lr: true decays the lr to 0 at trainer.max_steps: set it")
+                raise UserInputError("model.init_args.anneal_lr: true decays the lr to 0 at trainer.max_steps: set it")
             anneal_steps = int(self.trainer.max_steps)
         warmup = hp.warmup_steps
         scheduler = LambdaLR(optimizer, lambda step: lr_factor(step, warmup, anneal_steps))
@@ -187,5 +195,7 @@ class NoisyClassifierModule(L.LightningModule):
         checkpoint[SEED_KEY] = self.seed
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_checkpoint_fits(self, checkpoint, self.RESUME_CHANGEABLE_HPARAMS)
+        apply_optimizer_settings(self, checkpoint)
         if SEED_KEY in checkpoint:
             self.seed = int(checkpoint[SEED_KEY])

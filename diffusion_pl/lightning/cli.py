@@ -8,10 +8,16 @@
 work) and ``data`` any LightningDataModule (``MNIST5kDataModule``, ``CIFAR10DataModule``, ``ImageNet64DataModule``).
 Optimisers are configured by the modules themselves (``auto_configure_optimizers=False``). Always added: the
 NonFiniteGuard callback and, unless another CheckpointIO plugin is given, AtomicCheckpointIO.
+
+``--ckpt_path`` never silently replaces the config: the file is checked first (exists, readable, a checkpoint of the
+config's model class), and the config's model settings must equal the checkpoint's except the ones the module lists
+as changeable on resume (training settings such as lr: the config's value is used). Lightning's own behaviour, taking
+every model hyperparameter from the checkpoint over the config, is replaced.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Any
 
@@ -22,10 +28,22 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 import diffusion_pl.data  # noqa: F401  (registers the DataModules for short class names)
+from diffusion_pl.errors import UserFileNotFoundError, UserInputError, UserRuntimeError, find_user_error
 from diffusion_pl.lightning.callbacks import NonFiniteGuard
 from diffusion_pl.lightning.checkpoint_io import AtomicCheckpointIO
-from diffusion_pl.lightning.classifier_module import NoisyClassifierModule  # noqa: F401
-from diffusion_pl.lightning.diffusion_module import DiffusionModule  # noqa: F401
+from diffusion_pl.lightning.checkpoints import (
+    MODULE_KINDS,
+    checkpoint_kind,
+    describe_kind,
+    hparam_differences,
+    read_checkpoint,
+)
+from diffusion_pl.lightning.classifier_module import NoisyClassifierModule
+from diffusion_pl.lightning.diffusion_module import DiffusionModule
+
+MODULE_CLASSES = {"DiffusionModule": DiffusionModule, "NoisyClassifierModule": NoisyClassifierModule}
+# ckpt_path values Lightning resolves itself (no file of that name).
+_SPECIAL_CKPT_PATHS = ("last", "best", "hpc")
 
 # Keys that legitimately differ between a run and its resumption in the same log directory.
 _IGNORED_CONFIG_KEYS = ("ckpt_path",)
@@ -66,7 +84,7 @@ class SafeSaveConfigCallback(SaveConfigCallback):
                         )
             problem, identical = trainer.strategy.broadcast((problem, identical))
             if problem:
-                raise RuntimeError(problem)
+                raise UserRuntimeError(problem)
             if identical:
                 self.already_saved = True
                 return
@@ -88,13 +106,92 @@ def _differing_keys(a: dict, b: dict) -> list[str]:
     return [k for k in keys if k not in _IGNORED_CONFIG_KEYS and fa.get(k, object()) != fb.get(k, object())]
 
 
+def _import_class(class_path: str) -> type | None:
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
 class DiffusionCLI(LightningCLI):
+    def _parse_ckpt_path(self) -> None:
+        """Check ``--ckpt_path`` against the config instead of overriding the config with the checkpoint's
+        hyperparameters (LightningCLI's behaviour, which silently drops the user's model settings)."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        model_config = self.config[subcommand].get("model")
+        if not ckpt_path:
+            return
+        if not os.path.isfile(ckpt_path):
+            if ckpt_path in _SPECIAL_CKPT_PATHS or str(ckpt_path).startswith("registry"):
+                return
+            if os.path.isdir(ckpt_path):
+                raise UserInputError(
+                    f"--ckpt_path {ckpt_path} is a directory; give a checkpoint file such as {ckpt_path}/last.ckpt"
+                )
+            raise UserFileNotFoundError(
+                f"--ckpt_path {ckpt_path}: no such checkpoint file (a run's checkpoints are in its checkpoints/ "
+                "folder, e.g. lightning_logs/<name>/version_0/checkpoints/last.ckpt with ModelCheckpoint save_last)"
+            )
+        checkpoint = read_checkpoint(ckpt_path, "--ckpt_path")
+        kind = checkpoint_kind(checkpoint)
+        if kind not in MODULE_KINDS:
+            raise UserInputError(
+                f"--ckpt_path {ckpt_path} is {describe_kind(kind, checkpoint)}; fit / validate / test take a "
+                "diffusion-pl checkpoint (released OpenAI checkpoints are used with diffusion-pl sample/evaluate "
+                "--openai_ckpt --arch)"
+            )
+        class_path = str(getattr(model_config, "class_path", "") or "")
+        model_class = _import_class(class_path)
+        if not (isinstance(model_class, type) and issubclass(model_class, MODULE_CLASSES[kind])):
+            raise UserInputError(
+                f"--ckpt_path {ckpt_path} holds a {kind}, but the config's model is {class_path or model_config}: use "
+                f"a checkpoint of that model, or the config the checkpoint was trained with (model.class_path: "
+                f"{kind}; the run's config.yaml is saved in its log directory)"
+            )
+        init_args = model_config.get("init_args")
+        current = init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args or {})
+        changeable = model_class.RESUME_CHANGEABLE_HPARAMS
+        fixed, _ = hparam_differences(checkpoint.get("hyper_parameters") or {}, current, changeable)
+        if fixed:
+            listed = "\n  ".join(f"model.init_args.{k}: checkpoint {old!r} vs config {new!r}" for k, old, new in fixed)
+            raise UserInputError(
+                f"--ckpt_path {ckpt_path} was trained with other model settings than this config:\n  {listed}\n"
+                "These fix the network and its diffusion process. Use the config the checkpoint was trained with "
+                "(the run's config.yaml), or start a new run without --ckpt_path. (Training settings such as lr, "
+                "weight_decay, warmup_steps or dropout may differ: the config's values are used.)"
+            )
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except Exception as error:
+            if find_user_error(error) is not None:
+                raise
+            root = error
+            while root.__cause__ is not None:
+                root = root.__cause__
+            if isinstance(root, ValueError):  # a constructor refusing a config value
+                raise UserInputError(f"the config cannot be built: {root}") from error
+            raise
+
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         trainer = super().instantiate_trainer(**kwargs)
         # Atomic checkpoint writes unless the user configured their own CheckpointIO plugin.
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
+
+
+def _short_usage(subcommand: str) -> str:
+    """The usage line printed above a parse error (the full option list of LightningCLI is ~50 lines)."""
+    return (
+        f"diffusion-pl {subcommand} [--config CONFIG.yaml] [--model CLASS] [--model.init_args.KEY VALUE] "
+        "[--data CLASS] [--data.init_args.KEY VALUE] [--trainer.KEY VALUE] [--ckpt_path CKPT]"
+    )
 
 
 def build_lightning_cli(args: list[str] | None = None, run: bool = True, **kwargs: Any) -> LightningCLI:
@@ -108,6 +205,7 @@ def build_lightning_cli(args: list[str] | None = None, run: bool = True, **kwarg
         save_config_kwargs={"overwrite": False},
         auto_configure_optimizers=False,
         trainer_defaults={"callbacks": [NonFiniteGuard()]},
+        parser_kwargs={name: {"usage": _short_usage(name)} for name in ("fit", "validate", "test", "predict")},
         args=args,
         run=run,
     )

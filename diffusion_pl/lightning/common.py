@@ -9,6 +9,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from diffusion_pl.errors import UserInputError
+
 
 def lr_factor(step: int, warmup_steps: int, anneal_steps: int | None) -> float:
     """Multiplier of the base learning rate after ``step`` optimizer steps.
@@ -71,11 +73,12 @@ def check_data_matches(datamodule: object | None, expected: dict[str, tuple[int,
                 f" set `model.init_args.{key}: {data_value}` (or use data with {attribute} = {value})"
             )
     if problems:
-        raise ValueError("the data does not fit the network:\n" + "\n".join(problems))
+        raise UserInputError("the data does not fit the network:\n" + "\n".join(problems))
 
 
 def quartile_means(values: torch.Tensor, t: torch.Tensor, num_timesteps: int) -> dict[int, torch.Tensor]:
-    """Mean of ``values`` per timestep quartile q = floor(4 t / T) (ADM's ``loss_q0`` .. ``loss_q3``); absent -> no key."""
+    """Mean of ``values`` per timestep quartile q = floor(4 t / T) (ADM's ``loss_q0`` .. ``loss_q3``); absent -> no
+    key."""
     quartile = (4 * t.detach() // num_timesteps).clamp(max=3)
     out = {}
     for q in range(4):

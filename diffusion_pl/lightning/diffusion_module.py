@@ -19,6 +19,8 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from diffusion_pl.diffusion import LossSecondMomentSampler, create_diffusion, create_timestep_sampler
+from diffusion_pl.errors import UserInputError
+from diffusion_pl.lightning.checkpoints import apply_optimizer_settings, check_checkpoint_fits
 from diffusion_pl.lightning.common import (
     base_seed,
     check_data_matches,
@@ -49,7 +51,14 @@ class DiffusionModule(L.LightningModule):
     Validation: the loss on the validation split with fixed noise and timesteps per batch (EMA weights when
     EMAWeightAveraging is a callback); with val_bpd_batches > 0, also bits/dim on that many batches with the
     full process (val_bpd_respacing "") or a respaced one (e.g. "100", faster, a looser bound).
+    Resuming (``--ckpt_path``) may change the RESUME_CHANGEABLE_HPARAMS (training settings; a changed lr, betas or
+    weight_decay is applied to the restored optimizer); the other arguments must equal the checkpoint's.
     """
+
+    RESUME_CHANGEABLE_HPARAMS = frozenset({
+        "dropout", "use_checkpoint", "p_uncond", "loss_type", "rescale_learned_sigmas", "lr", "weight_decay", "betas",
+        "warmup_steps", "anneal_lr", "val_bpd_batches", "val_bpd_respacing", "val_clip_denoised",
+    })  # fmt: skip
 
     def __init__(
         self,
@@ -97,14 +106,14 @@ class DiffusionModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         if not 0.0 <= p_uncond < 1.0:
-            raise ValueError(f"model.init_args.p_uncond must be in [0, 1), got {p_uncond}")
+            raise UserInputError(f"model.init_args.p_uncond must be in [0, 1), got {p_uncond}")
         if p_uncond > 0 and not (class_cond and null_class):
-            raise ValueError(
+            raise UserInputError(
                 f"model.init_args.p_uncond = {p_uncond} drops labels to the null class, which needs "
                 f"class_cond: true and null_class: true (got class_cond={class_cond}, null_class={null_class})"
             )
         if null_class and not class_cond:
-            raise ValueError("model.init_args.null_class: true needs class_cond: true")
+            raise UserInputError("model.init_args.null_class: true needs class_cond: true")
         # The process lives on the CPU in float64 even when the module is built under torch.device("meta").
         with torch.device("cpu"):
             self.diffusion = create_diffusion(
@@ -174,7 +183,9 @@ class DiffusionModule(L.LightningModule):
     def _anneal_steps(self) -> int:
         max_steps = self.trainer.max_steps
         if max_steps is None or max_steps <= 0:
-            raise ValueError("model.init_args.anneal_lr: true decays the lr to 0 at trainer.max_steps: set trainer.max_steps")
+            raise UserInputError(
+                "model.init_args.anneal_lr: true decays the lr to 0 at trainer.max_steps: set trainer.max_steps"
+            )
         return int(max_steps)
 
     # ------------------------------------------------------------------------------------------------ training
@@ -280,6 +291,8 @@ class DiffusionModule(L.LightningModule):
             checkpoint["current_model_state"] = self._final_raw_state
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_checkpoint_fits(self, checkpoint, self.RESUME_CHANGEABLE_HPARAMS)
+        apply_optimizer_settings(self, checkpoint)
         if SAMPLER_STATE_KEY in checkpoint:
             self.timestep_sampler.load_state_dict(checkpoint[SAMPLER_STATE_KEY])
         if SEED_KEY in checkpoint:

@@ -23,11 +23,19 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.callbacks.weight_averaging import WeightAveraging
+from lightning.pytorch.utilities import rank_zero_warn
 
+from diffusion_pl.errors import UserFileNotFoundError, UserInputError
 from diffusion_pl.evaluation import InceptionFeatures, evaluate_samples_distributed, reference_features
+from diffusion_pl.evaluation.features import (
+    InceptionWeightsUnavailableError,
+    default_inception_weights_cache_path,
+    missing_weights_message,
+)
 from diffusion_pl.evaluation.reference import load_reference, read_cache
-from diffusion_pl.lightning.callbacks import check_classifier_compatible
-from diffusion_pl.sampling import SampleEngine
+from diffusion_pl.lightning.callbacks import check_classifier_compatible, check_classifier_file
+from diffusion_pl.lightning.checkpoints import load_module
+from diffusion_pl.sampling import SampleEngine, check_respacing
 from diffusion_pl.utils.images import to_uint8
 
 
@@ -77,9 +85,11 @@ class SampleQualityEvaluation(Callback):
         prefix: str = "eval",
     ) -> None:
         if every_n_steps < 1 or num_samples < 2:
-            raise ValueError("SampleQualityEvaluation needs every_n_steps >= 1 and num_samples >= 2")
+            raise UserInputError("SampleQualityEvaluation needs every_n_steps >= 1 and num_samples >= 2")
         if classifier_scale != 0.0 and classifier_path is None:
-            raise ValueError("SampleQualityEvaluation.classifier_scale needs classifier_path (a NoisyClassifierModule)")
+            raise UserInputError(
+                "SampleQualityEvaluation.classifier_scale needs classifier_path (a NoisyClassifierModule checkpoint)"
+            )
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
         self.batch_size = batch_size
@@ -88,7 +98,8 @@ class SampleQualityEvaluation(Callback):
         self.reference, self.reference_split = reference, reference_split
         self.inception_weights = inception_weights
         self.metrics = list(metrics)
-        self.kid_subset_size, self.isc_splits, self.inception_batch_size = kid_subset_size, isc_splits, inception_batch_size
+        self.kid_subset_size, self.isc_splits = kid_subset_size, isc_splits
+        self.inception_batch_size = inception_batch_size
         self.classifier_path, self.classifier_scale, self.cfg_scale = classifier_path, classifier_scale, cfg_scale
         self.seed, self.label_mode, self.precision = seed, label_mode, precision
         self.cache_dir = cache_dir
@@ -105,7 +116,26 @@ class SampleQualityEvaluation(Callback):
         if not hasattr(pl_module, "diffusion"):
             raise TypeError(f"SampleQualityEvaluation needs a DiffusionModule, got {type(pl_module).__name__}")
         if self.cfg_scale != 0.0 and not pl_module.hparams.get("null_class", False):
-            raise ValueError("SampleQualityEvaluation.cfg_scale needs a model with null_class: true")
+            raise UserInputError("SampleQualityEvaluation.cfg_scale needs a model with null_class: true")
+        # Inputs are checked now, not at the first evaluation many steps later.
+        if self.classifier_path is not None and self.classifier_scale != 0.0:
+            check_classifier_file(self.classifier_path, pl_module.hparams, "SampleQualityEvaluation.classifier_path")
+        check_respacing(pl_module.diffusion, self.steps, "SampleQualityEvaluation.steps")
+        if self.reference is not None and not os.path.exists(self.reference):
+            raise UserFileNotFoundError(
+                f"SampleQualityEvaluation.reference {self.reference}: no such file or directory (expected a folder "
+                "of images, an ADM reference npz or a diffusion-pl reference cache; or leave it unset to use the "
+                "datamodule's reference_split)"
+            )
+        if self.inception_weights is not None and not os.path.isfile(self.inception_weights):
+            reason = f"no file at SampleQualityEvaluation.inception_weights {self.inception_weights}"
+            raise InceptionWeightsUnavailableError(missing_weights_message(reason))
+        if self.inception_weights is None and not os.path.isfile(default_inception_weights_cache_path()):
+            rank_zero_warn(
+                f"SampleQualityEvaluation: the Inception weights are not in torch-fidelity's cache "
+                f"({default_inception_weights_cache_path()}); they will be downloaded at the first evaluation. On a "
+                "machine without internet access set inception_weights to a local copy now."
+            )
         # EMAWeightAveraging swaps EMA weights in at on_validation_epoch_start and out at ..._end (list order).
         ema = [i for i, c in enumerate(trainer.callbacks) if isinstance(c, WeightAveraging)]
         mine = trainer.callbacks.index(self) if self in trainer.callbacks else len(trainer.callbacks)
@@ -150,11 +180,14 @@ class SampleQualityEvaluation(Callback):
             if self._classifier is None:
                 from diffusion_pl.lightning.classifier_module import NoisyClassifierModule
 
-                clf = NoisyClassifierModule.load_from_checkpoint(self.classifier_path, map_location="cpu")
+                option = "SampleQualityEvaluation.classifier_path"
+                clf = load_module(NoisyClassifierModule, self.classifier_path, option)
                 check_classifier_compatible(clf.hparams, hp, self.classifier_path)
                 self._classifier = clf.eval().requires_grad_(False)
             classifier = self._classifier.to(pl_module.device)
-        num_classes = int(hp.num_classes) if hp.class_cond else (int(classifier.hparams.out_channels) if classifier else None)
+        num_classes = int(classifier.hparams.out_channels) if classifier else None
+        if hp.class_cond:
+            num_classes = int(hp.num_classes)
         return SampleEngine(
             pl_module, pl_module.diffusion, (int(hp.in_channels), int(hp.image_size), int(hp.image_size)),
             respacing=self.steps, method=self.method, eta=self.eta, clip_denoised=self.clip_denoised,
@@ -172,7 +205,7 @@ class SampleQualityEvaluation(Callback):
             return reference_features(self.reference, feature_extractor=extractor, cache_dir=self.cache_dir)
         datamodule = trainer.datamodule
         if datamodule is None:
-            raise ValueError("SampleQualityEvaluation: set reference=... or train with a datamodule")
+            raise UserInputError("SampleQualityEvaluation: set reference=... or train with a datamodule")
         loader = datamodule.val_dataloader() if self.reference_split == "val" else datamodule.train_dataloader()
         source_id = f"{type(datamodule).__module__}.{type(datamodule).__qualname__}:{self.reference_split}"
         hp = getattr(datamodule, "hparams", None)

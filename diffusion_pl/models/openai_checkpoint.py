@@ -35,6 +35,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from diffusion_pl.errors import UserFileNotFoundError, UserInputError
+
 from .layers import AttentionPool2d, Downsample, ResBlock, Upsample
 from .unet import EncoderUNetModel, Stage, UNetModel
 
@@ -43,6 +45,7 @@ __all__ = [
     "load_openai_state_dict",
     "export_openai_state_dict",
     "load_openai_checkpoint",
+    "describe_openai_state_dict",
     "OpenAICheckpointError",
 ]
 
@@ -50,7 +53,7 @@ __all__ = [
 # "transpose" (our [T, C] stored as [C, T]).
 
 
-class OpenAICheckpointError(ValueError):
+class OpenAICheckpointError(UserInputError):
     """A reference state dict does not fit the model configuration."""
 
 
@@ -153,14 +156,40 @@ def _ref_shape(shape: torch.Size, kind: str) -> tuple[int, ...]:
     return tuple(_to_ref(torch.empty(shape, device="meta"), kind).shape)
 
 
+def describe_openai_state_dict(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """A few settings read off a reference-layout state dict (for error messages), e.g.
+    "model_channels=192, in_channels=3, out_channels=6 (learn_sigma), num_classes=1000"."""
+    parts = []
+    first = state_dict.get("input_blocks.0.0.weight")
+    if isinstance(first, torch.Tensor) and first.ndim == 4:
+        parts += [f"model_channels={first.shape[0]}", f"in_channels={first.shape[1]}"]
+    if any(k.startswith("output_blocks.") for k in state_dict):  # a U-Net
+        out = state_dict.get("out.2.weight")
+        if isinstance(out, torch.Tensor) and out.ndim == 4 and isinstance(first, torch.Tensor):
+            parts.append(
+                f"out_channels={out.shape[0]}" + (" (learn_sigma)" if out.shape[0] == 2 * first.shape[1] else "")
+            )
+        emb = state_dict.get("label_emb.weight")
+        parts.append(f"num_classes={emb.shape[0]}" if isinstance(emb, torch.Tensor) else "no label_emb (unconditional)")
+    else:  # a classifier: attention pool (out.2.c_proj) or linear head (out.3)
+        head = state_dict.get("out.2.c_proj.weight", state_dict.get("out.3.weight"))
+        if isinstance(head, torch.Tensor):
+            parts.append(f"out_channels={head.shape[0]}")
+    return ", ".join(parts)
+
+
 def load_openai_state_dict(
-    model: UNetModel | EncoderUNetModel, state_dict: Mapping[str, torch.Tensor], strict: bool = True
+    model: UNetModel | EncoderUNetModel,
+    state_dict: Mapping[str, torch.Tensor],
+    strict: bool = True,
+    max_listed: int | None = None,
 ) -> tuple[list[str], list[str]]:
     """Load a reference-layout state dict into ``model`` (in place).
 
     Raises :class:`OpenAICheckpointError` listing every missing key, unexpected key and shape mismatch (in the
-    reference's key names and shapes) when the checkpoint does not fit. With ``strict=False`` missing/unexpected keys
-    are tolerated (and returned as ``(missing, unexpected)``) but shape mismatches still fail.
+    reference's key names and shapes; at most ``max_listed`` of each kind when given) when the checkpoint does not
+    fit. With ``strict=False`` missing/unexpected keys are tolerated (and returned as ``(missing, unexpected)``) but
+    shape mismatches still fail.
     """
     key_map = openai_key_map(model)
     own = model.state_dict()
@@ -176,14 +205,20 @@ def load_openai_state_dict(
             continue
         converted[ours] = _from_ref(state_dict[ref], kind)
     known = {ref for ref, _ in key_map.values()}
-    unexpected = [f"{k} {tuple(v.shape)}" for k, v in state_dict.items() if k not in known]
+    unexpected = [f"{k} {tuple(getattr(v, 'shape', ()))}" for k, v in state_dict.items() if k not in known]
     if mismatched or (strict and (missing or unexpected)):
         lines = [f"the OpenAI checkpoint does not fit this {type(model).__name__} configuration:"]
         sections = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
         for title, items in sections:
             if items:
+                shown = items if max_listed is None else items[:max_listed]
                 lines.append(f"  {title} ({len(items)}):")
-                lines.extend(f"    {item}" for item in items)
+                lines.extend(f"    {item}" for item in shown)
+                if len(shown) < len(items):
+                    lines.append(f"    ... and {len(items) - len(shown)} more")
+        described = describe_openai_state_dict(state_dict)
+        if described:
+            lines.append(f"The checkpoint looks like: {described}.")
         lines.append(
             "Check the architecture settings (model_channels, channel_mult, num_res_blocks, attention_resolutions, "
             "num_heads/num_head_channels, learn_sigma, num_classes, resblock_updown, use_scale_shift_norm, pool) "
@@ -211,7 +246,7 @@ def load_openai_checkpoint(
     """Read a reference ``.pt`` file (``torch.load(weights_only=True)`` on CPU), load it into ``model``, return it."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"OpenAI checkpoint not found: {path}")
+        raise UserFileNotFoundError(f"OpenAI checkpoint not found: {path}")
     state_dict = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state_dict, Mapping):
         raise OpenAICheckpointError(

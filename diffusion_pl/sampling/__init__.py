@@ -8,6 +8,7 @@ from diffusion_pl.sampling.engine import (
     SampleBatch,
     SampleEngine,
     check_guidance,
+    check_respacing,
     resolve_respacing,
     sample_seed,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "SampleEngine",
     "Shard",
     "check_guidance",
+    "check_respacing",
     "merge_shards",
     "num_batches_of",
     "shard_done",

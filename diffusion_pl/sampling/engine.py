@@ -24,7 +24,9 @@ from diffusion_pl.diffusion import (
     classifier_free_model,
     ddim_step,
     p_sample,
+    space_timesteps,
 )
+from diffusion_pl.errors import UserInputError
 
 METHODS = ("ddpm", "ddim")
 PRECISIONS = ("fp32", "bf16")
@@ -32,7 +34,7 @@ LABEL_MODES = ("random", "balanced")
 _NOISE_STREAM, _LABEL_STREAM = 0, 1
 
 
-class GuidanceConfigError(ValueError):
+class GuidanceConfigError(UserInputError):
     """Guidance options that cannot work with the given model / classifier."""
 
 
@@ -50,6 +52,24 @@ def resolve_respacing(diffusion: GaussianDiffusion, respacing: str | int | None)
     if spec.isdigit() and int(spec) == diffusion.num_timesteps:
         return diffusion
     return diffusion.respaced(spec)
+
+
+def check_respacing(diffusion: GaussianDiffusion, respacing: str | int | None, option: str = "--steps") -> None:
+    """Raise UserInputError naming ``option`` unless ``respacing`` selects steps of ``diffusion``'s T-step process."""
+    if respacing is None or respacing == "" or respacing == 0:
+        return
+    T = diffusion.num_timesteps
+    spec = str(respacing).strip()
+    try:
+        space_timesteps(T, spec)
+    except ValueError as e:
+        ddim = sorted({len(range(0, T, k)) for k in range(1, T + 1)}, reverse=True)
+        ddim_text = ", ".join(f"ddim{n}" for n in ddim[:8]) + (", ..." if len(ddim) > 8 else "")
+        raise UserInputError(
+            f"{option} {spec!r} does not fit the model's T = {T} training steps ({e}). Use a step count 1..{T}, "
+            f"comma-separated counts for equal sections of the T steps (each at most its section's length), "
+            f"ddimN with N one of {ddim_text}, or \"\" for all {T} steps"
+        ) from e
 
 
 @dataclass(frozen=True)
@@ -104,14 +124,15 @@ class SampleEngine:
         progress: bool = True,
     ) -> None:
         if method not in METHODS:
-            raise ValueError(f"unknown sampling method {method!r}; choose from {', '.join(METHODS)}")
+            raise UserInputError(f"unknown sampling method {method!r}; choose from {', '.join(METHODS)}")
         if method == "ddpm" and eta != 0.0:
-            raise ValueError("eta only applies to method 'ddim'; ancestral ('ddpm') sampling has no eta")
+            raise UserInputError("eta only applies to method 'ddim'; ancestral ('ddpm') sampling has no eta")
         if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+            raise UserInputError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
         if label_mode not in LABEL_MODES:
-            raise ValueError(f"unknown label_mode {label_mode!r}; choose from {', '.join(LABEL_MODES)}")
+            raise UserInputError(f"unknown label_mode {label_mode!r}; choose from {', '.join(LABEL_MODES)}")
         check_guidance(class_cond, null_class, classifier is not None, classifier_scale, cfg_scale)
+        check_respacing(diffusion, respacing, "respacing")
         self.model = model
         self.process = resolve_respacing(diffusion, respacing)
         self.image_shape = tuple(int(s) for s in image_shape)
@@ -128,7 +149,9 @@ class SampleEngine:
         self.precision = precision
         self.needs_labels = class_cond or classifier is not None
         if self.needs_labels and (num_classes is None or num_classes < 1):
-            raise ValueError("class labels are needed (class-conditional model or classifier guidance): set num_classes")
+            raise UserInputError(
+                "class labels are needed (class-conditional model or classifier guidance): set num_classes"
+            )
         self.num_classes = int(num_classes) if num_classes is not None else None
         if device is None:
             params = getattr(model, "parameters", None)
@@ -189,7 +212,7 @@ class SampleEngine:
                 raise ValueError(f"got {out.numel()} labels for {len(indices)} samples")
             bad = out[(out < 0) | (out >= k)]
             if bad.numel():
-                raise ValueError(f"labels {sorted(set(bad.tolist()))[:10]} are outside 0..{k - 1}")
+                raise UserInputError(f"labels {sorted(set(bad.tolist()))[:10]} are outside 0..{k - 1}")
             return out
         if self.label_mode == "balanced":
             return torch.tensor([int(i) % k for i in indices], dtype=torch.int64)
@@ -301,8 +324,8 @@ def check_guidance(
     if cfg_scale != 0.0:
         if not class_cond:
             raise GuidanceConfigError(
-                f"cfg_scale = {cfg_scale} (classifier-free guidance) needs a class-conditional model with a null class; "
-                f"this model is unconditional: set --cfg_scale 0"
+                f"cfg_scale = {cfg_scale} (classifier-free guidance) needs a class-conditional model with a null "
+                "class; this model is unconditional: set --cfg_scale 0"
             )
         if null_class is None:
             raise GuidanceConfigError(

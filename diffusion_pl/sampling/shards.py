@@ -11,16 +11,19 @@ Layout of an output directory:
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from diffusion_pl.errors import DiskFullError, UserFileExistsError, UserInputError, UserRuntimeError
 from diffusion_pl.evaluation.npz import atomic_write, save_image_grid, save_samples_npz
 from diffusion_pl.sampling.engine import SampleEngine
 from diffusion_pl.utils.images import nchw_to_nhwc, to_uint8
@@ -40,9 +43,9 @@ class Shard:
 def plan_shards(num_samples: int, shard_size: int) -> list[Shard]:
     """Contiguous blocks of ``shard_size`` sample indices (the last may be shorter)."""
     if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        raise UserInputError(f"--num_samples must be >= 1, got {num_samples}")
     if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        raise UserInputError(f"--shard_size must be >= 1, got {shard_size}")
     return [
         Shard(k, list(range(start, min(start + shard_size, num_samples))))
         for k, start in enumerate(range(0, num_samples, shard_size))
@@ -67,6 +70,29 @@ def read_shard(path: str) -> dict[str, np.ndarray] | None:
         return None
 
 
+def shard_files(shard_dir: str) -> list[str]:
+    """The finished shard files in ``shard_dir`` (written atomically, so every file present is complete)."""
+    return sorted(glob.glob(os.path.join(glob.escape(shard_dir), "shard_*.npz")))
+
+
+@contextmanager
+def resumable_on_disk_full(shard_dir: str) -> Iterator[None]:
+    """Add to a DiskFullError what is kept and how to resume (rerun: finished shards are skipped)."""
+    try:
+        yield
+    except DiskFullError as error:
+        if getattr(error, "resume_hint", False):
+            raise
+        n = len(shard_files(shard_dir))
+        wrapped = DiskFullError(
+            f"disk full: {error}. Finished shards are kept ({n} shard file{'s' if n != 1 else ''} in {shard_dir}). "
+            "Free some space and rerun the same command to resume: finished shards are skipped.",
+            error.errno,
+        )
+        wrapped.resume_hint = True
+        raise wrapped from error
+
+
 def shard_done(shard_dir: str, shard: Shard) -> bool:
     arrays = read_shard(shard_path(shard_dir, shard.shard_id))
     return arrays is not None and "indices" in arrays and arrays["indices"].tolist() == shard.indices
@@ -82,7 +108,8 @@ def write_shard(shard_dir: str, shard: Shard, images_uint8_nhwc: np.ndarray, lab
 def prepare_shard_dir(shard_dir: str, settings: dict, overwrite: bool) -> None:
     """Create ``shard_dir`` or check that its shards were made with the same ``settings`` (resume).
 
-    With ``overwrite`` an existing shard directory is emptied first. Different settings without ``overwrite`` raise.
+    With ``overwrite`` an existing shard directory is emptied first. Different settings without ``overwrite`` raise
+    when finished shards would be mixed with new ones; without any shard file yet, the new settings replace the old.
     """
     settings_path = os.path.join(shard_dir, SETTINGS_NAME)
     if overwrite and os.path.isdir(shard_dir):
@@ -92,14 +119,18 @@ def prepare_shard_dir(shard_dir: str, settings: dict, overwrite: bool) -> None:
     if os.path.isfile(settings_path):
         with open(settings_path) as f:
             previous = json.load(f)
-        if previous != json.loads(text):
+        if previous == json.loads(text):
+            return
+        finished = shard_files(shard_dir)
+        if finished:
             changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
-            raise ValueError(
-                f"{shard_dir} holds shards of a run with different settings ({', '.join(changed)} differ): "
-                f"pass --overwrite to discard them, or choose another output directory"
+            raise UserInputError(
+                f"{shard_dir} holds {len(finished)} finished shard(s) of a run with different settings "
+                f"({', '.join(changed)} differ): rerun with the same settings to resume it, pass --overwrite to "
+                "discard them, or choose another output directory"
             )
-        return
-    atomic_write(settings_path, lambda f: f.write(text.encode()))
+    with resumable_on_disk_full(shard_dir):
+        atomic_write(settings_path, lambda f: f.write(text.encode()))
 
 
 def run_shards(
@@ -121,16 +152,17 @@ def run_shards(
     if own_bar:
         bar = engine.progress_bar(num_batches_of(todo, batch_size), desc=desc)
     try:
-        for shard in todo:
-            shard_labels = None if labels is None else labels[shard.indices]
-            images, out_labels = [], []
-            for batch in engine.generate(shard.indices, batch_size, labels=shard_labels, bar=bar):
-                images.append(nchw_to_nhwc(to_uint8(batch.images)))
-                if batch.labels is not None:
-                    out_labels.append(batch.labels.numpy())
-            write_shard(
-                shard_dir, shard, np.concatenate(images), np.concatenate(out_labels) if out_labels else None
-            )
+        with resumable_on_disk_full(shard_dir):
+            for shard in todo:
+                shard_labels = None if labels is None else labels[shard.indices]
+                images, out_labels = [], []
+                for batch in engine.generate(shard.indices, batch_size, labels=shard_labels, bar=bar):
+                    images.append(nchw_to_nhwc(to_uint8(batch.images)))
+                    if batch.labels is not None:
+                        out_labels.append(batch.labels.numpy())
+                write_shard(
+                    shard_dir, shard, np.concatenate(images), np.concatenate(out_labels) if out_labels else None
+                )
     finally:
         if own_bar:
             bar.close()
@@ -148,7 +180,7 @@ def merge_shards(shard_dir: str, shards: Sequence[Shard]) -> tuple[np.ndarray, n
         path = shard_path(shard_dir, shard.shard_id)
         arrays = read_shard(path)
         if arrays is None or arrays.get("indices", np.zeros(0)).tolist() != shard.indices:
-            raise RuntimeError(f"{path}: shard missing or incomplete; rerun the same command to finish it")
+            raise UserRuntimeError(f"{path}: shard missing or incomplete; rerun the same command to finish it")
         images.append(arrays["images"])
         if "labels" in arrays:
             labels.append(arrays["labels"])
@@ -164,10 +196,17 @@ def write_outputs(
     grid_size: int = 64,
 ) -> dict[str, str]:
     """Write samples.npz (ADM format), grid.png (first ``grid_size`` samples) and settings.json. Returns the paths."""
-    npz = save_samples_npz(os.path.join(out_dir, SAMPLES_NAME), images, labels, overwrite=overwrite)
-    grid_images = torch.from_numpy(images[:grid_size]).permute(0, 3, 1, 2).contiguous()
-    nrow = max(1, int(np.ceil(np.sqrt(grid_images.shape[0]))))
-    grid = save_image_grid(os.path.join(out_dir, GRID_NAME), grid_images, nrow=nrow, overwrite=True)
-    text = json.dumps(settings, indent=2, sort_keys=True)
-    js = atomic_write(os.path.join(out_dir, SETTINGS_NAME), lambda f: f.write(text.encode()))
+    final = os.path.join(out_dir, SAMPLES_NAME)
+    if not overwrite and os.path.exists(final):
+        raise UserFileExistsError(
+            f"{final} already exists; pass --overwrite to replace it, or choose another --out_dir"
+        )
+    # samples.npz last: its presence means the run is complete (a rerun after a failure here resumes).
+    with resumable_on_disk_full(os.path.join(out_dir, SHARD_DIR)):
+        grid_images = torch.from_numpy(images[:grid_size]).permute(0, 3, 1, 2).contiguous()
+        nrow = max(1, int(np.ceil(np.sqrt(grid_images.shape[0]))))
+        grid = save_image_grid(os.path.join(out_dir, GRID_NAME), grid_images, nrow=nrow, overwrite=True)
+        text = json.dumps(settings, indent=2, sort_keys=True)
+        js = atomic_write(os.path.join(out_dir, SETTINGS_NAME), lambda f: f.write(text.encode()))
+        npz = save_samples_npz(os.path.join(out_dir, SAMPLES_NAME), images, labels, overwrite=overwrite)
     return {"samples": npz, "grid": grid, "settings": js}

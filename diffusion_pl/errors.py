@@ -1,0 +1,66 @@
+"""Errors a user fixes from the message alone: a bad option or config value, a missing or corrupt file, a checkpoint
+that does not fit, a full disk.
+
+Their messages name the option / file / key / shape and the fix. ``diffusion-pl`` prints such an error as one
+``diffusion-pl <command>: error: <message>`` line on stderr and exits with status 2 (``DIFFUSION_PL_DEBUG=1`` shows
+the traceback instead); any other exception is a bug and keeps its traceback.
+
+Each class also derives from the builtin that callers would catch (ValueError, FileNotFoundError, ...), so
+``except ValueError`` keeps working. This module imports nothing from the package: every layer may raise these.
+"""
+
+from __future__ import annotations
+
+import errno
+
+
+class UserError(Exception):
+    """Base class: a problem in what the user gave, with a message that says how to fix it."""
+
+
+class UserInputError(UserError, ValueError):
+    """A value (option, config key, file content, checkpoint) that cannot work."""
+
+
+class UserFileNotFoundError(UserError, FileNotFoundError):
+    """A file or directory the user named (or the expected layout of a data set) is missing."""
+
+
+class UserFileExistsError(UserError, FileExistsError):
+    """Writing would replace the user's file; the message names the flag that allows it."""
+
+
+class UserRuntimeError(UserError, RuntimeError):
+    """A run cannot go on for a reason the user can fix (e.g. a log directory holding another run's config)."""
+
+
+class DiskFullError(UserError, OSError):
+    """No space left on the device (or quota exceeded) while writing a file; nothing partial is left behind.
+
+    ``str()`` is the message alone; ``errno`` is the original error number (ENOSPC / EDQUOT)."""
+
+    def __init__(self, message: str, errno_value: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno_value
+
+
+DISK_FULL_ERRNOS = frozenset(e for e in (getattr(errno, "ENOSPC", None), getattr(errno, "EDQUOT", None)) if e)
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """True for an OSError meaning 'no space left on device' or 'disk quota exceeded'."""
+    return isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS
+
+
+def find_user_error(error: BaseException | None) -> UserError | None:
+    """``error`` itself or the first UserError among its explicit causes (``raise ... from``), else None.
+
+    Libraries that wrap exceptions (jsonargparse instantiating a config's classes) chain the original as the cause.
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, UserError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__
+    return None

@@ -1,0 +1,110 @@
+"""`diffusion-pl` prints a user error as one line (`diffusion-pl <command>: error: <message>`, exit status 2), keeps
+the traceback of every other exception, and shows the traceback of user errors too with DIFFUSION_PL_DEBUG=1."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import diffusion_pl.cli as cli
+from diffusion_pl.errors import (
+    DiskFullError,
+    UserError,
+    UserFileNotFoundError,
+    UserInputError,
+    find_user_error,
+    is_disk_full,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _raising(error: BaseException):
+    def run(command, args):
+        raise error
+
+    return run
+
+
+def test_user_error_is_one_line_with_status_2(monkeypatch, capsys):
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    monkeypatch.setattr(cli, "run_command", _raising(UserFileNotFoundError("--ckpt x.ckpt: no such checkpoint file")))
+    assert cli.main(["sample", "--ckpt", "x.ckpt"]) == 2
+    err = capsys.readouterr().err
+    assert err == "diffusion-pl sample: error: --ckpt x.ckpt: no such checkpoint file\n"
+
+
+def test_user_error_wrapped_by_a_library_is_found_through_its_causes(monkeypatch, capsys):
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    inner = UserInputError("ImageNet-64 (folder): no directory data/train")
+    try:
+        try:
+            raise inner
+        except UserInputError as e:
+            raise ValueError("Does not validate against any of the Union subtypes ...") from e
+    except ValueError as wrapped:
+        outer = wrapped
+    assert find_user_error(outer) is inner
+    monkeypatch.setattr(cli, "run_command", _raising(outer))
+    assert cli.main(["fit"]) == 2
+    assert capsys.readouterr().err == "diffusion-pl fit: error: ImageNet-64 (folder): no directory data/train\n"
+
+
+def test_other_errors_keep_their_traceback(monkeypatch):
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    monkeypatch.setattr(cli, "run_command", _raising(ValueError("a bug, not a user error")))
+    with pytest.raises(ValueError, match="a bug"):
+        cli.main(["sample"])
+    # only explicit causes count: a bug raised while handling a user error is still a bug
+    try:
+        try:
+            raise UserInputError("bad option")
+        except UserInputError:
+            raise RuntimeError("bug in the handler")  # noqa: B904
+    except RuntimeError as e:
+        assert find_user_error(e) is None
+
+
+def test_debug_env_shows_the_traceback(monkeypatch):
+    monkeypatch.setenv(cli.DEBUG_ENV, "1")
+    monkeypatch.setattr(cli, "run_command", _raising(UserInputError("bad option")))
+    with pytest.raises(UserInputError, match="bad option"):
+        cli.main(["evaluate"])
+
+
+def test_error_classes_are_the_builtins_callers_catch():
+    assert issubclass(UserInputError, ValueError) and issubclass(UserFileNotFoundError, FileNotFoundError)
+    full = DiskFullError("no space left while writing x", 28)
+    assert isinstance(full, OSError) and isinstance(full, UserError) and str(full) == "no space left while writing x"
+    assert is_disk_full(full) and is_disk_full(OSError(28, "No space left on device"))
+    assert not is_disk_full(OSError(2, "No such file"))
+
+
+def test_parse_errors_show_a_short_usage(capsys):
+    """jsonargparse reports unknown options and wrong types itself (exit 2): under a one-line usage, not the
+    full option list."""
+    for args, expected in ((["--num_samples", "three"], "Expected a <class 'int'>. Got value: three"),
+                           (["--num_sampels", "3"], "unrecognized arguments: --num_sampels 3")):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["sample", *args])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("usage: diffusion-pl sample [options]\n") and expected in err
+        assert len(err.splitlines()) <= 5
+
+
+def test_real_entry_point_prints_one_line(tmp_path):
+    """The installed console script, as a new user runs it (a missing checkpoint)."""
+    exe = os.path.join(os.path.dirname(sys.executable), "diffusion-pl")
+    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "diffusion_pl.cli"]
+    env = {k: v for k, v in os.environ.items() if k != cli.DEBUG_ENV}
+    proc = subprocess.run([*cmd, "sample", "--ckpt", str(tmp_path / "nope.ckpt"), "--out_dir", str(tmp_path / "out")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"diffusion-pl sample: error: --ckpt {tmp_path / 'nope.ckpt'}: no such checkpoint file"
+    ]
+    assert not (tmp_path / "out").exists()
