@@ -96,9 +96,19 @@ def resolve_arch(arch: str, cls: type, option: str) -> dict[str, Any]:
     )
 
 
-def load_openai_file(model: nn.Module, path: str, option: str, expected_kind: str, arch_option: str) -> nn.Module:
-    """Load a released OpenAI state dict into ``model``, with messages naming ``option`` for a missing, corrupt or
-    wrong kind of file and ``arch_option`` (first keys/shapes only) when the architecture does not fit."""
+def build_arch(cls: type, kwargs: dict[str, Any], option: str) -> nn.Module:
+    """``cls(**kwargs)`` with a message naming ``option`` when the arguments do not build a network."""
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise UserInputError(f"{option}: these {cls.__name__} arguments do not build a network: {e}") from e
+
+
+def load_openai_file(cls: type, kwargs: dict[str, Any], path: str, option: str, expected_kind: str,
+                     arch_option: str) -> nn.Module:  # fmt: skip
+    """``cls(**kwargs)`` with a released OpenAI state dict loaded, with messages naming ``option`` for a missing,
+    corrupt or wrong kind of file (checked first) and ``arch_option`` when the arguments do not build a network or
+    the checkpoint does not fit it (first keys/shapes only)."""
     from diffusion_pl.lightning.checkpoints import checkpoint_kind, describe_kind, read_checkpoint
 
     state_dict = read_checkpoint(path, option)
@@ -110,6 +120,7 @@ def load_openai_file(model: nn.Module, path: str, option: str, expected_kind: st
             f"{'U-Net' if expected_kind == 'openai-unet' else 'classifier'} state dict"
             + (f": pass this file as {fix}" if fix else "")
         )
+    model = build_arch(cls, kwargs, arch_option)
     try:
         load_openai_state_dict(model, state_dict, max_listed=8)
     except OpenAICheckpointError as err:
@@ -151,7 +162,7 @@ def load_model(
     if arch is None:
         raise UserInputError("--openai_ckpt needs --arch: a released preset name or a YAML file of UNetModel arguments")
     kwargs = resolve_arch(arch, UNetModel, "arch")
-    net = load_openai_file(UNetModel(**kwargs), openai_ckpt, "--openai_ckpt", "openai-unet", f"--arch {arch}").eval()
+    net = load_openai_file(UNetModel, kwargs, openai_ckpt, "--openai_ckpt", "openai-unet", f"--arch {arch}").eval()
     learn_sigma = bool(kwargs.get("learn_sigma", False))
     if var_type == "auto":  # guided-diffusion: learn_sigma -> learned range, else fixed large (sigma_small False)
         var_type = "learned_range" if learn_sigma else "fixed_large"
@@ -203,7 +214,7 @@ def load_classifier(
                 "--classifier_openai_ckpt needs --classifier_arch (a released classifier preset or a YAML)"
             )
         kwargs = resolve_arch(classifier_arch, EncoderUNetModel, "classifier_arch")
-        raw = load_openai_file(EncoderUNetModel(**kwargs), classifier_openai_ckpt, "--classifier_openai_ckpt",
+        raw = load_openai_file(EncoderUNetModel, kwargs, classifier_openai_ckpt, "--classifier_openai_ckpt",
                                "openai-classifier", f"--classifier_arch {classifier_arch}")  # fmt: skip
         raw.eval().requires_grad_(False)
         net, source = _Float32Output(raw), classifier_openai_ckpt

@@ -35,7 +35,8 @@ def files(ckpts, tmp_path_factory):
     kwargs = {**ARCH, "channel_mult": tuple(ARCH["channel_mult"]), "attention_resolutions": (4,)}
     torch.save(export_openai_state_dict(UNetModel(**kwargs)), d / "openai.pt")
     out["openai"] = str(d / "openai.pt")
-    for name, arch in (("arch", ARCH), ("arch_wrong", {**ARCH, "model_channels": 64})):
+    arch_typo = {**{k: v for k, v in ARCH.items() if k != "model_channels"}, "model_chanels": 32}
+    for name, arch in (("arch", ARCH), ("arch_wrong", {**ARCH, "model_channels": 64}), ("arch_typo", arch_typo)):
         with open(d / f"{name}.yaml", "w") as f:
             yaml.safe_dump(arch, f)
         out[name] = str(d / f"{name}.yaml")
@@ -86,6 +87,8 @@ SAMPLE_CASES = [
      r"--openai_ckpt \S+ is a diffusion-pl DiffusionModule checkpoint .* pass this file as --ckpt"),
     ("unknown-arch", ["--openai_ckpt", "{openai}", "--arch", "adm_imagenet65"],
      r"--arch 'adm_imagenet65' is neither a released preset \(adm_imagenet64, .*\) nor a YAML file of UNetModel"),
+    ("arch-does-not-build", ["--openai_ckpt", "{openai}", "--arch", "{arch_typo}"],
+     r"--arch \S+arch_typo.yaml: these UNetModel arguments do not build a network: .*'model_chanels'"),
     ("truncated-openai", ["--openai_ckpt", "{truncated}", "--arch", "{arch}"], r"--openai_ckpt \S+ .*corrupt or trunc"),
     ("openai-wrong-arch", ["--openai_ckpt", "{openai}", "--arch", "{arch_wrong}", "--diffusion_steps", "10"],
      r"--openai_ckpt \S+ does not fit --arch \S+arch_wrong.yaml .*shape mismatches \(\d+\):\n"
@@ -111,6 +114,14 @@ def test_sample_user_errors(files, tmp_path, capsys, args, pattern):
     filled = [a.format(tmp=tmp_path, **files) for a in args]
     run_user_error(capsys, ["sample", *FAST, "--out_dir", str(out), *filled], pattern)
     assert not out.exists()  # checked before anything was written
+
+
+def test_openai_checkpoint_with_its_arch_samples(files, tmp_path):
+    """Control for the --openai_ckpt / --arch cases: the right pair works."""
+    out = tmp_path / "out"
+    args = ["--openai_ckpt", files["openai"], "--arch", files["arch"], "--diffusion_steps", "10", "--out_dir", str(out)]
+    assert main(["sample", *FAST, *args]) == 0
+    assert load_samples_npz(str(out / "samples.npz"))[0].shape == (4, 8, 8, 1)
 
 
 # (id, command-line after `evaluate --out_dir OUT`, expected message); inputs are checked in this order: samples,
