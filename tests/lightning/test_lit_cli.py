@@ -68,6 +68,7 @@ def test_paper_recipes(monkeypatch):
     cifar = _parse(str(ROOT / "configs" / "iddpm_cifar10.yaml"), monkeypatch)
     assert cifar.data.init_args.batch_size * cifar.trainer.devices == 128
     assert (cifar.model.init_args.steps, cifar.model.init_args.rescale_learned_sigmas) == (4000, True)
+    assert cifar.model.init_args.rescale_timesteps is True  # improved-diffusion's default: the network sees t*1000/T
     assert cifar.trainer.max_steps == 500_000
 
 
