@@ -275,8 +275,13 @@ def sample(
 ) -> None:
     """Generate samples to OUT_DIR/samples.npz (ADM format: arr_0 uint8 NHWC, arr_1 labels), grid.png, settings.json.
 
-    Sample i depends only on (seed, i) and the settings, not on batch_size or devices. An interrupted run resumes:
-    rerun the same command and finished shards (OUT_DIR/shards) are skipped.
+    grid.png: when the samples have labels (class-conditional or classifier-guided), one row per class, classes in
+    increasing order (at most 32 rows), each row that class's first samples in sample-index order (at most 16), e.g.
+    --label_mode balanced --num_samples 80 on a 10-class model gives 10 rows of 8; unlabelled samples: the first 64
+    in a square.
+
+    Sample i depends only on (seed, i) and the settings, not on batch_size or devices. An interrupted run
+    resumes: rerun the same command and finished shards (OUT_DIR/shards) are skipped.
 
     :param out_dir: output directory
     :param ckpt: a diffusion-pl DiffusionModule checkpoint (it carries its config; EMA weights if trained with EMA)

@@ -3,7 +3,7 @@ interrupted run resumes by skipping finished shards; the merge writes the final 
 
 Layout of an output directory:
     <out>/samples.npz         arr_0 uint8 NHWC, arr_1 int64 labels (when the samples have labels)
-    <out>/grid.png            PNG grid of the first samples
+    <out>/grid.png            PNG grid: one row per class when the samples have labels, else the first 64
     <out>/settings.json       the settings of the run (+ timing summary)
     <out>/shards/settings.json  the settings the shards were made with (a resume must match them)
     <out>/shards/shard_000012.npz  images, labels, indices of shard 12
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import shutil
 import zipfile
@@ -32,6 +33,11 @@ SAMPLES_NAME = "samples.npz"
 GRID_NAME = "grid.png"
 SETTINGS_NAME = "settings.json"
 SHARD_DIR = "shards"
+# grid.png: at most GRID_MAX_ROWS classes (rows) x GRID_MAX_COLS samples of each; unlabelled samples: the first
+# GRID_SQUARE in a square.
+GRID_MAX_ROWS = 32
+GRID_MAX_COLS = 16
+GRID_SQUARE = 64
 
 
 @dataclass(frozen=True)
@@ -187,15 +193,48 @@ def merge_shards(shard_dir: str, shards: Sequence[Shard]) -> tuple[np.ndarray, n
     return np.concatenate(images), (np.concatenate(labels) if labels else None)
 
 
+def grid_layout(
+    num_samples: int,
+    labels: np.ndarray | None,
+    max_rows: int = GRID_MAX_ROWS,
+    max_cols: int = GRID_MAX_COLS,
+    square: int = GRID_SQUARE,
+) -> tuple[list[int | None], int]:
+    """The cells of grid.png in row-major order (sample indices; None = an empty cell) and the number of columns.
+
+    With labels: one row per class, classes in increasing order (the first ``max_rows`` classes present), each row
+    holding that class's first ``max_cols`` samples in sample-index order; rows of classes with fewer samples end in
+    empty cells, so every row starts with a new class. Without labels: the first ``square`` samples in a square.
+    """
+    if labels is None:
+        n = min(num_samples, square)
+        return list(range(n)), max(1, math.ceil(math.sqrt(n)))
+    labels = np.asarray(labels)
+    rows = [np.flatnonzero(labels == c)[:max_cols].tolist() for c in np.unique(labels)[:max_rows]]
+    ncols = max((len(r) for r in rows), default=1)
+    cells: list[int | None] = []
+    for row in rows:
+        cells += row + [None] * (ncols - len(row))
+    return cells, ncols
+
+
+def grid_images(images: np.ndarray, labels: np.ndarray | None) -> tuple[torch.Tensor, int]:
+    """uint8 NCHW images of the grid cells (empty cells black) and the number of columns (see :func:`grid_layout`)."""
+    cells, ncols = grid_layout(images.shape[0], labels)
+    blank = np.zeros(images.shape[1:], dtype=np.uint8)
+    chosen = np.stack([images[i] if i is not None else blank for i in cells])
+    return torch.from_numpy(chosen).permute(0, 3, 1, 2).contiguous(), ncols
+
+
 def write_outputs(
     out_dir: str,
     images: np.ndarray,
     labels: np.ndarray | None,
     settings: dict,
     overwrite: bool,
-    grid_size: int = 64,
 ) -> dict[str, str]:
-    """Write samples.npz (ADM format), grid.png (first ``grid_size`` samples) and settings.json. Returns the paths."""
+    """Write samples.npz (ADM format), grid.png (one row per class, or the first 64 samples without labels: see
+    :func:`grid_layout`) and settings.json. Returns the paths."""
     final = os.path.join(out_dir, SAMPLES_NAME)
     if not overwrite and os.path.exists(final):
         raise UserFileExistsError(
@@ -203,9 +242,8 @@ def write_outputs(
         )
     # samples.npz last: its presence means the run is complete (a rerun after a failure here resumes).
     with resumable_on_disk_full(os.path.join(out_dir, SHARD_DIR)):
-        grid_images = torch.from_numpy(images[:grid_size]).permute(0, 3, 1, 2).contiguous()
-        nrow = max(1, int(np.ceil(np.sqrt(grid_images.shape[0]))))
-        grid = save_image_grid(os.path.join(out_dir, GRID_NAME), grid_images, nrow=nrow, overwrite=True)
+        cells, ncols = grid_images(images, labels)
+        grid = save_image_grid(os.path.join(out_dir, GRID_NAME), cells, nrow=ncols, overwrite=True)
         text = json.dumps(settings, indent=2, sort_keys=True)
         js = atomic_write(os.path.join(out_dir, SETTINGS_NAME), lambda f: f.write(text.encode()))
         npz = save_samples_npz(os.path.join(out_dir, SAMPLES_NAME), images, labels, overwrite=overwrite)
