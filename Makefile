@@ -19,6 +19,11 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# The quickstart end to end on MNIST-5k (README "Quickstart"): creates .venv when missing, then runs every step.
+DEMO_OUT ?= outputs/demo
+demo: $(STAMP)
+	$(VENV)/bin/diffusion-pl demo --out_dir $(DEMO_OUT) $(DEMO_ARGS)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check diffusion_pl tests benchmarks
 

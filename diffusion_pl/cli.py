@@ -23,6 +23,7 @@ EXTRA_COMMANDS: dict[str, str] = {
     "sample": "diffusion_pl.commands.sample:sample",
     "evaluate": "diffusion_pl.commands.evaluate:evaluate",
     "sweep": "diffusion_pl.commands.sweep:sweep",
+    "demo": "diffusion_pl.commands.demo:demo",
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 
