@@ -299,6 +299,13 @@ def check_out_dir(out_dir: str, option: str = "--out_dir") -> None:
         raise UserInputError(f"{option} {out_dir}: {path} is not writable: choose another {option}")
 
 
+def check_devices(devices: int, num_nodes: int) -> None:
+    """--devices (processes per node) and --num_nodes are positive (checked before anything is launched)."""
+    for option, value in (("--devices", devices), ("--num_nodes", num_nodes)):
+        if value < 1:
+            raise UserInputError(f"{option} must be >= 1, got {value}")
+
+
 def check_file(path: str | None, option: str, what: str = "file") -> None:
     """A file option names an existing file (checked before any long work)."""
     if path is not None and not os.path.isfile(path):

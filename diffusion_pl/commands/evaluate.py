@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from diffusion_pl.commands.common import (
     LoadedModel,
+    check_devices,
     check_file,
     check_out_dir,
     engine_options,
@@ -51,12 +52,15 @@ ALL: list[Metric] = ["fid", "isc", "prc", "kid"]
 
 
 # ------------------------------------------------------------------------------------------------ launching
-def launch(accelerator: str, devices: int):
-    """Start ``devices`` processes (Lightning Fabric, DDP) when devices > 1; returns the torch.device of this rank."""
-    if devices > 1:
+def launch(accelerator: str, devices: int, num_nodes: int = 1):
+    """Start ``devices`` processes per node on ``num_nodes`` nodes (Lightning Fabric, DDP) when there is more than one
+    process in all (under SLURM / torchrun Fabric joins the processes the launcher started); returns the torch.device
+    of this rank."""
+    check_devices(devices, num_nodes)
+    if devices * num_nodes > 1:
         from lightning.fabric import Fabric
 
-        fabric = Fabric(accelerator=accelerator, devices=devices, strategy="ddp")
+        fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy="ddp")
         fabric.launch()
         return fabric.device
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
@@ -312,6 +316,7 @@ def evaluate(
     nll_batches: int | None = None,
     accelerator: str = "auto",
     devices: int = 1,
+    num_nodes: int = 1,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Evaluate samples (FID, IS, precision, recall, KID; ADM protocol, torch-fidelity Inception) or bits/dim (--nll).
@@ -356,7 +361,8 @@ def evaluate(
     :param nll: compute bits/dim of the model on --data_class --split with the full process instead of sample metrics
     :param nll_batches: limit --nll to the first batches of the split (default: all)
     :param accelerator: cpu, gpu or auto
-    :param devices: processes (DDP when > 1)
+    :param devices: processes per node (DDP when devices x num_nodes > 1)
+    :param num_nodes: nodes (multi-node DDP, e.g. under SLURM: srun ... --devices 8 --num_nodes 4)
     :param overwrite: replace existing output files
     """
     # Every input is checked before processes are launched, models loaded or anything written.
@@ -378,7 +384,8 @@ def evaluate(
             check_file(samples, "--samples", "an ADM sample npz: arr_0 uint8 NHWC images")
             check_samples_npz(samples)
         check_evaluation_inputs(reference, data_class, metrics, inception_weights)
-    device = launch(accelerator, devices)
+    check_devices(devices, num_nodes)
+    device = launch(accelerator, devices, num_nodes)
     rank, _ = rank_world()
     if nll:
         model = load_model(ckpt, openai_ckpt, arch, diffusion_steps, noise_schedule, var_type, rescale_timesteps)

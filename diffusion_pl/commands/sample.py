@@ -21,6 +21,7 @@ from diffusion_pl.commands.common import (
     LoadedClassifier,
     LoadedModel,
     build_engine,
+    check_devices,
     check_labels,
     check_out_dir,
     engine_options,
@@ -133,9 +134,10 @@ def run_sampling(
     overwrite: bool = False,
     accelerator: str = "auto",
     devices: int = 1,
+    num_nodes: int = 1,
 ) -> SamplingResult:
-    """Generate into ``out_dir`` with Trainer.predict over ``devices`` processes, resuming finished shards; rank 0
-    merges the shards into samples.npz + grid.png + settings.json."""
+    """Generate into ``out_dir`` with Trainer.predict over ``devices`` processes on each of ``num_nodes`` nodes,
+    resuming finished shards; rank 0 merges the shards into samples.npz + grid.png + settings.json."""
     final = os.path.join(out_dir, SAMPLES_NAME)
     if os.path.exists(final) and not overwrite:
         raise UserFileExistsError(
@@ -146,7 +148,8 @@ def run_sampling(
     predictor = ShardPredictor(model, classifier, options, num_samples, shard_size, shard_dir, batch_size, label_arr,
                                settings, overwrite)  # fmt: skip
     trainer = L.Trainer(
-        accelerator=accelerator, devices=devices, strategy="ddp" if devices > 1 else "auto", logger=False,
+        accelerator=accelerator, devices=devices, num_nodes=num_nodes,
+        strategy="ddp" if devices * num_nodes > 1 else "auto", logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, inference_mode=False,
         use_distributed_sampler=False, default_root_dir=out_dir,
     )  # fmt: skip
@@ -271,6 +274,7 @@ def sample(
     precision: Literal["fp32", "bf16"] = "fp32",
     accelerator: str = "auto",
     devices: int = 1,
+    num_nodes: int = 1,
     overwrite: bool = False,
 ) -> None:
     """Generate samples to OUT_DIR/samples.npz (ADM format: arr_0 uint8 NHWC, arr_1 labels), grid.png, settings.json.
@@ -280,7 +284,7 @@ def sample(
     --label_mode balanced --num_samples 80 on a 10-class model gives 10 rows of 8; unlabelled samples: the first 64
     in a square.
 
-    Sample i depends only on (seed, i) and the settings, not on batch_size or devices. An interrupted run
+    Sample i depends only on (seed, i) and the settings, not on batch_size, devices or num_nodes. An interrupted run
     resumes: rerun the same command and finished shards (OUT_DIR/shards) are skipped.
 
     :param out_dir: output directory
@@ -308,11 +312,13 @@ def sample(
     :param seed: run seed
     :param precision: fp32 or bf16 (autocast for the networks)
     :param accelerator: Lightning accelerator (cpu, gpu, auto)
-    :param devices: number of processes/devices (DDP when > 1)
+    :param devices: number of processes/devices per node (DDP when devices x num_nodes > 1)
+    :param num_nodes: number of nodes (multi-node DDP, e.g. under SLURM: srun ... --devices 8 --num_nodes 4)
     :param overwrite: replace an existing samples.npz and discard existing shards
     """
     # Every input is checked before anything is written or generated.
     check_out_dir(out_dir)
+    check_devices(devices, num_nodes)
     final = os.path.join(out_dir, SAMPLES_NAME)
     if os.path.exists(final) and not overwrite:
         raise UserFileExistsError(
@@ -336,6 +342,6 @@ def sample(
         precision=precision,
     )  # fmt: skip
     result = run_sampling(model, classifier, options, out_dir, num_samples, batch_size, shard_size, labels, settings,
-                          overwrite, accelerator, devices)  # fmt: skip
+                          overwrite, accelerator, devices, num_nodes)  # fmt: skip
     if result.paths:
         print_summary(result, model.image_shape)

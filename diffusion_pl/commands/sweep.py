@@ -11,7 +11,14 @@ import io
 import os
 from typing import Any, Literal
 
-from diffusion_pl.commands.common import check_out_dir, engine_options, load_classifier, load_model, write_json
+from diffusion_pl.commands.common import (
+    check_devices,
+    check_out_dir,
+    engine_options,
+    load_classifier,
+    load_model,
+    write_json,
+)
 from diffusion_pl.commands.evaluate import ALL, Metric, check_evaluation_inputs, launch, rank_world, sample_metrics
 from diffusion_pl.commands.sample import run_sampling_in_process, sampling_settings
 from diffusion_pl.errors import UserInputError
@@ -93,6 +100,7 @@ def sweep(
     wandb_project: str = "diffusion-pl",
     accelerator: str = "auto",
     devices: int = 1,
+    num_nodes: int = 1,
     overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """Sample at each classifier scale and/or CFG scale (same seeds, so only the scale differs), evaluate each against
@@ -134,7 +142,8 @@ def sweep(
     :param wandb: log the table and the plot to W&B (the active run, else a new one in --wandb_project)
     :param wandb_project: W&B project of a new run
     :param accelerator: cpu, gpu or auto
-    :param devices: processes (DDP when > 1)
+    :param devices: processes per node (DDP when devices x num_nodes > 1)
+    :param num_nodes: nodes (multi-node DDP, e.g. under SLURM: srun ... --devices 8 --num_nodes 4)
     :param overwrite: regenerate samples and replace outputs
     """
     plan = [("classifier", float(s)) for s in (classifier_scales or [])]
@@ -143,7 +152,8 @@ def sweep(
         raise UserInputError("nothing to sweep: give --classifier_scales and/or --cfg_scales")
     check_out_dir(out_dir)
     check_evaluation_inputs(reference, data_class, metrics, inception_weights)
-    device = launch(accelerator, devices)
+    check_devices(devices, num_nodes)
+    device = launch(accelerator, devices, num_nodes)
     rank, _ = rank_world()
     model = load_model(ckpt, openai_ckpt, arch, diffusion_steps, noise_schedule, var_type, rescale_timesteps)
     classifier = load_classifier(model, classifier_ckpt, classifier_openai_ckpt, classifier_arch)

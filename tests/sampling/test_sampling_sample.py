@@ -120,9 +120,10 @@ def test_compatibility_errors(ckpts, tmp_path):
 
 
 @pytest.mark.parametrize("command,options", [
-    ("sample", ["--ckpt", "--openai_ckpt", "--arch", "--classifier_scale", "--cfg_scale", "--devices", "--overwrite"]),
-    ("evaluate", ["--samples", "--reference", "--inception_weights", "--nll", "--data_class"]),
-    ("sweep", ["--classifier_scales", "--cfg_scales", "--wandb"]),
+    ("sample", ["--ckpt", "--openai_ckpt", "--arch", "--classifier_scale", "--cfg_scale", "--devices", "--num_nodes",
+                "--overwrite"]),
+    ("evaluate", ["--samples", "--reference", "--inception_weights", "--nll", "--data_class", "--num_nodes"]),
+    ("sweep", ["--classifier_scales", "--cfg_scales", "--wandb", "--num_nodes"]),
 ])  # fmt: skip
 def test_cli_help(command, options):
     proc = subprocess.run([sys.executable, "-m", "diffusion_pl.cli", command, "--help"], cwd=ROOT,
