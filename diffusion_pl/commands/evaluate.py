@@ -31,6 +31,7 @@ from diffusion_pl.commands.common import (
     load_model,
     write_json,
 )
+from diffusion_pl.data.common import EVALUATION_LOADER_VERSION, evaluation_dataloader
 from diffusion_pl.errors import UserFileExistsError, UserFileNotFoundError, UserInputError
 from diffusion_pl.evaluation import (
     all_gather_uneven,
@@ -97,25 +98,17 @@ def build_datamodule(data_class: str, data_args: dict[str, Any] | None):
     return datamodule
 
 
-def split_loader(datamodule, split: str):
-    loader = {"train": datamodule.train_dataloader, "val": datamodule.val_dataloader}[split]()
-    return loader
-
-
 def _uint8_batches(loader):
     for x, _ in loader:
         yield to_uint8(x)
 
 
 def datamodule_reference(data_class, data_args, split, extractor, cache_dir):
-    """Reference features of a DataModule split (uint8 images as stored; no random flip for val), cached by source."""
+    """Reference features of ALL images of a DataModule split as stored (in order, never flipped, the last partial
+    batch included: :func:`evaluation_dataloader`), cached by source."""
     datamodule = build_datamodule(data_class, data_args)
-    loader = split_loader(datamodule, split)
-    if split == "train" and getattr(datamodule, "random_flip", False):
-        raise UserInputError(
-            "--split train with random_flip: true would use flipped images; set data_args.random_flip false"
-        )
-    source_id = f"{data_class}:{json.dumps(data_args or {}, sort_keys=True)}:{split}"
+    loader = evaluation_dataloader(datamodule, split)
+    source_id = f"{data_class}:{json.dumps(data_args or {}, sort_keys=True)}:{split}:{EVALUATION_LOADER_VERSION}"
     return reference_features(
         _uint8_batches(loader), feature_extractor=extractor, source_id=source_id,
         num_images=len(loader.dataset), cache_dir=cache_dir,
@@ -215,7 +208,7 @@ def nll_bpd(
     """Bits/dim with the FULL process (calc_bpd_loop), val batches shared round-robin over ranks, gathered to all."""
     rank, world = rank_world()
     datamodule = build_datamodule(data_class, data_args)
-    loader = split_loader(datamodule, split)
+    loader = evaluation_dataloader(datamodule, split)
     net = model.net.to(device).eval()
     rows: dict[str, list[torch.Tensor]] = {k: [] for k in ("total_bpd", "prior_bpd", "vb", "xstart_mse", "mse")}
     used: list[torch.Tensor] = []
@@ -261,7 +254,9 @@ def nll_bpd(
         "baselines": {"uniform_8bit_bpd": 8.0},
     }
     if rank == 0:
-        result["baselines"]["per_pixel_histogram_bpd"] = histogram_baseline_bpd(split_loader(datamodule, "train"), used)
+        result["baselines"]["per_pixel_histogram_bpd"] = histogram_baseline_bpd(
+            evaluation_dataloader(datamodule, "train"), used
+        )
     return result
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -95,6 +97,45 @@ def make_dataloader(
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=pin_memory,
+    )
+
+
+# Goes into the cache key of reference features computed from evaluation_dataloader, so that caches made before it
+# existed (from the shuffled, randomly flipped training loader without its last batch) are not reused.
+EVALUATION_LOADER_VERSION = "complete-unflipped"
+
+
+def evaluation_dataloader(
+    datamodule: object, split: Literal["train", "val"], batch_size: int | None = None
+) -> DataLoader:
+    """A deterministic loader over ALL images of a split of a set-up DataModule, for reference statistics (FID
+    references) and bits/dim: sample order, no shuffling, no random flip, the last partial batch kept.
+
+    The dataset is the one of the DataModule's own ``train_dataloader()`` / ``val_dataloader()``; a dataset with a
+    ``random_flip`` attribute (ArrayImageDataset, the datasets of diffusion_pl.data) is used through a copy with the
+    flip turned off. A training split that flips in some other way (the DataModule has ``random_flip`` true but its
+    dataset has no such attribute) is refused. Batch size: ``batch_size``, else the DataModule loader's.
+    """
+    if split not in ("train", "val"):
+        raise UserInputError(f"split must be 'train' or 'val', got {split!r}")
+    loader = getattr(datamodule, f"{split}_dataloader")()
+    dataset = loader.dataset
+    if getattr(dataset, "random_flip", False):
+        dataset = copy.copy(dataset)  # shares the (memory-mapped) arrays
+        dataset.random_flip = False
+    elif split == "train" and getattr(datamodule, "random_flip", False) and not hasattr(dataset, "random_flip"):
+        raise UserInputError(
+            f"the train split of {type(datamodule).__name__} is randomly flipped by its {type(dataset).__name__}, "
+            "which has no random_flip attribute to turn off for evaluation: set the DataModule's random_flip false"
+        )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size or loader.batch_size or 64,
+        shuffle=False,
+        drop_last=False,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
     )
 
 

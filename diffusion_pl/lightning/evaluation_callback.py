@@ -25,6 +25,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.callbacks.weight_averaging import WeightAveraging
 from lightning.pytorch.utilities import rank_zero_warn
 
+from diffusion_pl.data.common import EVALUATION_LOADER_VERSION, evaluation_dataloader
 from diffusion_pl.errors import UserFileNotFoundError, UserInputError
 from diffusion_pl.evaluation import InceptionFeatures, evaluate_samples_distributed, reference_features
 from diffusion_pl.evaluation.features import (
@@ -50,7 +51,8 @@ class SampleQualityEvaluation(Callback):
         steps: sampling steps ("100", "250", "ddim50", "" = all T).
         method / eta / clip_denoised: sampler settings.
         reference: image folder, ADM reference npz or reference cache; None = the datamodule's ``reference_split``.
-        reference_split: "val" or "train" split of the trainer's datamodule (used when ``reference`` is None).
+        reference_split: "val" or "train" split of the trainer's datamodule (used when ``reference`` is None): all
+            its images as stored, in order, never flipped (a separate deterministic loader, not the training one).
         inception_weights: local Inception weights (offline clusters); None = torch-fidelity's cache/download.
         metrics: subset of fid, isc, prc, kid.
         classifier_path / classifier_scale: classifier guidance with a NoisyClassifierModule checkpoint.
@@ -206,8 +208,12 @@ class SampleQualityEvaluation(Callback):
         datamodule = trainer.datamodule
         if datamodule is None:
             raise UserInputError("SampleQualityEvaluation: set reference=... or train with a datamodule")
-        loader = datamodule.val_dataloader() if self.reference_split == "val" else datamodule.train_dataloader()
-        source_id = f"{type(datamodule).__module__}.{type(datamodule).__qualname__}:{self.reference_split}"
+        # All images of the split as stored: in order, never flipped, the last partial batch included.
+        loader = evaluation_dataloader(datamodule, self.reference_split)
+        source_id = (
+            f"{type(datamodule).__module__}.{type(datamodule).__qualname__}:{self.reference_split}:"
+            f"{EVALUATION_LOADER_VERSION}"
+        )
         hp = getattr(datamodule, "hparams", None)
         if hp:
             source_id += ":" + ",".join(f"{k}={v}" for k, v in sorted(dict(hp).items()))
