@@ -32,29 +32,50 @@ CLASSIFIER = dict(image_size=32, model_channels=64, num_res_blocks=2, attention_
                   out_channels=1000)  # fmt: skip
 
 
-def build(seed: int = 0):
-    from guided_diffusion.script_util import create_gaussian_diffusion, create_model
+# tiny: for the test of the benchmark runner only
+TINY_UNET = dict(image_size=16, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
+                 num_head_channels=32, use_scale_shift_norm=True, resblock_updown=True, learn_sigma=True,
+                 num_classes=10)  # fmt: skip
+TINY_CLASSIFIER = dict(image_size=16, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                       attention_resolutions=(8,), num_head_channels=32, use_scale_shift_norm=True,
+                       resblock_updown=True, pool="attention", out_channels=10)  # fmt: skip
+
+
+def build(seed: int = 0, unet: dict | None = None, classifier: dict | None = None):
+    """(ours, our classifier, reference U-Net, reference classifier, our T=1000 process, create_gaussian_diffusion):
+    the same (randomised) weights in both implementations."""
+    from guided_diffusion.script_util import create_gaussian_diffusion
+    from guided_diffusion.unet import EncoderUNetModel as RefEncoder
+    from guided_diffusion.unet import UNetModel as RefUNet
 
     from diffusion_pl.diffusion import create_diffusion
     from diffusion_pl.models import EncoderUNetModel, UNetModel, export_openai_state_dict
 
+    unet, classifier = dict(unet or UNET), dict(classifier or CLASSIFIER)
     torch.manual_seed(seed)
-    ours = UNetModel(**UNET).eval()
-    clf = EncoderUNetModel(**CLASSIFIER).eval().requires_grad_(False)
+    ours = UNetModel(**unet).eval()
+    clf = EncoderUNetModel(**classifier).eval().requires_grad_(False)
     with torch.no_grad():  # zero-initialised output layers -> random, so the guidance gradient is non-trivial
         for p in list(ours.parameters()) + list(clf.parameters()):
             if p.ndim > 1 and bool((p == 0).all()):
                 p.normal_(0, 0.02)
-    ref = create_model(image_size=32, num_channels=64, num_res_blocks=2, channel_mult="1,2,2,2", learn_sigma=True,
-                       class_cond=True, attention_resolutions="16,8", num_head_channels=64, use_scale_shift_norm=True,
-                       resblock_updown=True).eval()  # fmt: skip
+    size = unet["image_size"]
+    # create_model's keyword set, built directly (its channel_mult table does not know every size)
+    ref = RefUNet(image_size=size, in_channels=3, model_channels=unet["model_channels"], out_channels=6,
+                  num_res_blocks=unet["num_res_blocks"],
+                  attention_resolutions=tuple(size // r for r in unet["attention_resolutions"]),
+                  channel_mult=unet["channel_mult"], num_classes=unet["num_classes"],
+                  num_head_channels=unet["num_head_channels"], use_scale_shift_norm=True, resblock_updown=True,
+                  ).eval()  # fmt: skip
     ref.load_state_dict(export_openai_state_dict(ours))
     # create_classifier only knows 64..512 px: build the reference EncoderUNetModel as it would (attention at ds).
-    from guided_diffusion.unet import EncoderUNetModel as RefEncoder
-
-    ref_clf = RefEncoder(image_size=32, in_channels=3, model_channels=64, out_channels=1000, num_res_blocks=2,
-                         attention_resolutions=(2, 4), channel_mult=(1, 2, 2, 2), num_head_channels=64,
-                         use_scale_shift_norm=True, resblock_updown=True, pool="attention").eval()  # fmt: skip
+    csize = classifier["image_size"]
+    ref_clf = RefEncoder(image_size=csize, in_channels=3, model_channels=classifier["model_channels"],
+                         out_channels=classifier["out_channels"], num_res_blocks=classifier["num_res_blocks"],
+                         attention_resolutions=tuple(csize // r for r in classifier["attention_resolutions"]),
+                         channel_mult=classifier.get("channel_mult", (1, 2, 2, 2)),
+                         num_head_channels=classifier["num_head_channels"], use_scale_shift_norm=True,
+                         resblock_updown=True, pool="attention").eval()  # fmt: skip
     ref_clf.load_state_dict(export_openai_state_dict(clf))
     ref_clf.requires_grad_(False)
     return ours, clf, ref, ref_clf, create_diffusion(steps=1000), create_gaussian_diffusion
@@ -63,8 +84,10 @@ def build(seed: int = 0):
 def run_ours(ours, clf, diffusion, steps, batch, dtype):
     from diffusion_pl.sampling import SampleEngine
 
-    engine = SampleEngine(ours, diffusion, (3, 32, 32), respacing=str(steps), class_cond=True, num_classes=1000,
-                          classifier=clf, classifier_scale=1.0, precision=dtype, progress=False)  # fmt: skip
+    size = ours.image_size
+    engine = SampleEngine(ours, diffusion, (3, size, size), respacing=str(steps), class_cond=True,
+                          num_classes=ours.num_classes, classifier=clf, classifier_scale=1.0, precision=dtype,
+                          progress=False)  # fmt: skip
     start = time.perf_counter()
     out = engine.sample(range(batch)).images
     return time.perf_counter() - start, out
@@ -88,9 +111,10 @@ def run_ref(ref, ref_clf, create_gaussian_diffusion, steps, batch, dtype):
         with autocast:
             return ref(x, t, y).float()
 
-    classes = torch.randint(0, 1000, (batch,))
+    classes = torch.randint(0, ref.num_classes, (batch,))
+    size = ref.image_size
     start = time.perf_counter()
-    out = diffusion.p_sample_loop(model_fn, (batch, 3, 32, 32), clip_denoised=True, model_kwargs={"y": classes},
+    out = diffusion.p_sample_loop(model_fn, (batch, 3, size, size), clip_denoised=True, model_kwargs={"y": classes},
                                   cond_fn=cond_fn, device="cpu", progress=False)  # fmt: skip
     return time.perf_counter() - start, out
 

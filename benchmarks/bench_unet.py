@@ -13,8 +13,8 @@ processes share the CPU.
     python benchmarks/bench_unet.py --profile --impl ours --config cpu --dtype fp32
 
 Training step = forward + MSE loss + backward + AdamW step (set_to_none zero_grad). Inference = forward under
-``torch.inference_mode``. "peak MiB" = peak RSS minus the RSS after importing torch and both model packages (weights + grads + optimizer state +
-activations + allocator slack).
+``torch.inference_mode``. "peak MiB" = peak RSS minus the RSS after importing torch and both model packages
+(weights + grads + optimizer state + activations + allocator slack).
 """
 
 from __future__ import annotations
@@ -39,6 +39,12 @@ CONFIGS = {
     ),  # fmt: skip
     # ADM ImageNet-64 paper configuration (295.9M parameters), batch 2
     "adm64": dict(batch=2, preset="adm_imagenet64"),
+    # tiny: for the test of the benchmark runner only (seconds, not a meaningful measurement)
+    "tiny": dict(
+        batch=2,
+        kw=dict(image_size=16, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
+                num_head_channels=32, use_scale_shift_norm=True, resblock_updown=True, learn_sigma=True),
+    ),  # fmt: skip
 }
 
 
@@ -119,7 +125,8 @@ def measure(impl, config, mode, dtype, channels_last, iters, warmup, profile=Fal
     for _ in range(warmup):
         step()
     if profile:
-        from torch.profiler import ProfilerActivity, profile as prof
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as prof
 
         with prof(activities=[ProfilerActivity.CPU], profile_memory=True) as p:
             step()
@@ -133,9 +140,9 @@ def measure(impl, config, mode, dtype, channels_last, iters, warmup, profile=Fal
 
 
 def run_single(args) -> dict:
-    cmd = [sys.executable, __file__, "--single", "--impl", args["impl"], "--config", args["config"], "--mode", args["mode"],
-           "--dtype", args["dtype"], "--channels-last", "on" if args["cl"] else "off", "--iters", str(args["iters"]),
-           "--warmup", str(args["warmup"])]  # fmt: skip
+    cmd = [sys.executable, __file__, "--single", "--impl", args["impl"], "--config", args["config"],
+           "--mode", args["mode"], "--dtype", args["dtype"], "--channels-last", "on" if args["cl"] else "off",
+           "--iters", str(args["iters"]), "--warmup", str(args["warmup"])]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -175,7 +182,8 @@ def main():
                 results.setdefault((m, d, c, impl), []).append(res)
                 print(f"round {r} {m} {d} cl={c} {impl}: {res}", file=sys.stderr, flush=True)
     print(f"\nconfig={a.config} batch={CONFIGS[a.config]['batch']} rounds={a.rounds} iters={iters} warmup={warmup}")
-    print("| mode | dtype | channels_last | ref img/s | ours img/s | speed-up | ref peak MiB | ours peak MiB | mem ratio |")
+    print("| mode | dtype | channels_last | ref img/s | ours img/s | speed-up | ref peak MiB | ours peak MiB | "
+          "mem ratio |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
     for m, d, c in cells:
         med = {

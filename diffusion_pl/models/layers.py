@@ -31,7 +31,8 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     """Sinusoidal embedding ``[cos(t * f_i), sin(t * f_i)]`` with ``f_i = exp(-ln(max_period) * i / half)``.
 
     ``half = dim // 2`` and ``i = 0 .. half - 1``; cosines come first. An odd ``dim`` is padded with one zero column.
-    ``timesteps`` may be integer or fractional (e.g. rescaled ``t * 1000 / T``), shape ``[N]``. Returns float32 ``[N, dim]``.
+    ``timesteps`` may be integer or fractional (e.g. rescaled ``t * 1000 / T``), shape ``[N]``.
+    Returns float32 ``[N, dim]``.
     """
     half = dim // 2
     freqs = torch.exp(
@@ -51,62 +52,244 @@ def zero_init(module: nn.Module) -> nn.Module:
     return module
 
 
-def _group_norm_fp32(x: torch.Tensor, num_groups: int, eps: float) -> torch.Tensor:
-    """Affine-free GroupNorm of ``x`` computed in float32 (autocast disabled); the result stays float32."""
-    if torch.is_autocast_enabled(x.device.type):
-        with torch.autocast(x.device.type, enabled=False):
-            return F.group_norm(x.float(), num_groups, None, None, eps)
-    return F.group_norm(x.float(), num_groups, None, None, eps)
+# ---------------------------------------------------------------------------------------------------------------------
+# Fused GroupNorm (+ AdaGN) (+ SiLU) with a hand-written backward.
+#
+# Notation per sample n, channel c, group g(c), M = (C / G) * H * W elements per group:
+#     nrm = (x - mean_g) * rstd_g                   GroupNorm without affine (float32 statistics)
+#     pre = nrm * A_nc + B_nc                       A = w (1 + scale), B = b (1 + scale) + shift (affine + AdaGN)
+#     out = SiLU(pre)  (or pre without activation)
+# Backward, with dpre = dL/dpre:
+#     dB_nc = sum_hw dpre,  dA_nc = sum_hw dpre * nrm = rstd_g (sum_hw dpre * x - mean_g dB_nc)
+#     dx = rstd_g (A_nc dpre - k1_g - nrm k2_g),  k1_g = sum_{c in g} A_nc dB_nc / M, k2_g = sum_{c in g} A_nc dA_nc / M
+#        = P_nc dpre + X_nc x + Y_nc              P = rstd A, X = -rstd^2 k2, Y = rstd (rstd k2 mean - k1)
+# (the GroupNorm backward of ATen, with the per-sample modulation folded in). Only x and the [N, G] statistics are
+# kept for backward; the element-wise chain is recomputed from them in ONE pass.
+# ---------------------------------------------------------------------------------------------------------------------
 
 
-def _norm_modulate(x, weight, bias, scale, shift, num_groups, eps, act):
-    """float32 ``[SiLU](norm(x) * w(1 + scale) + b(1 + scale) + shift)`` (scale/shift may be None); autocast off."""
-    n = F.group_norm(x.float(), num_groups, None, None, eps)
+def _bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[N or 1, C] -> [N or 1, C, 1, ...] to broadcast against ``like``."""
+    return t.view(*t.shape, *([1] * (like.dim() - 2)))
+
+
+def _norm_coeffs(weight, bias, scale, shift) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 (A, B), ``[N or 1, C]``: norm(h) * (1 + scale) + shift == nrm * A + B with the affine folded in."""
     w, b = weight.float(), bias.float()
     if scale is None:
-        a, c = w[None], b[None]
+        return w[None], b[None]
+    one_plus = 1.0 + scale.float()
+    return w * one_plus, b * one_plus + shift.float()
+
+
+def _norm_act_forward(x, A, B, num_groups, eps, act):
+    """(out in x.dtype, mean [N, G], rstd [N, G]); computed in float32, in place in one float32 buffer."""
+    n, c = x.shape[:2]
+    nrm, mean, rstd = torch.ops.aten.native_group_norm(x.float(), None, None, n, c, x[0, 0].numel(), num_groups, eps)
+    pre = torch.addcmul(_bcast(B, x), nrm, _bcast(A, x), out=nrm)
+    if act:
+        F.silu(pre, inplace=True)
+    return pre.to(x.dtype), mean, rstd
+
+
+def _per_channel(stat: torch.Tensor, channels: int) -> torch.Tensor:
+    return stat.repeat_interleave(channels // stat.shape[1], dim=1)
+
+
+def _recompute_pre(x, A, B, mean, rstd):
+    """float32 ``pre = nrm * A + B`` from x and the saved statistics (one pass); also returns per-channel stats, P."""
+    c = x.shape[1]
+    mean_c, rstd_c = _per_channel(mean, c), _per_channel(rstd, c)
+    P = rstd_c * A  # [N, C]
+    return torch.addcmul(_bcast(B - mean_c * P, x), x, _bcast(P, x)), mean_c, rstd_c, P
+
+
+def _norm_act_backward(grad, x, pre, A, mean_c, rstd_c, P, num_groups, act):
+    """(dx in x.dtype, dA [N, C], dB [N, C]) for ``out = act(nrm * A + B)`` (see the block comment above)."""
+    n, c = x.shape[:2]
+    dims = tuple(range(2, x.dim()))
+    g = grad.float()
+    dpre = torch.ops.aten.silu_backward(g, pre) if act else g
+    dB = dpre.sum(dims)
+    dA = rstd_c * (torch.mul(dpre, x).sum(dims) - mean_c * dB)
+    m = (c // num_groups) * x[0, 0].numel()
+    k1 = (A * dB).view(n, num_groups, -1).sum(-1) / m
+    k2 = (A * dA).view(n, num_groups, -1).sum(-1) / m
+    k1, k2 = _per_channel(k1, c), _per_channel(k2, c)
+    X = -rstd_c * rstd_c * k2
+    Y = rstd_c * (rstd_c * k2 * mean_c - k1)
+    if act:  # pre is no longer needed: reuse its float32 buffer for dx
+        dx = torch.addcmul(_bcast(Y, x), x, _bcast(X, x), out=pre)
+    else:
+        dx = torch.addcmul(_bcast(Y, x), x, _bcast(X, x))
+    dx.addcmul_(dpre, _bcast(P, x))
+    return dx.to(x.dtype), dA, dB
+
+
+def _norm_param_grads(needs, weight, bias, scale, shift, dA, dB):
+    """Gradients of (weight, bias, scale, shift) from dA, dB (``None`` where not needed)."""
+    gw = gb = gs = gsh = None
+    if scale is None:
+        one_plus = None
+        if needs[1]:
+            gw = dA.sum(0).to(weight.dtype)
+        if needs[2]:
+            gb = dB.sum(0).to(bias.dtype)
     else:
         one_plus = 1.0 + scale.float()
-        a, c = w * one_plus, b * one_plus + shift.float()
-    spatial = (1,) * (x.dim() - 2)
-    out = torch.addcmul(c.view(*c.shape, *spatial), n, a.view(*a.shape, *spatial))
-    return F.silu(out) if act else out
+        if needs[1]:
+            gw = (dA * one_plus).sum(0).to(weight.dtype)
+        if needs[2]:
+            gb = (dB * one_plus).sum(0).to(bias.dtype)
+        if needs[3]:
+            gs = (dA * weight.float() + dB * bias.float()).to(scale.dtype)
+        if needs[4]:
+            gsh = dB.to(shift.dtype)
+    return gw, gb, gs, gsh
 
 
-class _NormActRecompute(torch.autograd.Function):
-    """Memory-efficient GroupNorm(+AdaGN)+SiLU: saves only its inputs and recomputes the cheap element-wise chain in
-    backward, instead of keeping the normalised and the pre-activation tensors alive (two full-size activations per
-    call) until the backward pass. Same maths as :func:`_norm_modulate`."""
+class _NormAct(torch.autograd.Function):
+    """Memory-efficient GroupNorm(+AdaGN)(+SiLU): saves only its input (and [N, G] statistics) and recomputes the
+    element-wise chain in backward in one pass, instead of keeping the normalised and the pre-activation tensors
+    alive until the backward pass. Float32 maths (autocast off), output in ``x.dtype``."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, shift, num_groups, eps, act):
-        ctx.cfg = (num_groups, eps, act)
-        ctx.save_for_backward(x, weight, bias, scale, shift)
         with torch.autocast(x.device.type, enabled=False):
-            return _norm_modulate(x, weight, bias, scale, shift, num_groups, eps, act).to(x.dtype)
+            A, _B = _norm_coeffs(weight, bias, scale, shift)
+            out, mean, rstd = _norm_act_forward(x, A, _B, num_groups, eps, act)
+        ctx.cfg = (num_groups, act)
+        ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        saved = ctx.saved_tensors
-        inputs = [t.detach().requires_grad_(need) if t is not None else None for t, need in zip(saved, ctx.needs_input_grad)]
-        with torch.enable_grad(), torch.autocast(grad.device.type, enabled=False):
-            out = _norm_modulate(*inputs, *ctx.cfg).to(saved[0].dtype)
-        wrt = [t for t in inputs if t is not None and t.requires_grad]
-        grads = iter(torch.autograd.grad(out, wrt, grad))
-        return tuple(next(grads) if t is not None and t.requires_grad else None for t in inputs) + (None, None, None)
+        x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
+        num_groups, act = ctx.cfg
+        with torch.autocast(grad.device.type, enabled=False):
+            A, B = _norm_coeffs(weight, bias, scale, shift)
+            if act:
+                pre, mean_c, rstd_c, P = _recompute_pre(x, A, B, mean, rstd)
+            else:
+                c = x.shape[1]
+                pre, mean_c, rstd_c = None, _per_channel(mean, c), _per_channel(rstd, c)
+                P = rstd_c * A
+            dx, dA, dB = _norm_act_backward(grad, x, pre, A, mean_c, rstd_c, P, num_groups, act)
+            grads = _norm_param_grads(ctx.needs_input_grad, weight, bias, scale, shift, dA, dB)
+        return (dx if ctx.needs_input_grad[0] else None, *grads, None, None, None)
+
+
+def _resample(x: torch.Tensor, mode: str | None) -> torch.Tensor:
+    if mode == "up":
+        return F.interpolate(x, scale_factor=2, mode="nearest")
+    if mode == "down":
+        return F.avg_pool2d(x, 2)
+    return x
+
+
+def _resample_backward(grad: torch.Tensor, mode: str | None, inp: torch.Tensor) -> torch.Tensor:
+    if mode == "up":
+        return torch.ops.aten.upsample_nearest2d_backward(grad, list(grad.shape[2:]), list(inp.shape), 2.0, 2.0)
+    if mode == "down":
+        return torch.ops.aten.avg_pool2d_backward(grad, inp, [2, 2], [2, 2], [0, 0], False, True, None)
+    return grad
+
+
+def _conv_weight(w: torch.Tensor, dtype: torch.dtype, inp: torch.Tensor) -> torch.Tensor:
+    """The weight in the compute dtype and in the input's memory format, in ONE copy (oneDNN would otherwise reorder
+    a contiguous weight to channels_last on every call, after the autocast cast)."""
+    if inp.dim() == 4 and not inp.is_contiguous() and inp.is_contiguous(memory_format=torch.channels_last):
+        return w.to(dtype=dtype, memory_format=torch.channels_last)
+    return w.to(dtype)
+
+
+class _NormActConv(torch.autograd.Function):
+    """``conv(resample(SiLU(GN(x) * (1 + scale) + shift)))`` that keeps only x for backward.
+
+    The activation (and its resampled copy) is the convolution's input; autograd would keep it alive until backward.
+    Here it is recomputed from x in backward (one element-wise pass, which the norm backward needs anyway), so a
+    ResBlock keeps two of its four full-size tensors. The convolution itself is never recomputed: its backward is
+    called directly on the recomputed input. Under autocast the convolution runs in the autocast dtype, as
+    ``nn.Conv2d`` would.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, shift, conv_w, conv_b, num_groups, eps, resample, padding):
+        dev = x.device.type
+        cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else conv_w.dtype
+        with torch.autocast(dev, enabled=False):
+            A, B = _norm_coeffs(weight, bias, scale, shift)
+            a, mean, rstd = _norm_act_forward(x, A, B, num_groups, eps, True)
+            r = _resample(a, resample).to(cdt)
+            out = F.conv2d(r, _conv_weight(conv_w, cdt, r), None if conv_b is None else conv_b.to(cdt), padding=padding)
+        ctx.cfg = (num_groups, resample, padding, cdt)
+        ctx.save_for_backward(x, weight, bias, scale, shift, conv_w, conv_b, mean, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias, scale, shift, conv_w, conv_b, mean, rstd = ctx.saved_tensors
+        num_groups, resample, padding, cdt = ctx.cfg
+        needs = ctx.needs_input_grad
+        need_in = any(needs[:5])
+        with torch.autocast(grad.device.type, enabled=False):
+            A, B = _norm_coeffs(weight, bias, scale, shift)
+            pre, mean_c, rstd_c, P = _recompute_pre(x, A, B, mean, rstd)
+            a = F.silu(pre).to(x.dtype)
+            r = _resample(a, resample).to(cdt)
+            g_r, g_cw, g_cb = torch.ops.aten.convolution_backward(
+                grad.to(cdt), r, _conv_weight(conv_w, cdt, r), None if conv_b is None else [conv_w.shape[0]], [1, 1],
+                [padding, padding], [1, 1], False, [0, 0], 1, [need_in, needs[5], needs[6] and conv_b is not None],
+            )  # fmt: skip
+            del r
+            dx = gw = gb = gs = gsh = None
+            if need_in:
+                g_a = _resample_backward(g_r, resample, a)
+                del g_r
+                dx, dA, dB = _norm_act_backward(g_a, x, pre, A, mean_c, rstd_c, P, num_groups, True)
+                gw, gb, gs, gsh = _norm_param_grads(needs, weight, bias, scale, shift, dA, dB)
+        return (
+            dx if needs[0] else None, gw, gb, gs, gsh,
+            None if g_cw is None else g_cw.to(conv_w.dtype),
+            None if g_cb is None else g_cb.to(conv_b.dtype),
+            None, None, None, None,
+        )  # fmt: skip
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def norm_act(
-    norm: "GroupNorm32", x: torch.Tensor, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None, act: bool = True
+    norm: GroupNorm32,
+    x: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    act: bool = True,
 ) -> torch.Tensor:
-    """``SiLU(norm(x) * (1 + scale) + shift)`` in float32, returned in ``x.dtype``; recomputed in backward when a
-    gradient is needed (see :class:`_NormActRecompute`)."""
-    if torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad):
-        return _NormActRecompute.apply(x, norm.weight, norm.bias, scale, shift, norm.num_groups, norm.eps, act)
-    if torch.is_autocast_enabled(x.device.type):
-        with torch.autocast(x.device.type, enabled=False):
-            return _norm_modulate(x, norm.weight, norm.bias, scale, shift, norm.num_groups, norm.eps, act).to(x.dtype)
-    return _norm_modulate(x, norm.weight, norm.bias, scale, shift, norm.num_groups, norm.eps, act).to(x.dtype)
+    """``SiLU(norm(x) * (1 + scale) + shift)`` (without SiLU when ``act`` is False) in float32, returned in
+    ``x.dtype``; recomputed in backward when a gradient is needed (see :class:`_NormAct`)."""
+    if _needs_grad(x, norm.weight, norm.bias, scale, shift):
+        return _NormAct.apply(x, norm.weight, norm.bias, scale, shift, norm.num_groups, norm.eps, act)
+    with torch.autocast(x.device.type, enabled=False):
+        A, B = _norm_coeffs(norm.weight, norm.bias, scale, shift)
+        return _norm_act_forward(x, A, B, norm.num_groups, norm.eps, act)[0]
+
+
+def norm_act_conv(
+    norm: GroupNorm32,
+    conv: nn.Conv2d,
+    x: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    resample: str | None = None,
+) -> torch.Tensor:
+    """``conv(resample(SiLU(norm(x) * (1 + scale) + shift)))`` (a 3x3/1x1 stride-1 convolution); with a gradient the
+    activation is not kept for backward (see :class:`_NormActConv`)."""
+    if _needs_grad(x, norm.weight, norm.bias, scale, shift, conv.weight, conv.bias):
+        return _NormActConv.apply(x, norm.weight, norm.bias, scale, shift, conv.weight, conv.bias, norm.num_groups,
+                                  norm.eps, resample, conv.padding[0])  # fmt: skip
+    return conv(_resample(norm_act(norm, x, scale, shift), resample))
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -135,18 +318,7 @@ class GroupNorm32(nn.GroupNorm):
         self, x: torch.Tensor, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``norm(x) * (1 + scale) + shift`` (scale/shift ``[N, C]``, optional) in float32, returned in ``x.dtype``."""
-        n = _group_norm_fp32(x, self.num_groups, self.eps)
-        w, b = self.weight.float(), self.bias.float()
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        if scale is None:
-            out = torch.addcmul(b.view(shape), n, w.view(shape))
-        else:
-            one_plus = 1.0 + scale.float()
-            a = w * one_plus  # [N, C]
-            c = b * one_plus + shift.float()
-            shape = a.shape + (1,) * (x.dim() - 2)
-            out = torch.addcmul(c.view(shape), n, a.view(shape))
-        return out.to(x.dtype)
+        return norm_act(self, x, scale, shift, act=False)
 
 
 class _Checkpointed(nn.Module):
@@ -224,24 +396,19 @@ class ResBlock(_Checkpointed):
         self.out_conv = zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
-    def _resample(self, x: torch.Tensor) -> torch.Tensor:
-        if self.resample == "up":
-            return F.interpolate(x, scale_factor=2, mode="nearest")
-        if self.resample == "down":
-            return F.avg_pool2d(x, 2)
-        return x
-
     def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = norm_act(self.in_norm, x)
-        h = self.in_conv(self._resample(h))
-        x = self._resample(x)
+        h = norm_act_conv(self.in_norm, self.in_conv, x, resample=self.resample)
+        x = _resample(x, self.resample)
         e = self.emb_proj(F.silu(emb))
         if self.use_scale_shift_norm:
             scale, shift = e.chunk(2, dim=1)
-            h = norm_act(self.out_norm, h, scale, shift)
         else:
-            h = norm_act(self.out_norm, h + e.to(h.dtype)[:, :, None, None])
-        h = self.out_conv(self.dropout(h))
+            h = h + e.to(h.dtype)[:, :, None, None]
+            scale = shift = None
+        if self.dropout.p > 0 and self.training:  # the dropout mask sits between activation and conv: not fused
+            h = self.out_conv(self.dropout(norm_act(self.out_norm, h, scale, shift)))
+        else:
+            h = norm_act_conv(self.out_norm, self.out_conv, h, scale, shift)
         return self.skip(x) + h
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -274,7 +441,9 @@ class AttentionBlock(_Checkpointed):
             heads = num_heads
         else:
             if channels % num_head_channels:
-                raise ValueError(f"attention: {channels} channels are not divisible by num_head_channels={num_head_channels}")
+                raise ValueError(
+                    f"attention: {channels} channels are not divisible by num_head_channels={num_head_channels}"
+                )
             heads = channels // num_head_channels
         if heads < 1 or channels % heads:
             raise ValueError(f"attention: {channels} channels cannot be split into {heads} heads")
@@ -289,9 +458,17 @@ class AttentionBlock(_Checkpointed):
         _, _, hh, ww = x.shape
         tokens = rearrange(self.norm(x), "b c x y -> b (x y) c")
         qkv = self.qkv(tokens)
-        pattern = "b t (three h d) -> three b h t d" if self.use_new_attention_order else "b t (h three d) -> three b h t d"
+        if self.use_new_attention_order:
+            pattern = "b t (three h d) -> three b h t d"
+        else:
+            pattern = "b t (h three d) -> three b h t d"
         q, k, v = rearrange(qkv, pattern, three=3, h=self.num_heads)
-        a = F.scaled_dot_product_attention(q, k, v)
+        if q.dtype != torch.float32 and q.shape[2] < 256 and q.requires_grad:
+            # CPU flash-attention backward in bf16 is 3-5x slower than in fp32 for short sequences (measured: 64
+            # tokens 5.5 vs 2.2 ms, 16 tokens 2.5 vs 0.4 ms): compute those in fp32 (more precise as well).
+            a = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+        else:
+            a = F.scaled_dot_product_attention(q, k, v)
         a = self.proj_out(rearrange(a, "b h t d -> b t (h d)"))
         return x + rearrange(a, "b (x y) c -> b c x y", x=hh, y=ww)
 

@@ -27,8 +27,9 @@ from .layers import (
     Downsample,
     GroupNorm32,
     ResBlock,
-    norm_act,
     Upsample,
+    norm_act,
+    norm_act_conv,
     timestep_embedding,
     zero_init,
 )
@@ -86,7 +87,9 @@ def parse_attention_resolutions(
 class Stage(nn.Module):
     """One entry of the down/up path: optional ResBlock, optional attention, optional resampling (in that order)."""
 
-    def __init__(self, res: ResBlock | None = None, attn: AttentionBlock | None = None, resample: nn.Module | None = None):
+    def __init__(
+        self, res: ResBlock | None = None, attn: AttentionBlock | None = None, resample: nn.Module | None = None
+    ):
         super().__init__()
         self.res, self.attn, self.resample = res, attn, resample
 
@@ -137,6 +140,9 @@ def _check_timesteps(x: torch.Tensor, timesteps: torch.Tensor | float | int) -> 
 
 class _Backbone(nn.Module):
     """Shared constructor of the down path + middle block (both UNetModel and EncoderUNetModel)."""
+
+    #: run CPU forwards in channels_last memory format internally (see :meth:`_internal_layout`)
+    cpu_channels_last: bool = True
 
     def _build_encoder(
         self,
@@ -201,6 +207,14 @@ class _Backbone(nn.Module):
         f = 2 ** (self.num_levels - 1)
         if x.shape[2] % f or x.shape[3] % f:
             raise ValueError(f"H and W must be divisible by {f} ({self.num_levels} levels), got {tuple(x.shape[2:])}")
+
+    def _internal_layout(self, x: torch.Tensor) -> torch.Tensor:
+        """On the CPU the network runs in channels_last (NHWC) whatever the input layout: oneDNN's NHWC convolutions
+        are 20-50 % faster than NCHW ones here and the attention token view becomes free. Outputs are returned
+        contiguous (NCHW), so callers see no difference. ``cpu_channels_last = False`` keeps the input's layout."""
+        if self.cpu_channels_last and x.device.type == "cpu":
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
 
     def _encode(self, x: torch.Tensor, emb: torch.Tensor, skips: list | None = None) -> torch.Tensor:
         h = self.input_conv(x)
@@ -294,10 +308,10 @@ class UNetModel(_Backbone):
                 raise ValueError(f"y must have shape [N]=[{x.shape[0]}], got {tuple(y.shape)}")
             emb = emb + self.class_embed(y)
         skips: list[torch.Tensor] = []
-        h = self._encode(x, emb, skips)
+        h = self._encode(self._internal_layout(x), emb, skips)
         for stage in self.up:
             h = stage(torch.cat([h, skips.pop()], dim=1), emb)
-        return self.out_conv(norm_act(self.out_norm, h))
+        return norm_act_conv(self.out_norm, self.out_conv, h).contiguous()
 
 
 class EncoderUNetModel(_Backbone):
@@ -331,7 +345,11 @@ class EncoderUNetModel(_Backbone):
         if pool not in ("attention", "adaptive"):
             raise ValueError(
                 f"pool={pool!r} is not supported: use 'attention' (released ADM classifiers) or 'adaptive'"
-                + ("; the reference's 'spatial'/'spatial_v2' heads are not implemented" if "spatial" in str(pool) else "")
+                + (
+                    "; the reference's 'spatial'/'spatial_v2' heads are not implemented"
+                    if "spatial" in str(pool)
+                    else ""
+                )
             )
         ch, ds, _, _ = self._build_encoder(
             image_size, in_channels, model_channels, num_res_blocks, attention_resolutions, dropout, channel_mult,
@@ -350,7 +368,7 @@ class EncoderUNetModel(_Backbone):
         """Class logits ``[N, out_channels]`` of noisy images ``x`` at ``timesteps`` ``[N]``."""
         self._check_input(x)
         emb = self.time_embed(_check_timesteps(x, timesteps))
-        h = norm_act(self.out_norm, self._encode(x, emb))
+        h = norm_act(self.out_norm, self._encode(self._internal_layout(x), emb))
         if self.pool == "attention":
             return self.head(h)
         return self.head(h.mean(dim=(2, 3)))

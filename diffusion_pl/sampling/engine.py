@@ -11,11 +11,14 @@ This module knows networks and the diffusion maths, not Lightning.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from diffusion_pl.diffusion import (
@@ -70,6 +73,38 @@ def check_respacing(diffusion: GaussianDiffusion, respacing: str | int | None, o
             f"comma-separated counts for equal sections of the T steps (each at most its section's length), "
             f"ddimN with N one of {ddim_text}, or \"\" for all {T} steps"
         ) from e
+
+
+def sampling_weights(module: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every parameter of ``module`` detached (no autograd through the weights while sampling), with the weights and
+    biases of its convolutions and Linear layers cast ONCE to the compute dtype ``dtype`` (what autocast would do on
+    every call, bit for bit) and, on the CPU, 4-D convolution weights in channels_last (what oneDNN would reorder them
+    to on every call)."""
+    out = {}
+    cpu = next(module.parameters()).device.type == "cpu"
+    for mod_name, mod in module.named_modules():
+        for p_name, p in mod.named_parameters(recurse=False):
+            key = f"{mod_name}.{p_name}" if mod_name else p_name
+            t = p.detach()
+            if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Linear)) and t.is_floating_point():
+                fmt = torch.channels_last if cpu and t.dim() == 4 else torch.preserve_format
+                t = t.to(dtype=dtype, memory_format=fmt)
+            out[key] = t
+    return out
+
+
+@contextmanager
+def _frozen(*modules):
+    """requires_grad False on every parameter of ``modules`` for the duration (restored afterwards)."""
+    params = [p for m in modules if isinstance(m, nn.Module) for p in m.parameters()]
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
 
 
 @dataclass(frozen=True)
@@ -161,14 +196,44 @@ class SampleEngine:
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         self.progress = progress and rank == 0
         # Built once: the model function (autocast, float32 output, optional CFG) and the classifier gradient.
+        # While sample() runs, both networks read weights cast once per call (see sampling_weights).
+        self._weights: dict[int, dict[str, torch.Tensor]] = {}
         self._model_fn = self._build_model_fn()
         self._cond_fn = None
         if classifier is not None and self.classifier_scale != 0.0:
-            self._cond_fn = classifier_cond_fn(self._autocast(classifier), self.classifier_scale)
+            self._cond_fn = classifier_cond_fn(self._autocast(self._cached(classifier)), self.classifier_scale)
         # Ancestral steps and DDIM with eta > 0 add noise; deterministic DDIM needs none.
         self._stochastic = method == "ddpm" or self.eta > 0.0
 
     # ------------------------------------------------------------------------------------------------ setup
+    def _cached(self, module: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """``module`` called with the weights prepared for the current sample() call, when there are any."""
+
+        def call(*args, **kwargs):
+            weights = self._weights.get(id(module))
+            if weights is None:
+                return module(*args, **kwargs)
+            return functional_call(module, weights, args, kwargs, strict=False)
+
+        return call
+
+    @contextmanager
+    def _prepared_weights(self):
+        """Cast the networks' weights once for a whole sampling loop (instead of once per network call)."""
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        nets = [
+            m
+            for m in (self.model, self.classifier)
+            if isinstance(m, nn.Module) and next(m.parameters(), None) is not None
+        ]
+        with _frozen(*nets), torch.no_grad():
+            self._weights = {id(m): sampling_weights(m, dtype) for m in nets}
+        try:
+            with _frozen(*nets):
+                yield
+        finally:
+            self._weights = {}
+
     def _autocast(self, fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         if self.precision == "fp32":
 
@@ -186,7 +251,7 @@ class SampleEngine:
         return call_bf16
 
     def _build_model_fn(self) -> Callable[..., torch.Tensor]:
-        net = self._autocast(self.model)
+        net = self._autocast(self._cached(self.model))
         class_cond = self.class_cond
 
         def model_fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -254,7 +319,7 @@ class SampleEngine:
         if hasattr(self.model, "eval"):
             self.model.eval()
         try:
-            with self._grad_context():
+            with self._prepared_weights(), self._grad_context():
                 x = self._draw(generators)
                 zeros = torch.zeros_like(x)
                 steps = torch.arange(self.num_steps, device=self.device).flip(0)
