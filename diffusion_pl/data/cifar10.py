@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import shutil
+import tempfile
 from pathlib import Path
 
 import lightning as L
@@ -53,6 +56,9 @@ class CIFAR10DataModule(L.LightningDataModule):
     """CIFAR-10: 3x32x32, 10 classes; train = the 5 training batches, val = test = test_batch.
 
     Expects `data_dir/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}` (torchvision's layout).
+    download=True fetches it into a temporary folder that is renamed into place when complete.
+    prepare_data_per_node: Lightning calls prepare_data on the first process of every node (True) or only on global
+    rank 0 (False): set it false when data_dir is on storage all nodes share.
     """
 
     def __init__(
@@ -62,9 +68,11 @@ class CIFAR10DataModule(L.LightningDataModule):
         num_workers: int = 4,
         random_flip: bool = True,
         download: bool = False,
+        prepare_data_per_node: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.prepare_data_per_node = prepare_data_per_node  # Lightning's attribute
         self.data_dir = data_dir
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -91,13 +99,34 @@ class CIFAR10DataModule(L.LightningDataModule):
                 f"archive from https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz into {self.data_dir}."
             )
 
+    def _complete(self) -> bool:
+        return not missing_files(self.batches_dir, TRAIN_FILES + TEST_FILES + [META_FILE])
+
     def prepare_data(self) -> None:
-        if not missing_files(self.batches_dir, TRAIN_FILES + TEST_FILES + [META_FILE]):
+        """With download=True and files missing: torchvision downloads and extracts the archive into a temporary
+        folder in data_dir, which is renamed to cifar-10-batches-py once complete, so processes downloading at once
+        (one per node on shared storage) cannot leave a partial folder: the first rename wins, the others are
+        discarded."""
+        if self._complete():
             return
         if self.download:
             from torchvision.datasets import CIFAR10
 
-            CIFAR10(root=self.data_dir, train=True, download=True)
+            os.makedirs(self.data_dir, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=".cifar10-download-", dir=self.data_dir))
+            try:
+                CIFAR10(root=str(staging), train=True, download=True)
+                try:
+                    os.rename(staging / BASE_FOLDER, self.batches_dir)
+                except OSError as err:
+                    if not self._complete():  # not a concurrent download that finished first
+                        missing = missing_files(self.batches_dir, TRAIN_FILES + TEST_FILES + [META_FILE])
+                        raise UserInputError(
+                            f"CIFAR-10: downloaded, but {self.batches_dir} already exists without {missing}, so the "
+                            f"download cannot be put there ({err.strerror}): move that folder away and run again"
+                        ) from err
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
         self._check_files()
 
     def _read_meta(self) -> list[str] | None:

@@ -1,7 +1,13 @@
-"""ImageNet 64x64: the official downsampled npz batches or an image folder, prepared once into a uint8 .npy memmap."""
+"""ImageNet 64x64: the official downsampled npz batches or an image folder, prepared once into a uint8 .npy memmap.
+
+Class order: the npz release labels classes by their ILSVRC devkit id (1-based), the folder source by the sorted folder
+names; released OpenAI checkpoints use the sorted WordNet IDs. ``label_order="sorted_wnid"`` (default) relabels the
+npz source into that order (diffusion_pl/data/imagenet_classes.py), so both sources and the released checkpoints agree.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -18,6 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from diffusion_pl.data.common import ArrayImageDataset, check_images, make_dataloader, use_pin_memory
+from diffusion_pl.data.imagenet_classes import devkit_to_sorted, devkit_wnids, sorted_wnids
 from diffusion_pl.errors import UserFileNotFoundError, UserInputError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
@@ -28,6 +35,8 @@ NPZ_LAYOUT = (
 )
 FOLDER_LAYOUT = "data_dir/train/<class_name>/<image files> and data_dir/val/<class_name>/<image files>"
 MANIFEST_VERSION = 1
+LABEL_ORDERS = ("sorted_wnid", "devkit")
+SPLITS = ("train", "val")
 
 
 def center_crop_arr(image: Image.Image, image_size: int) -> np.ndarray:
@@ -125,19 +134,75 @@ def _tmp_name(path: Path) -> Path:
 
 def _atomic_write_json(path: Path, obj: dict) -> None:
     tmp = _tmp_name(path)
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=1))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to the temp name
+            np.save(f, array, allow_pickle=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _digest(array: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(array).view(np.uint8)).hexdigest()
 
 
 class PreparedSplit:
-    """The cache files of one split: <prefix>_images.npy (N,S,S,3) uint8, <prefix>_labels.npy (N,) int64, manifest."""
+    """The cache files of one split: <prefix>_images.npy (N,S,S,3) uint8, <prefix>_labels.npy (N,) int64, manifest.
+
+    Written atomically (temporary names, then renames; the manifest last), so processes preparing the same cache at
+    once (one per node on shared storage) can only leave a complete cache. The labels are the source's own: npz =
+    devkit order (release label - 1), folder = sorted folder names. Other class orders are derived label files,
+    <prefix>_labels_<order>.npy with their own manifest (see :meth:`ordered_labels`), sharing the images.
+    """
 
     def __init__(self, cache_dir: Path, source: str, split: str, image_size: int) -> None:
         self.source, self.split, self.image_size = source, split, image_size
-        prefix = f"{source}{image_size}_{split}"
-        self.images = cache_dir / f"{prefix}_images.npy"
-        self.labels = cache_dir / f"{prefix}_labels.npy"
-        self.manifest = cache_dir / f"{prefix}_manifest.json"
+        self.prefix = f"{source}{image_size}_{split}"
+        self.images = cache_dir / f"{self.prefix}_images.npy"
+        self.labels = cache_dir / f"{self.prefix}_labels.npy"
+        self.manifest = cache_dir / f"{self.prefix}_manifest.json"
+
+    def ordered_labels(self, label_order: str) -> tuple[Path, Path]:
+        """(labels .npy, manifest .json) of this split's labels in ``label_order``, derived from :attr:`labels`."""
+        stem = self.images.parent / f"{self.prefix}_labels_{label_order}"
+        return stem.with_suffix(".npy"), stem.with_suffix(".json")
+
+    def read_ordered_labels(self, label_order: str) -> Path | None:
+        """The derived labels file of ``label_order`` if it is complete and derived from the current :attr:`labels`
+        (their digest is in its manifest), else None."""
+        path, manifest_path = self.ordered_labels(label_order)
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            raw = np.load(self.labels, mmap_mode="r")
+            ordered = np.load(path, mmap_mode="r")
+            expected = (MANIFEST_VERSION, label_order, len(raw), _digest(raw))
+            if (manifest["version"], manifest["label_order"], manifest["count"], manifest["from_sha1"]) != expected:
+                return None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return path if ordered.shape == (len(raw),) and ordered.dtype == np.int64 else None
+
+    def write_ordered_labels(self, label_order: str, mapping: np.ndarray) -> Path:
+        """Derive the labels of ``label_order`` (``mapping[own label]``) unless a current file exists."""
+        current = self.read_ordered_labels(label_order)
+        if current is not None:
+            return current
+        path, manifest_path = self.ordered_labels(label_order)
+        raw = np.load(self.labels)
+        _atomic_save_npy(path, mapping[raw].astype(np.int64))
+        manifest = {"version": MANIFEST_VERSION, "label_order": label_order, "count": len(raw),
+                    "from": self.labels.name, "from_sha1": _digest(raw)}  # fmt: skip
+        _atomic_write_json(manifest_path, manifest)
+        return path
 
     def read_manifest(self) -> dict | None:
         """The manifest if the split is complete and consistent with its .npy files, else None."""
@@ -199,11 +264,16 @@ class PreparedSplit:
 class ImageNet64DataModule(L.LightningDataModule):
     """ImageNet at image_size (64): 3 channels, 1000 classes (npz) or one class per train sub-folder (folder).
 
-    source="npz": the official downsampled batches (train_data_batch_1..10.npz, val_data.npz).
-    source="folder": data_dir/train/<class>/*, data_dir/val/<class>/*, ADM preprocessing (BOX halving, BICUBIC,
-    centre crop). prepare_data writes uint8 (N, S, S, 3) .npy caches under cache_dir (default data_dir/prepared),
-    once; every process then maps them read-only. val = test = the validation split.
-    class_cond=False: num_classes is 0 and y is all zeros (ignore it).
+    source="npz": the official downsampled batches (train_data_batch_1..10.npz, val_data.npz), whose 1-based labels
+    are ILSVRC devkit class ids. label_order="sorted_wnid" (default) relabels them to the index of the class's
+    WordNet ID in sorted order: the order of the folder source (ImageNet's WNID folders), of guided-diffusion and of
+    its released class-conditional models and classifiers. label_order="devkit" keeps the release's order (label - 1).
+    source="folder": data_dir/train/<class>/*, data_dir/val/<class>/*, classes numbered by sorted folder names, ADM
+    preprocessing (BOX halving, BICUBIC, centre crop). prepare_data writes uint8 (N, S, S, 3) .npy caches under
+    cache_dir (default data_dir/prepared), once and atomically; every process then maps them read-only.
+    val = test = the validation split. class_cond=False: num_classes is 0 and y is all zeros (ignore it).
+    prepare_data_per_node: Lightning calls prepare_data on the first process of every node (True) or only on global
+    rank 0 (False): set it false when cache_dir is on storage all nodes share.
     """
 
     def __init__(
@@ -216,11 +286,25 @@ class ImageNet64DataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         image_size: int = 64,
         class_cond: bool = True,
+        label_order: Literal["sorted_wnid", "devkit"] = "sorted_wnid",
+        prepare_data_per_node: bool = True,
     ) -> None:
         super().__init__()
         if source not in ("npz", "folder"):
             raise UserInputError(f"ImageNet64DataModule: source must be 'npz' or 'folder', got {source!r}")
+        if label_order not in LABEL_ORDERS:
+            raise UserInputError(
+                f"ImageNet64DataModule: label_order must be 'sorted_wnid' (sorted WordNet IDs: the folder source and "
+                f"the released OpenAI checkpoints) or 'devkit' (the npz release's own order), got {label_order!r}"
+            )
+        if source == "folder" and label_order != "sorted_wnid":
+            raise UserInputError(
+                "ImageNet64DataModule: label_order 'devkit' applies to source 'npz' only; the folder source numbers "
+                "classes by their sorted folder names (for ImageNet's WordNet-ID folders that is 'sorted_wnid')"
+            )
         self.save_hyperparameters()
+        self.prepare_data_per_node = prepare_data_per_node  # Lightning's attribute
+        self.label_order = label_order
         self.data_dir = data_dir
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -233,6 +317,8 @@ class ImageNet64DataModule(L.LightningDataModule):
         self.class_names: list[str] | None = None
         if source == "folder":
             self.class_names = list_class_folders(Path(data_dir) / "train")
+        else:  # WordNet IDs by label (reading the devkit table also checks it)
+            self.class_names = list(sorted_wnids() if label_order == "sorted_wnid" else devkit_wnids())
         self.dataset_classes = len(self.class_names) if self.class_names is not None else 1000
         self.num_classes = self.dataset_classes if class_cond else 0
         self.train_dataset: ArrayImageDataset | None = None
@@ -246,18 +332,23 @@ class ImageNet64DataModule(L.LightningDataModule):
         return PreparedSplit(self.prepared_dir, self.source, split, self.image_size)
 
     def prepare_data(self) -> None:
-        """Build the .npy caches of train and val unless complete ones exist (Lightning calls this on rank 0)."""
-        todo = [s for s in ("train", "val") if self.split_files(s).read_manifest() is None]
-        if not todo:
-            return
-        if self.source == "npz":
+        """Build the .npy caches of train and val unless complete ones exist, and the labels in ``label_order``.
+
+        Lightning calls this on the first process of every node (``prepare_data_per_node=True``) or of the first
+        node only (False). Every file is written under a temporary name and renamed, so concurrent calls on shared
+        storage cannot leave a truncated cache (only duplicate work)."""
+        todo = [s for s in SPLITS if self.split_files(s).read_manifest() is None]
+        if todo and self.source == "npz":
             train, val = find_npz_batches(Path(self.data_dir))
             inputs = {"train": train, "val": [val]}
             for split in todo:
                 self._prepare_npz(split, inputs[split])
-        else:
+        elif todo:
             for split in todo:
                 self._prepare_folder(split)
+        if self.source == "npz" and self.label_order == "sorted_wnid":
+            for split in SPLITS:
+                self.split_files(split).write_ordered_labels(self.label_order, devkit_to_sorted())
 
     def _prepare_npz(self, split: str, paths: list[Path]) -> None:
         counts = [len(_read_npz(p, self.image_size, load_data=False)[1]) for p in paths]
@@ -267,7 +358,8 @@ class ImageNet64DataModule(L.LightningDataModule):
                 data, labels = _read_npz(path, self.image_size)
                 yield planar_to_hwc(data, self.image_size), labels
 
-        info = {"inputs": [str(p.relative_to(self.data_dir)) for p in paths], "counts": counts, "num_classes": 1000}
+        info = {"inputs": [str(p.relative_to(self.data_dir)) for p in paths], "counts": counts, "num_classes": 1000,
+                "label_order": "devkit"}  # fmt: skip
         self.split_files(split).write(sum(counts), chunks(), info)
 
     def _prepare_folder(self, split: str) -> None:
@@ -321,7 +413,16 @@ class ImageNet64DataModule(L.LightningDataModule):
                 f"ImageNet-64: {files.manifest} lists other classes than {Path(self.data_dir) / 'train'}; "
                 f"delete {self.prepared_dir} to rebuild the cache"
             )
-        labels = np.load(files.labels, mmap_mode="r")
+        labels_file = files.labels
+        if self.source == "npz" and self.label_order == "sorted_wnid":
+            labels_file = files.read_ordered_labels(self.label_order)
+            if labels_file is None:
+                raise RuntimeError(
+                    f"ImageNet-64: no current {files.ordered_labels(self.label_order)[0].name} (the {split} labels in "
+                    f"label_order {self.label_order!r}) in {self.prepared_dir}. Call prepare_data() first (Trainer "
+                    "does this before setup)."
+                )
+        labels = np.load(labels_file, mmap_mode="r")
         images = np.load(files.images, mmap_mode="r")
         check_images(
             images,
@@ -333,7 +434,7 @@ class ImageNet64DataModule(L.LightningDataModule):
         )
         if not self.class_cond:
             return ArrayImageDataset(files.images, np.zeros(len(labels), dtype=np.int64), random_flip=random_flip)
-        return ArrayImageDataset(files.images, files.labels, random_flip=random_flip)
+        return ArrayImageDataset(files.images, labels_file, random_flip=random_flip)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is None and stage in (None, "fit"):

@@ -1,6 +1,7 @@
 """CIFAR10DataModule on tiny batches written by the test in the real pickle format."""
 
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,3 +136,43 @@ def test_partial_and_corrupt_files(cifar_root):
     (root / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"not a pickle")
     with pytest.raises(ValueError, match="data_batch_3"):
         CIFAR10DataModule(data_dir=str(root)).setup("fit")
+
+
+def test_download_lands_atomically_even_when_nodes_race(tmp_path, monkeypatch):
+    """download=True: torchvision's download goes to a temporary folder renamed into place when complete. Two nodes
+    downloading into the same (shared) data_dir: B finishes while A is still downloading; A's copy is discarded;
+    data_dir never holds a partial cifar-10-batches-py and no temporary folder is left."""
+    import torchvision.datasets
+
+    data_dir = tmp_path / "shared"
+    events = []
+
+    class FakeCIFAR10:  # torchvision.datasets.CIFAR10 without network: writes the archive's extracted files
+        def __init__(self, root, train=True, download=False):
+            assert download and train
+            node = "A" if not events else "B"
+            events.append(f"{node} downloading")
+            if node == "A":
+                assert not (data_dir / "cifar-10-batches-py").exists()  # nothing visible while A downloads
+                CIFAR10DataModule(data_dir=str(data_dir), download=True).prepare_data()  # node B meanwhile
+                events.append("B done")
+            _write_cifar(Path(root), seed=0 if node == "B" else 1)
+            events.append(f"{node} extracted")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
+    dm = CIFAR10DataModule(data_dir=str(data_dir), download=True, num_workers=0)
+    dm.prepare_data()
+    assert events == ["A downloading", "B downloading", "B extracted", "B done", "A extracted"]
+    assert sorted(p.name for p in data_dir.iterdir()) == ["cifar-10-batches-py"]  # no temporary folders
+    dm.setup("fit")
+    b_data = _write_cifar(tmp_path / "expected", seed=0)["data_batch_1"][0]  # B's copy won
+    assert torch.equal(to_uint8(dm.train_dataset[0][0][None])[0], torch.from_numpy(b_data[0].reshape(3, 32, 32)))
+
+    # a partial folder of the user's is not overwritten: the message says what to do
+    partial = tmp_path / "partial"
+    (partial / "cifar-10-batches-py").mkdir(parents=True)
+    (partial / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"half")
+    events.append("x")  # the fake acts as a single downloader from now on
+    with pytest.raises(ValueError, match="already exists without .*move that folder away"):
+        CIFAR10DataModule(data_dir=str(partial), download=True).prepare_data()
+    assert sorted(p.name for p in partial.iterdir()) == ["cifar-10-batches-py"]

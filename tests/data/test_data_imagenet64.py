@@ -1,16 +1,33 @@
-"""ImageNet64DataModule on official-format npz batches and an image folder written by the test."""
+"""ImageNet64DataModule on official-format npz batches and an image folder written by the test: pixels, labels in
+both class orders, the prepared cache (atomic, shared by concurrent writers), prepare_data_per_node."""
 
+import fnmatch
 import json
 import pickle
+import re
+from importlib import resources
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.profilers import PassThroughProfiler
+from lightning.pytorch.trainer.connectors.data_connector import _DataConnector
 from PIL import Image
 
-from diffusion_pl.data import ImageNet64DataModule
+from diffusion_pl.data import CIFAR10DataModule, ImageNet64DataModule, imagenet64
 from diffusion_pl.data.imagenet64 import center_crop_arr
+from diffusion_pl.data.imagenet_classes import (
+    DEVKIT_SYNSETS_FILE,
+    check_devkit_table,
+    devkit_to_sorted,
+    devkit_wnids,
+    sorted_wnids,
+)
 from diffusion_pl.utils.images import to_uint8
+
+ROOT = Path(__file__).resolve().parents[2]
 
 S = 64
 PLANE = S * S
@@ -48,7 +65,7 @@ def test_attributes_after_init():
 
 def test_npz_planar_to_hwc_and_labels(npz_root):
     root, written = npz_root
-    dm = ImageNet64DataModule(data_dir=str(root), batch_size=4, num_workers=0, random_flip=False)
+    dm = ImageNet64DataModule(data_dir=str(root), batch_size=4, num_workers=0, random_flip=False, label_order="devkit")
     dm.prepare_data()
     dm.setup("fit")
     assert len(dm.train_dataset) == 30 and len(dm.val_dataset) == 3
@@ -88,9 +105,13 @@ def test_cache_written_once_atomically(npz_root):
     assert files == [
         "npz64_train_images.npy",
         "npz64_train_labels.npy",
+        "npz64_train_labels_sorted_wnid.json",
+        "npz64_train_labels_sorted_wnid.npy",
         "npz64_train_manifest.json",
         "npz64_val_images.npy",
         "npz64_val_labels.npy",
+        "npz64_val_labels_sorted_wnid.json",
+        "npz64_val_labels_sorted_wnid.npy",
         "npz64_val_manifest.json",
     ]  # no temp leftovers
     manifest = json.loads((cache / "npz64_train_manifest.json").read_text())
@@ -231,3 +252,187 @@ def test_folder_errors(tmp_path):
     with pytest.raises(ValueError, match="broken.png"):
         dm.prepare_data()
     assert not list((tmp_path / "prepared").glob("*val*"))  # no partial files left
+
+
+# ---------------------------------------------------------------- class order (label_order)
+
+KIT_FOX, TENCH, GOLDFISH, GOLDEN_RETRIEVER = "n02119789", "n01440764", "n01443537", "n02099601"
+DEVKIT_ID = {KIT_FOX: 1, GOLDEN_RETRIEVER: 125, TENCH: 449, GOLDFISH: 450}  # 1-based npz labels (map_clsloc.txt)
+
+
+def test_devkit_table_is_packaged_and_valid():
+    wnids = devkit_wnids()
+    assert len(wnids) == 1000 == len(set(wnids))
+    assert all(wnids[k - 1] == w for w, k in DEVKIT_ID.items())
+    ordered = sorted_wnids()
+    assert (ordered[0], ordered[1], ordered[207]) == (TENCH, GOLDFISH, GOLDEN_RETRIEVER)
+    table = devkit_to_sorted()
+    assert sorted(table.tolist()) == list(range(1000))  # a permutation
+    assert (table[448], table[449], table[124]) == (0, 1, 207) and table[0] == ordered.index(KIT_FOX)
+    # found as package data (importlib.resources) and declared as such in pyproject.toml
+    assert resources.files("diffusion_pl.data").joinpath(DEVKIT_SYNSETS_FILE).is_file()
+    section = (ROOT / "pyproject.toml").read_text().split("[tool.setuptools.package-data]")[1].split("\n[")[0]
+    patterns = re.findall(r'"([^"]+)"', re.search(r"^diffusion_pl\s*=\s*\[([^\]]*)\]", section, re.M).group(1))
+    assert any(fnmatch.fnmatch(f"data/{DEVKIT_SYNSETS_FILE}", p) for p in patterns)
+
+
+def test_damaged_table_is_refused():
+    rows = [(w, k) for k, w in enumerate(devkit_wnids(), start=1)]
+    assert check_devkit_table(rows) == devkit_wnids()
+    swapped = [(rows[1][0], 1), (rows[0][0], 2)] + rows[2:]
+    with pytest.raises(RuntimeError, match="devkit id 1 is n02100735, expected n02119789"):
+        check_devkit_table(swapped)
+    with pytest.raises(RuntimeError, match="repeat"):
+        check_devkit_table([rows[0]] + [(rows[0][0], 2)] + rows[2:])
+    with pytest.raises(RuntimeError, match="1..1000"):
+        check_devkit_table(rows[:-1])
+    shifted = [(w, k) for (w, _), k in zip(rows, range(2, 1002), strict=True)]
+    with pytest.raises(RuntimeError, match="1..1000"):
+        check_devkit_table(shifted)
+
+
+def _write_npz_labels(root, train_labels, val_labels, seed=0):
+    """One train batch and val_data with the given 1-based labels; returns the data rows."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    data = {}
+    for name, labels in (("train_data_batch_1", train_labels), ("val_data", val_labels)):
+        rows = rng.integers(0, 256, size=(len(labels), 3 * PLANE), dtype=np.uint8)
+        np.savez(root / f"{name}.npz", data=rows, labels=list(labels))
+        data[name] = rows
+    return data
+
+
+def _labels(dataset):
+    return [dataset[i][1].item() for i in range(len(dataset))]
+
+
+def test_npz_labels_remap_to_sorted_wnid_order(tmp_path):
+    train = [DEVKIT_ID[w] for w in (KIT_FOX, TENCH, GOLDFISH, GOLDEN_RETRIEVER)]
+    _write_npz_labels(tmp_path, train, [DEVKIT_ID[GOLDFISH], 1000])
+    dm = ImageNet64DataModule(data_dir=str(tmp_path), num_workers=0)  # label_order="sorted_wnid" by default
+    dm.prepare_data()
+    dm.setup("fit")
+    assert _labels(dm.train_dataset) == [sorted_wnids().index(KIT_FOX), 0, 1, 207]
+    assert _labels(dm.val_dataset) == [1, sorted_wnids().index(devkit_wnids()[999])]
+    assert dm.class_names[207] == GOLDEN_RETRIEVER and dm.num_classes == 1000
+    devkit = ImageNet64DataModule(data_dir=str(tmp_path), num_workers=0, label_order="devkit")
+    devkit.prepare_data()
+    devkit.setup("fit")
+    assert _labels(devkit.train_dataset) == [0, 448, 449, 124]  # the release's label - 1
+    assert devkit.class_names[0] == KIT_FOX
+    with pytest.raises(ValueError, match="label_order must be"):
+        ImageNet64DataModule(data_dir=str(tmp_path), label_order="wnid")
+
+
+def test_folder_and_npz_sources_agree_on_the_label_of_a_wnid(tmp_path):
+    folder = tmp_path / "folder"
+    for wnid in devkit_wnids():  # ImageNet's layout: one folder per WordNet ID (images only in a few here)
+        (folder / "train" / wnid).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    present = [KIT_FOX, TENCH, GOLDEN_RETRIEVER, GOLDFISH]
+    for wnid in present:
+        Image.fromarray(rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8)).save(folder / "train" / wnid / "a.png")
+    (folder / "val" / GOLDFISH).mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8)).save(folder / "val" / GOLDFISH / "v.png")
+    from_folder = ImageNet64DataModule(data_dir=str(folder), source="folder", num_workers=0)
+    from_folder.prepare_data()
+    from_folder.setup("fit")
+    folder_label = {}
+    for i, y in enumerate(_labels(from_folder.train_dataset)):
+        folder_label[from_folder.class_names[y]] = y
+        assert from_folder.class_names[y] in present and i < len(present)
+
+    npz = tmp_path / "npz"
+    _write_npz_labels(npz, [DEVKIT_ID[w] for w in present], [DEVKIT_ID[GOLDFISH]])
+    from_npz = ImageNet64DataModule(data_dir=str(npz), num_workers=0)
+    from_npz.prepare_data()
+    from_npz.setup("fit")
+    npz_label = dict(zip(present, _labels(from_npz.train_dataset), strict=True))
+    assert npz_label == folder_label == {KIT_FOX: sorted_wnids().index(KIT_FOX), TENCH: 0, GOLDFISH: 1,
+                                         GOLDEN_RETRIEVER: 207}  # fmt: skip
+    assert _labels(from_npz.val_dataset) == _labels(from_folder.val_dataset) == [1]
+    assert from_npz.class_names == from_folder.class_names
+    with pytest.raises(ValueError, match="applies to source 'npz' only"):
+        ImageNet64DataModule(data_dir=str(folder), source="folder", label_order="devkit")
+
+
+def test_label_order_is_part_of_the_cache_key(npz_root):
+    root, written = npz_root
+    cache = root / "cache"
+    own = ImageNet64DataModule(data_dir=str(root), cache_dir=str(cache), num_workers=0, label_order="devkit")
+    own.prepare_data()
+    own.setup("fit")
+    devkit_labels = np.concatenate([written[f"train_data_batch_{i}"][1] for i in range(1, 11)]) - 1
+    assert _labels(own.train_dataset) == devkit_labels.tolist()
+    assert not list(cache.glob("*sorted_wnid*"))  # the devkit order is the cache's own
+    images_mtime = (cache / "npz64_train_images.npy").stat().st_mtime_ns
+
+    relabelled = ImageNet64DataModule(data_dir=str(root), cache_dir=str(cache), num_workers=0)
+    relabelled.prepare_data()
+    relabelled.setup("fit")
+    assert _labels(relabelled.train_dataset) == devkit_to_sorted()[devkit_labels].tolist()
+    assert (cache / "npz64_train_images.npy").stat().st_mtime_ns == images_mtime  # images shared, not rebuilt
+    manifest = json.loads((cache / "npz64_train_labels_sorted_wnid.json").read_text())
+    assert manifest["label_order"] == "sorted_wnid" and manifest["count"] == 30
+
+    # The cache is rebuilt from other npz files (other labels): the derived labels are stale and never read.
+    written = _write_npz(root, seed=1)
+    for manifest_file in cache.glob("npz64_*_manifest.json"):
+        manifest_file.unlink()
+    ImageNet64DataModule(data_dir=str(root), cache_dir=str(cache), num_workers=0, label_order="devkit").prepare_data()
+    stale = ImageNet64DataModule(data_dir=str(root), cache_dir=str(cache), num_workers=0)
+    with pytest.raises(RuntimeError, match="prepare_data"):
+        stale.setup("fit")
+    stale.prepare_data()  # re-derives them
+    stale.setup("fit")
+    devkit_labels = np.concatenate([written[f"train_data_batch_{i}"][1] for i in range(1, 11)]) - 1
+    assert _labels(stale.train_dataset) == devkit_to_sorted()[devkit_labels].tolist()
+
+
+# ---------------------------------------------------------------- several nodes preparing the same cache
+
+
+@pytest.mark.parametrize("cls", [ImageNet64DataModule, CIFAR10DataModule])
+def test_prepare_data_per_node(cls):
+    assert cls().prepare_data_per_node is True
+    for per_node, node_rank, expected in [(True, 1, 1), (False, 1, 0), (False, 0, 1)]:
+        datamodule = cls(prepare_data_per_node=per_node)
+        assert datamodule.prepare_data_per_node is per_node
+        calls = []
+        datamodule.prepare_data = lambda calls=calls: calls.append(1)
+        # Lightning's rule, as the Trainer applies it on the first process of node `node_rank`
+        trainer = SimpleNamespace(local_rank=0, node_rank=node_rank, datamodule=datamodule, lightning_module=None,
+                                  profiler=PassThroughProfiler())  # fmt: skip
+        _DataConnector(trainer).prepare_data()
+        assert len(calls) == expected, (per_node, node_rank)
+
+
+def test_concurrent_prepare_cannot_leave_a_truncated_cache(npz_root, monkeypatch):
+    """Node A is half-way through writing the cache when node B prepares the same one from start to end; then A
+    finishes. Readers only ever see no cache or a complete one, and no temporary file is left."""
+    root, written = npz_root
+    cache = root / "shared"
+    real = imagenet64.planar_to_hwc
+    seen = {}
+
+    def node_b_runs_meanwhile(data, image_size):
+        if not seen:
+            seen["a_midway"] = {s: ImageNet64DataModule(data_dir=str(root), cache_dir=str(cache)).split_files(s)
+                                .read_manifest() for s in ("train", "val")}  # fmt: skip
+            seen["final_names_midway"] = sorted(p.name for p in cache.iterdir() if not p.name.startswith("."))
+            ImageNet64DataModule(data_dir=str(root), cache_dir=str(cache), num_workers=0).prepare_data()
+            seen["b_done"] = sorted(p.name for p in cache.iterdir())
+        return real(data, image_size)
+
+    monkeypatch.setattr(imagenet64, "planar_to_hwc", node_b_runs_meanwhile)
+    node_a = ImageNet64DataModule(data_dir=str(root), cache_dir=str(cache), num_workers=0, random_flip=False)
+    node_a.prepare_data()
+    assert seen["a_midway"] == {"train": None, "val": None}  # nothing complete visible while A writes
+    assert seen["final_names_midway"] == []  # A's partial data is only under temporary names
+    assert len(seen["b_done"]) == 10 + 1  # B's complete cache + A's temporary file still being written
+    assert sorted(p.name for p in cache.iterdir()) == [n for n in seen["b_done"] if not n.startswith(".")]
+    node_a.setup("fit")
+    first = written["train_data_batch_1"][0]
+    assert len(node_a.train_dataset) == 30
+    np.testing.assert_array_equal(node_a.train_dataset.images[0], first[0].reshape(3, S, S).transpose(1, 2, 0))
