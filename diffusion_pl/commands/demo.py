@@ -1,0 +1,298 @@
+"""`diffusion-pl demo`: the quickstart end to end on MNIST-5k, by running the same commands a user would type.
+
+    diffusion-pl demo --out_dir outputs/demo
+
+1. fit configs/quickstart.yaml (class-conditional ADM-style U-Net, learned variances, L_hybrid, CFG class dropout, EMA)
+2. fit configs/quickstart_classifier.yaml (the noisy classifier for classifier guidance)
+3. sample a grid with a row per digit: conditional without guidance, classifier-guided (scale s), classifier-free (w)
+4. evaluate bits/dim on held-out digits (full T), and FID / IS / precision / recall when Inception weights are found
+5. score every sample set with a k-nearest-neighbour digit classifier on the training digits (independent of both
+   networks) and write OUT_DIR/summary.json
+
+Every step is a `diffusion-pl ...` command printed before it runs. A finished step is skipped when the demo is run again
+(an interrupted fit resumes from its last.ckpt), so nothing already computed is lost or overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffusion_pl.errors import UserFileNotFoundError, UserInputError
+
+SAMPLE_MODES = ("unguided", "classifier_guided", "classifier_free")
+# torch-fidelity's file name of the TF-FID Inception weights (what it downloads on first use).
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+
+
+@dataclass
+class Step:
+    """One command of the demo; ``done`` is the file whose existence means it has finished."""
+
+    name: str
+    args: list[str]
+    done: Path
+    seconds: float = 0.0
+    status: str = "pending"
+    extra: dict = field(default_factory=dict)
+
+
+def find_config_dir(config_dir: str | None) -> Path:
+    """configs/ of the checkout this package runs from, or ``config_dir``."""
+    path = Path(config_dir) if config_dir else Path(__file__).resolve().parents[2] / "configs"
+    for name in ("quickstart.yaml", "quickstart_classifier.yaml"):
+        if not (path / name).is_file():
+            raise UserFileNotFoundError(
+                f"demo: no {name} in {path}. Run the demo from a checkout of diffusion-pl (its configs/ folder), "
+                "or pass --config_dir DIR holding quickstart.yaml and quickstart_classifier.yaml."
+            )
+    return path
+
+
+def find_inception_weights(inception_weights: str | None) -> Path | None:
+    """The given weights file, else torch-fidelity's download cache entry if it exists (no download is attempted)."""
+    if inception_weights:
+        path = Path(inception_weights)
+        if not path.is_file():
+            raise UserFileNotFoundError(f"demo: --inception_weights {path}: no such file")
+        return path
+    cache = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    return cache if cache.is_file() else None
+
+
+def command_line(args: list[str]) -> str:
+    return "diffusion-pl " + " ".join(shlex.quote(a) for a in args)
+
+
+def run_step(step: Step, env: dict[str, str]) -> None:
+    """Run ``diffusion-pl <args>`` in a child process (output streams to this terminal); raise if it fails."""
+    print(f"\n==> [{step.name}] {command_line(step.args)}", flush=True)
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "diffusion_pl.cli", *step.args], env=env)
+    step.seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        step.status = f"failed (exit {result.returncode})"
+        raise UserInputError(
+            f"demo step {step.name!r} failed (exit {result.returncode}); its message is above. Fix it and run the demo "
+            "again: finished steps are kept and skipped."
+        )
+    step.status = "done"
+
+
+def fit_step(name: str, config: Path, out_dir: Path, accelerator: str, max_steps: int | None) -> Step:
+    """`fit` logging to OUT_DIR/<name>/ (metrics.csv, config.yaml, checkpoints/last.ckpt); resumes from last.ckpt."""
+    run_dir = out_dir / name
+    args = [
+        "fit", "--config", str(config),
+        f"--trainer.accelerator={accelerator}",
+        f"--trainer.logger.init_args.save_dir={out_dir}",
+        f"--trainer.logger.init_args.name={name}",
+        "--trainer.logger.init_args.version=",
+    ]  # fmt: skip
+    if max_steps is not None:
+        args.append(f"--trainer.max_steps={max_steps}")
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        args.append(f"--ckpt_path={last}")  # an interrupted earlier demo run: continue it
+    return Step(name=f"fit {name}", args=args, done=run_dir / "fit_done.json", extra={"checkpoint": str(last)})
+
+
+def knn_digit_accuracy(images_nhwc: np.ndarray, labels: np.ndarray, train_x: torch.Tensor, train_y: torch.Tensor,
+                       k: int = 3) -> float:  # fmt: skip
+    """Fraction of samples whose k nearest training digits (L2 on pixels in [-1, 1]) vote for the requested label."""
+    x = torch.from_numpy(images_nhwc).float().div(127.5).sub(1.0).flatten(1)
+    nearest = torch.cdist(x, train_x).topk(k, largest=False).indices
+    votes = torch.mode(train_y[nearest], dim=1).values
+    return float((votes == torch.from_numpy(labels).long()).float().mean())
+
+
+def mnist_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST-5k images (flattened, [-1, 1]) and labels of the DataModule's train or held-out split."""
+    from diffusion_pl.data import MNIST5kDataModule
+
+    datamodule = MNIST5kDataModule()
+    datamodule.setup("fit")
+    dataset = datamodule.train_dataset if split == "train" else datamodule.val_dataset
+    xs, ys = zip(*(dataset[i] for i in range(len(dataset))), strict=True)
+    return torch.stack(xs).flatten(1), torch.as_tensor(ys)
+
+
+def demo(
+    out_dir: str = "outputs/demo",
+    config_dir: str | None = None,
+    accelerator: str = "auto",
+    max_steps: int | None = None,
+    classifier_max_steps: int | None = None,
+    steps: str = "100",
+    samples_per_class: int = 8,
+    classifier_scale: float = 4.0,
+    cfg_scale: float = 3.0,
+    precision: str = "bf16",
+    nll_examples: int = 50,
+    inception_weights: str | None = None,
+) -> dict:
+    """Run the quickstart end to end on MNIST-5k and write everything under OUT_DIR.
+
+    :param out_dir: output folder (logs, checkpoints, sample grids, metrics, summary.json); a rerun skips finished steps
+    :param config_dir: folder with quickstart.yaml and quickstart_classifier.yaml (default: the checkout's configs/)
+    :param accelerator: Lightning accelerator for every step (auto = a GPU when there is one)
+    :param max_steps: training steps of the diffusion model (default: configs/quickstart.yaml)
+    :param classifier_max_steps: training steps of the noisy classifier (default: configs/quickstart_classifier.yaml)
+    :param steps: sampling steps (respacing of the T = 1000 process)
+    :param samples_per_class: samples per digit (a row of the grid each)
+    :param classifier_scale: classifier guidance scale s
+    :param cfg_scale: classifier-free guidance scale w
+    :param precision: sampling precision (fp32 or bf16)
+    :param nll_examples: held-out digits for bits/dim (each costs T = 1000 network evaluations)
+    :param inception_weights: Inception weights for FID / IS / precision / recall (default: torch-fidelity's cache)
+    """
+    started = time.perf_counter()
+    configs = find_config_dir(config_dir)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"demo: --out_dir {out} is a file; choose a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    weights = find_inception_weights(inception_weights)
+    env = dict(os.environ)
+    env.setdefault("PYTHONWARNINGS", "ignore")
+
+    diffusion_fit = fit_step("diffusion", configs / "quickstart.yaml", out, accelerator, max_steps)
+    classifier_fit = fit_step(
+        "classifier", configs / "quickstart_classifier.yaml", out, accelerator, classifier_max_steps
+    )
+    model_ckpt, classifier_ckpt = diffusion_fit.extra["checkpoint"], classifier_fit.extra["checkpoint"]
+    num_samples = 10 * samples_per_class
+    common = [
+        "--ckpt", model_ckpt, "--num_samples", str(num_samples), "--label_mode", "balanced", "--steps", steps,
+        "--batch_size", str(num_samples), "--precision", precision, "--accelerator", accelerator, "--seed", "0",
+    ]  # fmt: skip
+    guidance = {
+        "unguided": [],
+        "classifier_guided": ["--classifier_ckpt", classifier_ckpt, "--classifier_scale", str(classifier_scale)],
+        "classifier_free": ["--cfg_scale", str(cfg_scale)],
+    }
+    sample_steps = [
+        Step(name=f"sample {mode}", args=["sample", *common, *guidance[mode], "--out_dir", str(out / "samples" / mode)],
+             done=out / "samples" / mode / "samples.npz")  # fmt: skip
+        for mode in SAMPLE_MODES
+    ]
+    nll_step = Step(
+        name="bits/dim",
+        args=["evaluate", "--ckpt", model_ckpt, "--nll", "true", "--data_class", "MNIST5kDataModule",
+              "--data_args", json.dumps({"batch_size": nll_examples}), "--nll_batches", "1",
+              "--accelerator", accelerator, "--out_dir", str(out / "nll")],  # fmt: skip
+        done=out / "nll" / "nll.json",
+    )
+    fid_steps = []
+    if weights is not None:
+        fid_steps = [
+            Step(name=f"FID {mode}",
+                 args=["evaluate", "--samples", str(out / "samples" / mode / "samples.npz"),
+                       "--data_class", "MNIST5kDataModule", "--split", "val", "--inception_weights", str(weights),
+                       "--metrics", '["fid", "isc", "prc"]', "--isc_splits", "1", "--accelerator", accelerator,
+                       "--cache_dir", str(out / "inception_cache"), "--out_dir", str(out / "fid" / mode)],
+                 done=out / "fid" / mode / "metrics.json")  # fmt: skip
+            for mode in SAMPLE_MODES
+        ]
+
+    all_steps = [diffusion_fit, classifier_fit, *sample_steps, nll_step, *fid_steps]
+    for step in all_steps:
+        if step.done.is_file():
+            step.status = "kept (finished earlier)"
+            print(f"\n==> [{step.name}] finished earlier, kept: {step.done}", flush=True)
+            continue
+        run_step(step, env)
+        if step in (diffusion_fit, classifier_fit):
+            step.done.write_text(json.dumps({"checkpoint": step.extra["checkpoint"]}, indent=2))
+
+    summary = summarize(out, all_steps, weights, time.perf_counter() - started)
+    print_summary(summary)
+    return summary
+
+
+def summarize(out: Path, steps: list[Step], weights: Path | None, seconds: float) -> dict:
+    """Collect metrics of every step into OUT_DIR/summary.json."""
+    train_x, train_y = mnist_split("train")
+    held_x, held_y = mnist_split("val")
+    real = knn_digit_accuracy(
+        ((held_x.view(-1, 32, 32, 1) + 1) * 127.5).round().to(torch.uint8).numpy(), held_y.numpy(), train_x, train_y
+    )
+    samples = {}
+    for mode in SAMPLE_MODES:
+        folder = out / "samples" / mode
+        with np.load(folder / "samples.npz") as data:
+            images, labels = data["arr_0"], data["arr_1"]
+        samples[mode] = {
+            "grid": str(folder / "grid.png"),
+            "samples": str(folder / "samples.npz"),
+            "knn_digit_accuracy": knn_digit_accuracy(images, labels, train_x, train_y),
+        }
+        metrics_file = out / "fid" / mode / "metrics.json"
+        if metrics_file.is_file():
+            samples[mode]["inception_metrics"] = json.loads(metrics_file.read_text())
+    full_nll = json.loads((out / "nll" / "nll.json").read_text())
+    nll = {key: full_nll[key] for key in ("num_images", "total_bpd", "prior_bpd", "baselines")}
+    nll["per_t_terms"] = str(out / "nll" / "nll_terms.csv")
+    summary = {
+        "out_dir": str(out),
+        "checkpoints": {"diffusion": steps[0].extra["checkpoint"], "classifier": steps[1].extra["checkpoint"]},
+        "samples": samples,
+        "knn_digit_accuracy_of_real_held_out_digits": real,
+        "bits_per_dim": nll,
+        "inception_metrics": (
+            f"computed with {weights}" if weights is not None else
+            f"skipped: no Inception weights. Put torch-fidelity's {INCEPTION_FILE} in "
+            f"{Path(torch.hub.get_dir()) / 'checkpoints'} or pass --inception_weights PATH, then run the demo again"
+        ),  # fmt: skip
+        "steps": [{"name": s.name, "command": command_line(s.args), "status": s.status, "seconds": round(s.seconds, 1)}
+                  for s in steps],  # fmt: skip
+        "total_seconds": round(seconds, 1),
+    }
+    text = json.dumps(summary, indent=2)
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, out / "summary.json")
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    out = summary["out_dir"]
+    nll = summary["bits_per_dim"]
+    lines = [
+        "",
+        f"diffusion-pl demo finished in {summary['total_seconds'] / 60:.1f} min. Everything is under {out}/",
+        "",
+        "  step                          seconds  status",
+        *(f"  {s['name']:<28} {s['seconds']:>8.1f}  {s['status']}" for s in summary["steps"]),
+        "",
+        f"  bits/dim on held-out digits: {_bpd_text(nll)}",
+        "  digit accuracy (3-NN vote of the training digits; real held-out digits score "
+        f"{summary['knn_digit_accuracy_of_real_held_out_digits']:.2f}):",
+    ]
+    for mode, info in summary["samples"].items():
+        fid = info.get("inception_metrics", {}).get("fid")
+        fid_text = f"  FID {fid:.1f}" if isinstance(fid, float) else ""
+        lines.append(f"    {mode:<18} {info['knn_digit_accuracy']:.2f}{fid_text}   grid: {info['grid']}")
+    lines += [
+        f"  Inception metrics: {summary['inception_metrics']}",
+        f"  checkpoints: {summary['checkpoints']['diffusion']}, {summary['checkpoints']['classifier']}",
+        f"  summary: {out}/summary.json",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+def _bpd_text(nll: dict) -> str:
+    baselines = nll["baselines"]
+    histogram = baselines.get("per_pixel_histogram_bpd")
+    text = f"{nll['total_bpd']:.3f} on {nll['num_images']} images (baselines: uniform 8-bit "
+    text += f"{baselines['uniform_8bit_bpd']:.1f}"
+    return text + (f", per-pixel histogram {histogram:.3f})" if histogram is not None else ")")
