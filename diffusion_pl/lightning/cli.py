@@ -18,17 +18,21 @@ every model hyperparameter from the checkpoint over the config, is replaced.
 from __future__ import annotations
 
 import importlib
+import itertools
 import os
 from typing import Any
 
 import lightning as L
 import yaml
+from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 import diffusion_pl.data  # noqa: F401  (registers the DataModules for short class names)
 from diffusion_pl.errors import UserFileNotFoundError, UserInputError, UserRuntimeError, find_user_error
+from diffusion_pl.evaluation.npz import atomic_write
 from diffusion_pl.lightning.callbacks import NonFiniteGuard
 from diffusion_pl.lightning.checkpoint_io import AtomicCheckpointIO
 from diffusion_pl.lightning.checkpoints import (
@@ -49,46 +53,118 @@ _SPECIAL_CKPT_PATHS = ("last", "best", "hpc")
 _IGNORED_CONFIG_KEYS = ("ckpt_path",)
 
 
-class SafeSaveConfigCallback(SaveConfigCallback):
-    """Save the run's config.yaml in the log directory without ever replacing a different one.
+def run_directory(trainer: L.Trainer) -> str:
+    """The directory of this run's files, where its config is saved (call on every rank: rank 0's value is broadcast).
 
-    If the file exists with the same configuration (ignoring ``ckpt_path``, e.g. a resumed run logging to a fixed
-    directory) it is kept as is; if it differs, fit stops with a message naming the file, the differing keys and the
-    ways out, instead of Lightning's generic error or a silent overwrite.
+    No logger: ``trainer.default_root_dir``. TensorBoard / CSV loggers: their ``log_dir`` (``save_dir/name/version_N``),
+    as Lightning. Any other logger (W&B, MLflow, ...): ``<save_dir>/<name>/<version>``, the folder whose
+    ``checkpoints/`` ModelCheckpoint fills by default; for W&B ``<save_dir>/<project>/<run id>``. (Lightning's
+    ``trainer.log_dir`` is the bare ``save_dir`` for those, shared by every run logged there.)
+    """
+    if not trainer.loggers or isinstance(trainer.loggers[0], (TensorBoardLogger, CSVLogger)):
+        return trainer.log_dir  # broadcasts
+    logger = trainer.loggers[0]
+    version = logger.version
+    version = version if isinstance(version, str) else f"version_{version}"
+    path = os.path.join(logger.save_dir or trainer.default_root_dir, str(logger.name), version)
+    return trainer.strategy.broadcast(path)
+
+
+def _log_elsewhere_advice(trainer: L.Trainer) -> str:
+    """How to give a run its own directory with the logger in use (see :func:`run_directory`)."""
+    logger = trainer.loggers[0] if trainer.loggers else None
+    if logger is None:
+        return "Log this run elsewhere (e.g. --trainer.default_root_dir=DIR)"
+    if isinstance(logger, WandbLogger):
+        return (
+            f"This directory belongs to the W&B run id {logger.version!r} (a fixed --trainer.logger.init_args.id): "
+            "give this run a new id (or none, for a fresh W&B run and directory), or another "
+            "--trainer.logger.init_args.save_dir"
+        )
+    if isinstance(logger, (TensorBoardLogger, CSVLogger)):
+        return (
+            f"This directory is version {logger.version!r} of the {type(logger).__name__}: give this run another "
+            "--trainer.logger.init_args.version (or none, for the next free version_N), or another "
+            "--trainer.logger.init_args.save_dir"
+        )
+    return f"Give this run another {type(logger).__name__} version / run id, or another save_dir"
+
+
+class SafeSaveConfigCallback(SaveConfigCallback):
+    """Save the run's config in its own run directory (:func:`run_directory`, next to its checkpoints, also for W&B)
+    without ever replacing a different one.
+
+    fit writes ``config.yaml``. If the file exists with the same configuration (ignoring ``ckpt_path``, e.g. a resumed
+    run logging to a fixed directory) it is kept as is; if it differs, fit stops with a message naming the file, the
+    differing keys and how to log elsewhere with the logger in use, instead of Lightning's generic error or a silent
+    overwrite. validate / test (/ predict) are never refused: they write ``config_<stage>.yaml`` (or
+    ``config_<stage>_1.yaml``, ... when a different one is there), next to a training run's ``config.yaml``.
     """
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.already_saved:
             return
-        if self.save_to_log_dir and not self.overwrite:
-            log_dir = trainer.log_dir  # broadcasts: called on every rank
-            assert log_dir is not None
-            config_path = os.path.join(log_dir, self.config_filename)
-            problem = ""
-            identical = False
+        if self.save_to_log_dir:
+            run_dir = run_directory(trainer)
+            target, problem = None, ""
             if trainer.is_global_zero:
-                fs = get_filesystem(log_dir)
-                if fs.isfile(config_path):
-                    with fs.open(config_path, "r") as f:
-                        existing = yaml.safe_load(f) or {}
-                    current = yaml.safe_load(self.parser.dump(self.config, skip_none=False)) or {}
-                    differing = _differing_keys(existing, current)
-                    identical = not differing
-                    if differing:
-                        problem = (
-                            f"{config_path} already exists and holds a different configuration (keys: "
-                            f"{', '.join(differing[:12])}{' ...' if len(differing) > 12 else ''}). diffusion-pl does "
-                            "not overwrite a previous run's config. Log this run elsewhere (e.g. "
-                            "--trainer.default_root_dir=DIR or a new --trainer.logger.init_args.version), or move the "
-                            "old file away if it is no longer needed."
-                        )
-            problem, identical = trainer.strategy.broadcast((problem, identical))
+                target, problem = self._target(trainer, run_dir, stage)
+            target, problem = trainer.strategy.broadcast((target, problem))
             if problem:
                 raise UserRuntimeError(problem)
-            if identical:
-                self.already_saved = True
-                return
-        super().setup(trainer, pl_module, stage)
+            if trainer.is_global_zero and target is not None:
+                self._write(run_dir, target)
+        if trainer.is_global_zero:
+            self.save_config(trainer, pl_module, stage)
+            self.already_saved = True
+        self.already_saved = trainer.strategy.broadcast(self.already_saved)
+
+    def _current(self) -> dict:
+        return yaml.safe_load(self.parser.dump(self.config, skip_none=False)) or {}
+
+    def _differences(self, fs, path: str) -> list[str] | None:
+        """Keys in which the config at ``path`` differs from this run's; None if there is no such file."""
+        if not fs.isfile(path):
+            return None
+        with fs.open(path, "r") as f:
+            existing = yaml.safe_load(f) or {}
+        return _differing_keys(existing, self._current())
+
+    def _target(self, trainer: L.Trainer, run_dir: str, stage: str) -> tuple[str | None, str]:
+        """(file to write, or None when an identical one exists; refusal message or "")."""
+        fs = get_filesystem(run_dir)
+        stage = str(getattr(stage, "value", stage))  # Lightning passes a TrainerFn
+        stem, ext = os.path.splitext(self.config_filename)
+        path = os.path.join(run_dir, self.config_filename if stage == "fit" else f"{stem}_{stage}{ext}")
+        if self.overwrite:
+            return path, ""
+        if stage != "fit":
+            for k in itertools.count():
+                path = os.path.join(run_dir, f"{stem}_{stage}{f'_{k}' if k else ''}{ext}")
+                differing = self._differences(fs, path)
+                if differing is None:
+                    return path, ""
+                if not differing:
+                    return None, ""
+        differing = self._differences(fs, path)
+        if differing is None:
+            return path, ""
+        if not differing:
+            return None, ""
+        return None, (
+            f"{path} already exists and holds a different configuration (keys: {', '.join(differing[:12])}"
+            f"{' ...' if len(differing) > 12 else ''}). diffusion-pl does not overwrite a previous run's config. "
+            f"{_log_elsewhere_advice(trainer)}; or move the old file away if it is no longer needed."
+        )
+
+    def _write(self, run_dir: str, path: str) -> None:
+        fs = get_filesystem(run_dir)
+        fs.makedirs(run_dir, exist_ok=True)
+        if self.multifile or not isinstance(fs, LocalFileSystem):
+            self.parser.save(self.config, path, skip_none=False, overwrite=True, multifile=self.multifile)
+            return
+        text = self.parser.dump(self.config, skip_none=False)
+        atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
