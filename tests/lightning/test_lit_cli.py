@@ -64,7 +64,8 @@ def test_paper_recipes(monkeypatch):
     assert ema.init_args.decay == 0.9999
     clf = _parse(str(ROOT / "configs" / "adm_imagenet64_classifier.yaml"), monkeypatch)
     assert clf.data.init_args.batch_size * clf.trainer.devices * clf.trainer.num_nodes == 256
-    assert (clf.model.init_args.weight_decay, clf.model.init_args.anneal_lr, clf.trainer.max_steps) == (0.05, True, 300_000)
+    recipe = (clf.model.init_args.weight_decay, clf.model.init_args.anneal_lr, clf.trainer.max_steps)
+    assert recipe == (0.05, True, 300_000)
     cifar = _parse(str(ROOT / "configs" / "iddpm_cifar10.yaml"), monkeypatch)
     assert cifar.data.init_args.batch_size * cifar.trainer.devices == 128
     assert (cifar.model.init_args.steps, cifar.model.init_args.rescale_learned_sigmas) == (4000, True)
