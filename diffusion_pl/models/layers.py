@@ -168,15 +168,16 @@ class _NormAct(torch.autograd.Function):
         num_groups, act = ctx.cfg
         with torch.autocast(grad.device.type, enabled=False):
             A, B = _norm_coeffs(weight, bias, scale, shift)
+            xf = x.float()  # mixed-dtype element-wise kernels are ~3x slower than a copy + float32 kernels
             if act:
-                pre, mean_c, rstd_c, P = _recompute_pre(x, A, B, mean, rstd)
+                pre, mean_c, rstd_c, P = _recompute_pre(xf, A, B, mean, rstd)
             else:
                 c = x.shape[1]
                 pre, mean_c, rstd_c = None, _per_channel(mean, c), _per_channel(rstd, c)
                 P = rstd_c * A
-            dx, dA, dB = _norm_act_backward(grad, x, pre, A, mean_c, rstd_c, P, num_groups, act)
+            dx, dA, dB = _norm_act_backward(grad, xf, pre, A, mean_c, rstd_c, P, num_groups, act)
             grads = _norm_param_grads(ctx.needs_input_grad, weight, bias, scale, shift, dA, dB)
-        return (dx if ctx.needs_input_grad[0] else None, *grads, None, None, None)
+        return (dx.to(x.dtype) if ctx.needs_input_grad[0] else None, *grads, None, None, None)
 
 
 def _resample(x: torch.Tensor, mode: str | None) -> torch.Tensor:
@@ -195,16 +196,24 @@ def _resample_backward(grad: torch.Tensor, mode: str | None, inp: torch.Tensor) 
     return grad
 
 
+def _dropout_noise(a: torch.Tensor, p: float) -> torch.Tensor:
+    """The 0/1 keep draw of ``F.dropout(a, p)`` on the CPU (``bernoulli_(1 - p)``), made in NCHW order whatever the
+    layout of ``a``, so a seed gives the same masks as the reference (which runs NCHW)."""
+    return torch.empty(a.shape, dtype=a.dtype, device=a.device).bernoulli_(1.0 - p)
+
+
 def _conv_weight(w: torch.Tensor, dtype: torch.dtype, inp: torch.Tensor) -> torch.Tensor:
-    """The weight in the compute dtype and in the input's memory format, in ONE copy (oneDNN would otherwise reorder
-    a contiguous weight to channels_last on every call, after the autocast cast)."""
+    """The weight in the compute dtype and in the input's memory format, in at most ONE copy (oneDNN would otherwise
+    reorder a contiguous weight to channels_last on every call, after the autocast cast; and a channels_last weight
+    would pull an NCHW input into the NHWC kernels)."""
     if inp.dim() == 4 and not inp.is_contiguous() and inp.is_contiguous(memory_format=torch.channels_last):
         return w.to(dtype=dtype, memory_format=torch.channels_last)
-    return w.to(dtype)
+    return w.to(dtype=dtype, memory_format=torch.contiguous_format)
 
 
 class _NormActConv(torch.autograd.Function):
-    """``conv(resample(SiLU(GN(x) * (1 + scale) + shift)))`` that keeps only x for backward.
+    """``conv(resample(dropout(SiLU(GN(x) * (1 + scale) + shift))))`` that keeps only x (and, with dropout, a 1-byte
+    keep mask) for backward.
 
     The activation (and its resampled copy) is the convolution's input; autograd would keep it alive until backward.
     Here it is recomputed from x in backward (one element-wise pass, which the norm backward needs anyway), so a
@@ -214,46 +223,71 @@ class _NormActConv(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scale, shift, conv_w, conv_b, num_groups, eps, resample, padding):
+    def forward(ctx, x, weight, bias, scale, shift, conv_w, conv_b, num_groups, eps, resample, padding, dropout):
         dev = x.device.type
         cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else conv_w.dtype
+        keep = None
         with torch.autocast(dev, enabled=False):
             A, B = _norm_coeffs(weight, bias, scale, shift)
             a, mean, rstd = _norm_act_forward(x, A, B, num_groups, eps, True)
+            if dropout > 0:
+                noise = _dropout_noise(a, dropout)
+                keep = noise.bool()
+                a = a * noise.div_(1.0 - dropout)
             r = _resample(a, resample).to(cdt)
             out = F.conv2d(r, _conv_weight(conv_w, cdt, r), None if conv_b is None else conv_b.to(cdt), padding=padding)
-        ctx.cfg = (num_groups, resample, padding, cdt)
-        ctx.save_for_backward(x, weight, bias, scale, shift, conv_w, conv_b, mean, rstd)
+        ctx.cfg = (num_groups, resample, padding, cdt, dropout)
+        ctx.save_for_backward(x, weight, bias, scale, shift, conv_w, conv_b, mean, rstd, keep)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, bias, scale, shift, conv_w, conv_b, mean, rstd = ctx.saved_tensors
-        num_groups, resample, padding, cdt = ctx.cfg
+        x, weight, bias, scale, shift, conv_w, conv_b, mean, rstd, keep = ctx.saved_tensors
+        num_groups, resample, padding, cdt, dropout = ctx.cfg
         needs = ctx.needs_input_grad
         need_in = any(needs[:5])
         with torch.autocast(grad.device.type, enabled=False):
             A, B = _norm_coeffs(weight, bias, scale, shift)
-            pre, mean_c, rstd_c, P = _recompute_pre(x, A, B, mean, rstd)
+            xf = x.float()  # mixed-dtype element-wise kernels are ~3x slower than a copy + float32 kernels
+            pre, mean_c, rstd_c, P = _recompute_pre(xf, A, B, mean, rstd)
             a = F.silu(pre).to(x.dtype)
+            noise = None
+            if keep is not None:
+                noise = keep.to(a.dtype).div_(1.0 - dropout)
+                a = a * noise
             r = _resample(a, resample).to(cdt)
-            g_r, g_cw, g_cb = torch.ops.aten.convolution_backward(
-                grad.to(cdt), r, _conv_weight(conv_w, cdt, r), None if conv_b is None else [conv_w.shape[0]], [1, 1],
-                [padding, padding], [1, 1], False, [0, 0], 1, [need_in, needs[5], needs[6] and conv_b is not None],
+            g_out = grad.to(cdt)
+            g_r, g_cw, _ = torch.ops.aten.convolution_backward(
+                g_out, r, _conv_weight(conv_w, cdt, r), None, [1, 1], [padding, padding], [1, 1], False, [0, 0], 1,
+                [need_in, needs[5], False],
             )  # fmt: skip
+            # bias gradient as a float32 (cascade) sum: oneDNN's NHWC bias reduction is less accurate
+            g_cb = grad.float().sum((0, 2, 3)) if needs[6] and conv_b is not None else None
             del r
             dx = gw = gb = gs = gsh = None
             if need_in:
                 g_a = _resample_backward(g_r, resample, a)
                 del g_r
-                dx, dA, dB = _norm_act_backward(g_a, x, pre, A, mean_c, rstd_c, P, num_groups, True)
+                if noise is not None:
+                    g_a = g_a * noise
+                dx, dA, dB = _norm_act_backward(g_a, xf, pre, A, mean_c, rstd_c, P, num_groups, True)
+                dx = dx.to(x.dtype)
                 gw, gb, gs, gsh = _norm_param_grads(needs, weight, bias, scale, shift, dA, dB)
         return (
             dx if needs[0] else None, gw, gb, gs, gsh,
             None if g_cw is None else g_cw.to(conv_w.dtype),
             None if g_cb is None else g_cb.to(conv_b.dtype),
-            None, None, None, None,
+            None, None, None, None, None,
         )  # fmt: skip
+
+
+def pointwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A 1x1 convolution; on a channels_last input it runs as a Linear over the NHWC channel vectors (a plain GEMM,
+    whose weight and bias gradients are more accurate than oneDNN's NHWC 1x1 convolution backward)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        y = F.linear(x.permute(0, 2, 3, 1), conv.weight.view(conv.out_channels, -1), conv.bias)
+        return y.permute(0, 3, 1, 2)
+    return conv(x)
 
 
 def _needs_grad(*tensors) -> bool:
@@ -283,13 +317,19 @@ def norm_act_conv(
     scale: torch.Tensor | None = None,
     shift: torch.Tensor | None = None,
     resample: str | None = None,
+    dropout: float = 0.0,
 ) -> torch.Tensor:
-    """``conv(resample(SiLU(norm(x) * (1 + scale) + shift)))`` (a 3x3/1x1 stride-1 convolution); with a gradient the
-    activation is not kept for backward (see :class:`_NormActConv`)."""
+    """``conv(resample(dropout(SiLU(norm(x) * (1 + scale) + shift))))`` (a 3x3/1x1 stride-1 convolution; ``dropout``
+    is the drop probability, 0 = none, pass 0 in eval mode); with a gradient the activation is not kept for backward
+    (see :class:`_NormActConv`)."""
     if _needs_grad(x, norm.weight, norm.bias, scale, shift, conv.weight, conv.bias):
         return _NormActConv.apply(x, norm.weight, norm.bias, scale, shift, conv.weight, conv.bias, norm.num_groups,
-                                  norm.eps, resample, conv.padding[0])  # fmt: skip
-    return conv(_resample(norm_act(norm, x, scale, shift), resample))
+                                  norm.eps, resample, conv.padding[0], float(dropout))  # fmt: skip
+    a = norm_act(norm, x, scale, shift)
+    if dropout > 0:
+        a = a * _dropout_noise(a, dropout).div_(1.0 - dropout)
+    r = _resample(a, resample)
+    return F.conv2d(r, _conv_weight(conv.weight, conv.weight.dtype, r), conv.bias, padding=conv.padding)
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -405,11 +445,10 @@ class ResBlock(_Checkpointed):
         else:
             h = h + e.to(h.dtype)[:, :, None, None]
             scale = shift = None
-        if self.dropout.p > 0 and self.training:  # the dropout mask sits between activation and conv: not fused
-            h = self.out_conv(self.dropout(norm_act(self.out_norm, h, scale, shift)))
-        else:
-            h = norm_act_conv(self.out_norm, self.out_conv, h, scale, shift)
-        return self.skip(x) + h
+        p = self.dropout.p if self.training else 0.0
+        h = norm_act_conv(self.out_norm, self.out_conv, h, scale, shift, dropout=p)
+        skip = x if isinstance(self.skip, nn.Identity) else pointwise_conv(self.skip, x)
+        return skip + h
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         return self._run(self._forward, x, emb)

@@ -311,7 +311,7 @@ class UNetModel(_Backbone):
         h = self._encode(self._internal_layout(x), emb, skips)
         for stage in self.up:
             h = stage(torch.cat([h, skips.pop()], dim=1), emb)
-        return norm_act_conv(self.out_norm, self.out_conv, h).contiguous()
+        return norm_act_conv(self.out_norm, self.out_conv, h.contiguous()).contiguous()
 
 
 class EncoderUNetModel(_Backbone):
