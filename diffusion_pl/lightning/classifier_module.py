@@ -65,6 +65,7 @@ class NoisyClassifierModule(L.LightningModule):
         resblock_updown: bool = False,
         use_new_attention_order: bool = False,
         use_checkpoint: bool = False,
+        norm_groups: int = 32,
         pool: Literal["attention", "adaptive"] = "attention",
         # --- the diffusion process it guides ---
         steps: int = 1000,
@@ -108,6 +109,7 @@ class NoisyClassifierModule(L.LightningModule):
             use_scale_shift_norm=use_scale_shift_norm,
             resblock_updown=resblock_updown,
             use_new_attention_order=use_new_attention_order,
+            norm_groups=norm_groups,
             pool=pool,
         )
         self.t_min, self.t_max = t_min, upper

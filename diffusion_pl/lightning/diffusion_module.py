@@ -40,8 +40,9 @@ SEED_KEY = "diffusion_pl_seed"
 class DiffusionModule(L.LightningModule):
     """ADM / Improved DDPM diffusion model.
 
-    Network (UNetModel arguments): image_size .. use_checkpoint; attention_resolutions are image resolutions;
-    channel_mult None = the paper default for image_size.
+    Network (UNetModel arguments): image_size .. norm_groups; attention_resolutions are image resolutions;
+    channel_mult None = the paper default for image_size; norm_groups 32 as every released model (fewer for narrow
+    networks: with one channel per group the network cannot represent an image's mean brightness).
     Conditioning: class_cond with num_classes labels; null_class adds the extra label index num_classes used by
     classifier-free guidance, and p_uncond replaces a training label by it with that probability.
     Diffusion: steps (T), noise_schedule, mean_type, var_type, loss_type, rescale_learned_sigmas (hybrid vb weight
@@ -78,6 +79,7 @@ class DiffusionModule(L.LightningModule):
         resblock_updown: bool = False,
         use_new_attention_order: bool = False,
         use_checkpoint: bool = False,
+        norm_groups: int = 32,
         # --- conditioning ---
         class_cond: bool = False,
         num_classes: int = 1000,
@@ -145,6 +147,7 @@ class DiffusionModule(L.LightningModule):
             use_scale_shift_norm=use_scale_shift_norm,
             resblock_updown=resblock_updown,
             use_new_attention_order=use_new_attention_order,
+            norm_groups=norm_groups,
             learn_sigma=self.diffusion.learns_variance,
         )
         self.seed = base_seed()

@@ -419,6 +419,7 @@ class ResBlock(_Checkpointed):
         use_scale_shift_norm: bool = False,
         resample: str | None = None,
         use_checkpoint: bool = False,
+        norm_groups: int = 32,
     ):
         super().__init__()
         if resample not in (None, "up", "down"):
@@ -428,10 +429,10 @@ class ResBlock(_Checkpointed):
         self.use_scale_shift_norm = use_scale_shift_norm
         self.resample = resample
         self.use_checkpoint = use_checkpoint
-        self.in_norm = GroupNorm32(channels)
+        self.in_norm = GroupNorm32(channels, norm_groups)
         self.in_conv = nn.Conv2d(channels, out_channels, 3, padding=1)
         self.emb_proj = nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels)
-        self.out_norm = GroupNorm32(out_channels)
+        self.out_norm = GroupNorm32(out_channels, norm_groups)
         self.dropout = nn.Dropout(dropout)
         self.out_conv = zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
@@ -474,6 +475,7 @@ class AttentionBlock(_Checkpointed):
         num_head_channels: int = -1,
         use_new_attention_order: bool = False,
         use_checkpoint: bool = False,
+        norm_groups: int = 32,
     ):
         super().__init__()
         if num_head_channels == -1:
@@ -489,7 +491,7 @@ class AttentionBlock(_Checkpointed):
         self.channels, self.num_heads = channels, heads
         self.use_new_attention_order = use_new_attention_order
         self.use_checkpoint = use_checkpoint
-        self.norm = GroupNorm32(channels)
+        self.norm = GroupNorm32(channels, norm_groups)
         self.qkv = nn.Linear(channels, 3 * channels)
         self.proj_out = zero_init(nn.Linear(channels, channels))
 

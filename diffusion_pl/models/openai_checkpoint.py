@@ -232,7 +232,16 @@ def load_openai_state_dict(
 
 
 def export_openai_state_dict(model: UNetModel | EncoderUNetModel) -> dict[str, torch.Tensor]:
-    """``model``'s weights in the reference layout (keys, shapes and order of guided-diffusion's ``state_dict``)."""
+    """``model``'s weights in the reference layout (keys, shapes and order of guided-diffusion's ``state_dict``).
+
+    The reference's GroupNorm always has 32 groups: a model built with other ``norm_groups`` computes a different
+    function there, so it is refused rather than exported silently wrong.
+    """
+    if model.norm_groups != 32:
+        raise OpenAICheckpointError(
+            f"this network uses norm_groups={model.norm_groups}; the reference layout (guided-diffusion) only has "
+            "GroupNorm with 32 groups, so its weights would compute a different function there"
+        )
     own = model.state_dict()
     out = {}
     for ours, (ref, kind) in openai_key_map(model).items():

@@ -160,6 +160,7 @@ class _Backbone(nn.Module):
         use_scale_shift_norm,
         resblock_updown,
         use_new_attention_order,
+        norm_groups,
     ):
         if num_res_blocks < 1:
             raise ValueError(f"num_res_blocks must be >= 1, got {num_res_blocks}")
@@ -169,12 +170,15 @@ class _Backbone(nn.Module):
         self.attention_ds = parse_attention_resolutions(attention_resolutions, image_size, len(self.channel_mult))
         self.num_levels = len(self.channel_mult)
         emb_ch = 4 * model_channels
-        self.block_kw = dict(dropout=dropout, use_scale_shift_norm=use_scale_shift_norm, use_checkpoint=use_checkpoint)
+        self.norm_groups = norm_groups
+        self.block_kw = dict(dropout=dropout, use_scale_shift_norm=use_scale_shift_norm, use_checkpoint=use_checkpoint,
+                             norm_groups=norm_groups)  # fmt: skip
         self.attn_kw = dict(
             num_heads=num_heads,
             num_head_channels=num_head_channels,
             use_new_attention_order=use_new_attention_order,
             use_checkpoint=use_checkpoint,
+            norm_groups=norm_groups,
         )
         self.time_embed = TimeEmbedding(model_channels, emb_ch)
         ch = int(self.channel_mult[0] * model_channels)
@@ -234,6 +238,9 @@ class UNetModel(_Backbone):
     ``learn_sigma``: the mean/eps channels followed by the variance interpolation channels). ``num_classes`` enables
     class conditioning (``y`` then required); ``null_class`` adds one extra embedding row (index ``num_classes``) for
     classifier-free guidance. ``use_checkpoint`` enables gradient checkpointing of every ResBlock and attention block.
+    ``norm_groups`` is the number of GroupNorm groups (32 in every released model). A norm with one channel per group
+    subtracts each channel's spatial mean, so the output cannot follow the mean brightness of the input: narrow
+    networks (e.g. 32 channels) should use fewer groups (8 in configs/quickstart.yaml).
     """
 
     def __init__(
@@ -257,6 +264,7 @@ class UNetModel(_Backbone):
         resblock_updown: bool = False,
         use_new_attention_order: bool = False,
         learn_sigma: bool = False,
+        norm_groups: int = 32,
     ):
         super().__init__()
         if null_class and num_classes is None:
@@ -264,7 +272,7 @@ class UNetModel(_Backbone):
         ch, ds, skip_chans, emb_ch = self._build_encoder(
             image_size, in_channels, model_channels, num_res_blocks, attention_resolutions, dropout, channel_mult,
             conv_resample, use_checkpoint, num_heads, num_head_channels, use_scale_shift_norm, resblock_updown,
-            use_new_attention_order,
+            use_new_attention_order, norm_groups,
         )  # fmt: skip
         base_out = out_channels or in_channels
         self.out_channels = 2 * base_out if learn_sigma else base_out
@@ -289,7 +297,7 @@ class UNetModel(_Backbone):
                     )
                     ds //= 2
                 self.up.append(Stage(res=res, attn=attn, resample=resample))
-        self.out_norm = GroupNorm32(ch)
+        self.out_norm = GroupNorm32(ch, norm_groups)
         self.out_conv = zero_init(nn.Conv2d(ch, self.out_channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -340,6 +348,7 @@ class EncoderUNetModel(_Backbone):
         resblock_updown: bool = False,
         use_new_attention_order: bool = False,
         pool: str = "attention",
+        norm_groups: int = 32,
     ):
         super().__init__()
         if pool not in ("attention", "adaptive"):
@@ -354,10 +363,10 @@ class EncoderUNetModel(_Backbone):
         ch, ds, _, _ = self._build_encoder(
             image_size, in_channels, model_channels, num_res_blocks, attention_resolutions, dropout, channel_mult,
             conv_resample, use_checkpoint, num_heads, num_head_channels, use_scale_shift_norm, resblock_updown,
-            use_new_attention_order,
+            use_new_attention_order, norm_groups,
         )  # fmt: skip
         self.out_channels, self.pool = out_channels, pool
-        self.out_norm = GroupNorm32(ch)
+        self.out_norm = GroupNorm32(ch, norm_groups)
         if pool == "attention":
             head_ch = num_head_channels if num_head_channels != -1 else 64
             self.head = AttentionPool2d(image_size // ds, ch, head_ch, out_channels)
