@@ -1,5 +1,6 @@
 """Sampling benchmark: classifier-guided ancestral sampling, diffusion-pl SampleEngine vs the reference
 (guided_diffusion's p_sample_loop with classifier_sample.py's cond_fn / model_fn), same config and weights.
+(`make bench` / benchmarks/run_all.py runs it in fresh processes together with every other benchmark.)
 
     python benchmarks/bench_sampling.py --steps 250 --batch 8 --rounds 1
     python benchmarks/bench_sampling.py --steps 20 --batch 8 --rounds 2      # quicker; images/s extrapolated to 250

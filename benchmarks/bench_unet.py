@@ -1,5 +1,8 @@
 """U-Net benchmark: diffusion_pl.models.UNetModel vs the reference guided_diffusion UNetModel, same configuration.
 
+(`make bench` / benchmarks/run_all.py runs this together with every other benchmark and rewrites BENCHMARKS.md;
+this script stays for single experiments and the --profile table.)
+
 Each measurement runs in a FRESH subprocess (so ``resource.getrusage(...).ru_maxrss`` is that measurement's peak);
 ours and the reference are interleaved within every round and the median over rounds is reported, because other
 processes share the CPU.
@@ -128,15 +131,46 @@ def measure(impl, config, mode, dtype, channels_last, iters, warmup, profile=Fal
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as prof
 
-        with prof(activities=[ProfilerActivity.CPU], profile_memory=True) as p:
-            step()
-        print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=22))
+        steps = 3
+        with prof(activities=[ProfilerActivity.CPU]) as p:
+            for _ in range(steps):
+                step()
+        events = p.key_averages()
+        print(events.table(sort_by="self_cpu_time_total", row_limit=22))
+        print(profile_groups(events, steps))
         return None
     t0 = time.perf_counter()
     for _ in range(iters):
         step()
     dt = time.perf_counter() - t0
     return dict(images_per_s=batch * iters / dt, peak_mib=_rss_mib() - base)
+
+
+PROFILE_GROUPS = {
+    "convolution backward": ("aten::convolution_backward", "aten::_slow_conv2d_backward"),
+    "convolution forward": ("aten::mkldnn_convolution", "aten::_slow_conv2d_forward"),
+    "attention (bmm/softmax or SDPA)": ("aten::bmm", "aten::baddbmm", "aten::_softmax", "aten::_softmax_backward_data",
+                                        "aten::_scaled_dot_product_flash_attention_for_cpu",
+                                        "aten::_scaled_dot_product_flash_attention_for_cpu_backward"),
+    "Linear GEMMs (mm/addmm)": ("aten::mm", "aten::addmm"),
+    "AdamW step (lerp_/addcdiv_/sqrt)": ("aten::lerp_", "aten::addcdiv_", "aten::sqrt"),
+}  # fmt: skip
+
+
+def profile_groups(events, steps: int) -> str:
+    """Self CPU seconds per step by group; everything else = norms, activations, element-wise, copies, Python."""
+    totals = dict.fromkeys(PROFILE_GROUPS, 0.0)
+    rest = 0.0
+    for e in events:
+        group = next((g for g, names in PROFILE_GROUPS.items() if e.key in names), None)
+        if group is None:
+            rest += e.self_cpu_time_total
+        else:
+            totals[group] += e.self_cpu_time_total
+    lines = [f"{g}: {v / 1e6 / steps:.3f} s/step" for g, v in totals.items()]
+    lines.append(f"everything else: {rest / 1e6 / steps:.3f} s/step")
+    lines.append(f"total: {(sum(totals.values()) + rest) / 1e6 / steps:.3f} s/step (self CPU, under the profiler)")
+    return "\n".join(lines)
 
 
 def run_single(args) -> dict:

@@ -111,3 +111,26 @@ def test_runner_writes_every_table_with_parseable_numbers(tmp_path):
     assert len(targets) == 2 * 7 + 3  # per channels_last setting: 1 fp32 + 2x2 memory + 2 bf16; 3 sampling rows
     assert all(r[2] in ("**met**", "**not met**") for r in targets)
     assert all(re.search(r"\d", r[1]) for r in targets)
+
+
+def test_a_failing_measurement_is_reported_not_fatal(tmp_path, monkeypatch):
+    runner = load_runner()
+
+    def broken(**kwargs):
+        raise RuntimeError("worker exploded")
+
+    monkeypatch.setitem(runner.WORKERS, "eval", broken)
+    monkeypatch.setattr(runner, "FAILURES", [])
+    out = tmp_path / "BENCH.md"
+    threads = torch.get_num_threads()
+    try:
+        text = runner.main(["--tiny", "--in-process", "--threads", "1", "--output", str(out), "--notes", "",
+                            "--skip-sampling", "--cells", "infer:fp32:off"])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    secs = sections(text)
+    assert [r[0] for r in secs["Evaluation: Inception feature extraction"]] == ["fp32", "bf16"]
+    assert all(r[1] == "nan" for r in secs["Evaluation: Inception feature extraction"])
+    assert "## Failures" in text and "worker exploded" in text
+    unet = next(k for k in secs if k.startswith("U-Net: tiny"))
+    assert [r[:3] for r in secs[unet]] == [["infer", "fp32", "off"]]
