@@ -28,6 +28,7 @@ from diffusion_pl.lightning.common import (
     reseed_for_step,
 )
 from diffusion_pl.models import EncoderUNetModel
+from diffusion_pl.utils.cpu import flush_denormals
 
 SEED_KEY = "diffusion_pl_seed"
 
@@ -127,6 +128,7 @@ class NoisyClassifierModule(L.LightningModule):
         return t.float() * (1000.0 / self.hparams.steps) if self.hparams.rescale_timesteps else t
 
     def setup(self, stage: str) -> None:
+        flush_denormals(self.device)
         hp = self.hparams
         expected = {
             "image_size": (hp.image_size, "image_size"),

@@ -32,6 +32,7 @@ from diffusion_pl.lightning.common import (
     reseed_for_step,
 )
 from diffusion_pl.models import UNetModel
+from diffusion_pl.utils.cpu import flush_denormals
 
 SAMPLER_STATE_KEY = "diffusion_pl_timestep_sampler"
 SEED_KEY = "diffusion_pl_seed"
@@ -169,6 +170,7 @@ class DiffusionModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
+        flush_denormals(self.device)
         hp = self.hparams
         expected = {"image_size": (hp.image_size, "image_size"), "in_channels": (hp.in_channels, "in_channels")}
         if hp.class_cond:
