@@ -98,7 +98,11 @@ def test_class_dropout_uses_the_null_label(tmp_path):
 @pytest.mark.parametrize(
     "override, data, message",
     [
-        ({"image_size": 16, "attention_resolutions": (8,)}, {}, r"data.image_size = 8 .* image_size = 16.*model.init_args.image_size: 8"),
+        (
+            {"image_size": 16, "attention_resolutions": (8,)},
+            {},
+            r"data.image_size = 8 .* image_size = 16.*model.init_args.image_size: 8",
+        ),
         ({"in_channels": 3}, {}, r"data.in_channels = 1 .* in_channels = 3.*model.init_args.in_channels: 1"),
         ({"num_classes": 5}, {}, r"data.num_classes = 3 .* num_classes = 5.*model.init_args.num_classes: 3"),
     ],

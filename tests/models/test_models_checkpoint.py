@@ -13,7 +13,9 @@ from diffusion_pl.models import (
     load_openai_state_dict,
 )
 
-KW = dict(image_size=16, model_channels=32, num_res_blocks=1, channel_mult=(1, 2), attention_resolutions=(8,), num_heads=2)
+KW = dict(
+    image_size=16, model_channels=32, num_res_blocks=1, channel_mult=(1, 2), attention_resolutions=(8,), num_heads=2
+)
 
 
 def ref_model(model_channels=32, **kw):
@@ -67,7 +69,8 @@ def test_load_from_file(tmp_path):
     path = tmp_path / "model.pt"
     torch.save(ref.state_dict(), path)
     ours = load_openai_checkpoint(UNetModel(**KW), path).eval()
-    assert all(torch.equal(a, b) for a, b in zip(export_openai_state_dict(ours).values(), ref.state_dict().values()))
+    exported, expected = export_openai_state_dict(ours).values(), ref.state_dict().values()
+    assert all(torch.equal(a, b) for a, b in zip(exported, expected, strict=True))
     with pytest.raises(OpenAICheckpointError, match=str(path)):
         load_openai_checkpoint(UNetModel(**{**KW, "model_channels": 64}), path)
     with pytest.raises(FileNotFoundError, match="nope.pt"):

@@ -10,14 +10,17 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from diffusion_pl.models import EncoderUNetModel, GroupNorm32, UNetModel, timestep_embedding
 from diffusion_pl.models.layers import ResBlock
 
-KW = dict(image_size=16, model_channels=32, num_res_blocks=1, channel_mult=(1, 2), attention_resolutions=(8,),
-          num_head_channels=32, use_scale_shift_norm=True, resblock_updown=True, num_classes=5, learn_sigma=True)  # fmt: skip
+KW = dict(
+    image_size=16, model_channels=32, num_res_blocks=1, channel_mult=(1, 2), attention_resolutions=(8,),
+    num_head_channels=32, use_scale_shift_norm=True, resblock_updown=True, num_classes=5, learn_sigma=True,
+)
 
 
 def grads_after_step(use_checkpoint, seed=123, dropout=0.3):
     model = UNetModel(**KW, dropout=dropout, use_checkpoint=use_checkpoint).train()
     randomize_(model, std=0.1)
-    x, t, y = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([3, 9]), torch.tensor([1, 2])
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    t, y = torch.tensor([3, 9]), torch.tensor([1, 2])
     torch.manual_seed(seed)  # the dropout masks
     out = model(x, t, y)
     out.square().mean().backward()

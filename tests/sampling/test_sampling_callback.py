@@ -53,12 +53,12 @@ def test_callback_logs_metric_curves(tmp_path, random_inception_weights):
 @pytest.mark.ddp
 def test_callback_two_ranks(tmp_path, random_inception_weights):
     script = (
-        "import sys; sys.path.insert(0, %r)\n"
+        f"import sys; sys.path.insert(0, {HERE!r})\n"
         "from test_sampling_callback import run_fit\n"
         "if __name__ == '__main__':\n"
-        "    cb = run_fit(%r, %r, devices=2)\n"
+        f"    cb = run_fit({str(tmp_path)!r}, {random_inception_weights!r}, devices=2)\n"
         "    print('METRICS', cb.last_step, sorted(cb.last_metrics))\n"
-    ) % (HERE, str(tmp_path), random_inception_weights)
+    )
     path = tmp_path / "run_ddp.py"
     path.write_text(script)
     proc = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=400, cwd=HERE)
