@@ -33,8 +33,6 @@ TEXT = README.read_text()
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 # Commands whose runs are checked by the tests of the demo (`make demo` -> `diffusion-pl demo`), not here.
 COVERED_BY_DEMO_TESTS = ("demo",)
-# Local links to files another change adds; they must exist once it lands (remove the entry then).
-PENDING_FILES = {"docs/TROUBLESHOOTING.md"}
 
 _COMMAND_WORDS = "fit|validate|test|sample|evaluate|sweep|demo"
 _MENTION = re.compile(rf"(?:\bdiffusion-pl|\bdiffusion_pl\.cli)\s+(?:{_COMMAND_WORDS})\b")
@@ -348,8 +346,6 @@ def test_local_links_and_anchors_resolve():
             assert target[1:] in anchors, f"README.md links to #{target[1:]}, no such heading ({sorted(anchors)})"
             continue
         path = target.split("#", 1)[0]
-        if path in PENDING_FILES:
-            continue
         assert (ROOT / path).exists(), f"README.md links to {path}, which does not exist"
     for config in set(re.findall(r"configs/[\w.]+\.yaml", TEXT)):
         assert (ROOT / config).is_file(), f"README.md names {config}, which does not exist"

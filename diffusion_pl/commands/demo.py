@@ -132,12 +132,12 @@ def demo(
     accelerator: str = "auto",
     max_steps: int | None = None,
     classifier_max_steps: int | None = None,
-    steps: str = "100",
+    steps: str = "50",
     samples_per_class: int = 8,
-    classifier_scale: float = 4.0,
+    classifier_scale: float = 20.0,
     cfg_scale: float = 3.0,
     precision: str = "bf16",
-    nll_examples: int = 50,
+    nll_examples: int = 16,
     inception_weights: str | None = None,
 ) -> dict:
     """Run the quickstart end to end on MNIST-5k and write everything under OUT_DIR.
