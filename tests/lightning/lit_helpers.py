@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import textwrap
+from pathlib import Path
+
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -59,3 +62,27 @@ def trainer_kwargs(tmp_path, **overrides) -> dict:
     )
     kwargs.update(overrides)
     return kwargs
+
+
+def write_tiny_classifier_config(path, root, data_class: str = "lit_helpers.TinyDataModule", logger: str = "false",
+                                 max_steps: int = 1, limit_val_batches: int = 0) -> str:  # fmt: skip
+    """A `diffusion-pl fit/validate/test` YAML for a tiny NoisyClassifierModule on 8x8 one-channel data (T = 10),
+    runs under ``root``; written to ``path``, which is returned as a string."""
+    Path(path).write_text(textwrap.dedent(f"""\
+        seed_everything: 0
+        model:
+          class_path: NoisyClassifierModule
+          init_args: {{image_size: 8, in_channels: 1, model_channels: 32, out_channels: 3, num_res_blocks: 1,
+                      channel_mult: [1, 2], attention_resolutions: [4], num_head_channels: 32, steps: 10}}
+        data:
+          class_path: {data_class}
+        trainer:
+          accelerator: cpu
+          max_steps: {max_steps}
+          default_root_dir: {root}
+          enable_progress_bar: false
+          enable_model_summary: false
+          limit_val_batches: {limit_val_batches}
+          logger: {logger}
+        """))
+    return str(path)

@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.callbacks import EMAWeightAveraging
+from lit_helpers import write_tiny_classifier_config
 
 from diffusion_pl.lightning import AtomicCheckpointIO, DiffusionModule, NoisyClassifierModule, NonFiniteGuard
 from diffusion_pl.lightning.cli import DiffusionCLI, build_lightning_cli
@@ -90,27 +91,8 @@ def test_unknown_key_is_rejected(tmp_path, monkeypatch):
                                   "--model.init_args.learning_rate=1e-3"], run=False)  # fmt: skip
 
 
-def _tiny_config(tmp_path: Path, max_steps: int = 1) -> Path:
-    config = textwrap.dedent(f"""\
-        seed_everything: 0
-        model:
-          class_path: NoisyClassifierModule
-          init_args: {{image_size: 8, in_channels: 1, model_channels: 32, out_channels: 3, num_res_blocks: 1,
-                      channel_mult: [1, 2], attention_resolutions: [4], num_head_channels: 32, steps: 10}}
-        data:
-          class_path: lit_helpers.TinyDataModule
-        trainer:
-          accelerator: cpu
-          max_steps: {max_steps}
-          logger: false
-          default_root_dir: {tmp_path / "run"}
-          enable_progress_bar: false
-          enable_model_summary: false
-          limit_val_batches: 0
-        """)
-    path = tmp_path / f"tiny_{max_steps}.yaml"
-    path.write_text(config)
-    return path
+def _tiny_config(tmp_path: Path, max_steps: int = 1) -> str:
+    return write_tiny_classifier_config(tmp_path / f"tiny_{max_steps}.yaml", tmp_path / "run", max_steps=max_steps)
 
 
 def test_existing_config_is_never_overwritten(tmp_path):

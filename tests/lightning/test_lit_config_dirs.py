@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import glob
 import os
-import textwrap
 from pathlib import Path
 
 import pytest
 import yaml
-from lit_helpers import TinyDataModule
+from lit_helpers import TinyDataModule, write_tiny_classifier_config
 
 from diffusion_pl.lightning.cli import build_lightning_cli
 
@@ -23,26 +22,9 @@ class TinyDataModuleWithTest(TinyDataModule):
 
 def write_config(tmp_path: Path, name: str, logger: str = "false", max_steps: int = 1, limit_val_batches: int = 0,
                  root: str = "run") -> str:  # fmt: skip
-    config = textwrap.dedent(f"""\
-        seed_everything: 0
-        model:
-          class_path: NoisyClassifierModule
-          init_args: {{image_size: 8, in_channels: 1, model_channels: 32, out_channels: 3, num_res_blocks: 1,
-                      channel_mult: [1, 2], attention_resolutions: [4], num_head_channels: 32, steps: 10}}
-        data:
-          class_path: test_lit_config_dirs.TinyDataModuleWithTest
-        trainer:
-          accelerator: cpu
-          max_steps: {max_steps}
-          default_root_dir: {tmp_path / root}
-          enable_progress_bar: false
-          enable_model_summary: false
-          limit_val_batches: {limit_val_batches}
-          logger: {logger}
-        """)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(config)
-    return str(path)
+    return write_tiny_classifier_config(tmp_path / f"{name}.yaml", tmp_path / root,
+                                        "test_lit_config_dirs.TinyDataModuleWithTest", logger, max_steps,
+                                        limit_val_batches)  # fmt: skip
 
 
 def saved(path: str) -> dict:

@@ -110,10 +110,16 @@ SAMPLE_CASES = [
 
 @pytest.mark.parametrize("args,pattern", [c[1:] for c in SAMPLE_CASES], ids=[c[0] for c in SAMPLE_CASES])
 def test_sample_user_errors(files, tmp_path, capsys, args, pattern):
+    check_refused_before_writing(capsys, tmp_path, files, ["sample", *FAST], args, pattern)
+
+
+def check_refused_before_writing(capsys, tmp_path, files, command, args, pattern):
+    """``command --out_dir OUT args`` (``{name}`` in args filled from ``files`` and ``tmp``) fails with a one-line
+    message matching ``pattern`` and OUT is not created: inputs are checked before anything is written."""
     out = tmp_path / "out"
     filled = [a.format(tmp=tmp_path, **files) for a in args]
-    run_user_error(capsys, ["sample", *FAST, "--out_dir", str(out), *filled], pattern)
-    assert not out.exists()  # checked before anything was written
+    run_user_error(capsys, [*command, "--out_dir", str(out), *filled], pattern)
+    assert not out.exists()
 
 
 def test_openai_checkpoint_with_its_arch_samples(files, tmp_path):
@@ -147,10 +153,7 @@ EVALUATE_CASES = [
 
 @pytest.mark.parametrize("args,pattern", [c[1:] for c in EVALUATE_CASES], ids=[c[0] for c in EVALUATE_CASES])
 def test_evaluate_user_errors(files, tmp_path, capsys, args, pattern):
-    out = tmp_path / "out"
-    filled = [a.format(tmp=tmp_path, **files) for a in args]
-    run_user_error(capsys, ["evaluate", "--accelerator", "cpu", "--out_dir", str(out), *filled], pattern)
-    assert not out.exists()
+    check_refused_before_writing(capsys, tmp_path, files, ["evaluate", "--accelerator", "cpu"], args, pattern)
 
 
 @pytest.mark.parametrize("fail_on", ["second-shard", "samples.npz"])
