@@ -90,6 +90,44 @@ def build(impl: str, config: str):
     return ref, kw.get("num_classes")
 
 
+def make_step(model, mode, dtype, channels_last, batch, num_classes, generator=None):
+    """(step, forward): one training step (forward + MSE to a random 6-channel target + backward + AdamW) or one
+    inference forward of ``model`` on a fixed random batch; ``forward`` is the bare forward under the same autocast.
+    The model is moved to the requested memory format."""
+    import torch
+
+    size = model.image_size
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(memory_format=fmt)
+    x = torch.randn(batch, 3, size, size, generator=generator).to(memory_format=fmt)
+    t = torch.randint(0, 1000, (batch,), generator=generator)
+    y = torch.randint(0, num_classes, (batch,), generator=generator) if num_classes else None
+    target = torch.randn(batch, 6, size, size, generator=generator)
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+    def forward():
+        with amp:
+            return model(x, t, y)
+
+    if mode == "train":
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step():
+            loss = (forward().float() - target).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    else:
+        model.eval()
+
+        def step():
+            with torch.inference_mode():
+                forward()
+
+    return step, forward
+
+
 def measure(impl, config, mode, dtype, channels_last, iters, warmup, profile=False):
     import guided_diffusion.unet  # noqa: F401 - imported by both so the baseline is identical
     import torch
@@ -99,32 +137,8 @@ def measure(impl, config, mode, dtype, channels_last, iters, warmup, profile=Fal
     base = _current_rss_mib()
     torch.manual_seed(0)
     model, num_classes = build(impl, config)
-    size, batch = model.image_size, CONFIGS[config]["batch"]
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
-    x = torch.randn(batch, 3, size, size).to(memory_format=fmt)
-    t = torch.randint(0, 1000, (batch,))
-    y = torch.randint(0, num_classes, (batch,)) if num_classes else None
-    target = torch.randn(batch, 6, size, size)
-    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
-    if mode == "train":
-        model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-        def step():
-            with amp:
-                out = model(x, t, y)
-            loss = (out.float() - target).square().mean()
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-    else:
-        model.eval()
-
-        def step():
-            with torch.inference_mode(), amp:
-                model(x, t, y)
-
+    batch = CONFIGS[config]["batch"]
+    step, _ = make_step(model, mode, dtype, channels_last, batch, num_classes)
     for _ in range(warmup):
         step()
     if profile:

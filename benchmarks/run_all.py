@@ -94,33 +94,9 @@ def unet_worker(impl: str, config: str, mode: str, dtype: str, channels_last: bo
     base = _current_rss_mib()
     torch.manual_seed(0)
     model, num_classes = bench_unet.build(impl, config)
-    size, batch = model.image_size, bench_unet.CONFIGS[config]["batch"]
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, 3, size, size, generator=gen).to(memory_format=fmt)
-    t = torch.randint(0, 1000, (batch,), generator=gen)
-    y = torch.randint(0, num_classes, (batch,), generator=gen) if num_classes else None
-    target = torch.randn(batch, 6, size, size, generator=gen)
-    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
-    if mode == "train":
-        model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-        def step():
-            with amp:
-                out = model(x, t, y)
-            loss = (out.float() - target).square().mean()
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-    else:
-        model.eval()
-
-        def step():
-            with torch.inference_mode(), amp:
-                model(x, t, y)
-
+    batch = bench_unet.CONFIGS[config]["batch"]
+    step, forward = bench_unet.make_step(model, mode, dtype, channels_last, batch, num_classes,
+                                         torch.Generator().manual_seed(1))  # fmt: skip
     for _ in range(warmup):
         step()
     times = []
@@ -132,12 +108,7 @@ def unet_worker(impl: str, config: str, mode: str, dtype: str, channels_last: bo
         images_per_s=batch / statistics.median(times), step_s=times, peak_rss_mib=max(0.0, _peak_rss_mib() - base)
     )
     if mode == "train":
-
-        def fwd():
-            with amp:
-                return model(x, t, y)
-
-        res["saved_mib"] = saved_activation_mib(fwd, list(model.parameters()))
+        res["saved_mib"] = saved_activation_mib(forward, list(model.parameters()))
     return res
 
 
