@@ -132,7 +132,7 @@ def demo(
     accelerator: str = "auto",
     max_steps: int | None = None,
     classifier_max_steps: int | None = None,
-    steps: str = "50",
+    steps: str = "100",
     samples_per_class: int = 8,
     classifier_scale: float = 20.0,
     cfg_scale: float = 3.0,
