@@ -6,6 +6,7 @@ objective as uniform sampling, with a lower variance when p_t ~ sqrt(E[L_t^2]) (
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
 import torch
@@ -14,7 +15,7 @@ AllGather = Callable[[torch.Tensor], torch.Tensor]
 TIMESTEP_SAMPLERS = ("uniform", "loss-second-moment")
 
 
-class TimestepSampler:
+class TimestepSampler(ABC):
     """Base class: subclasses define :meth:`probabilities` (a float64 [T] tensor summing to 1)."""
 
     def __init__(self, num_timesteps: int) -> None:
@@ -22,8 +23,9 @@ class TimestepSampler:
             raise ValueError(f"num_timesteps must be a positive integer, got {num_timesteps!r}")
         self.num_timesteps = num_timesteps
 
+    @abstractmethod
     def probabilities(self) -> torch.Tensor:
-        raise NotImplementedError
+        """p_t for t = 0..T-1 (float64 [T], sums to 1)."""
 
     def sample(
         self, batch_size: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
@@ -66,6 +68,7 @@ class TimestepSampler:
 
     def update_with_all_losses(self, ts: Sequence[int], losses: Sequence[float]) -> None:
         """Update with the losses of every rank (identical arguments on every rank). No-op for static samplers."""
+        return None
 
     def state_dict(self) -> dict:
         return {"num_timesteps": self.num_timesteps}
