@@ -188,6 +188,23 @@ def _resample(x: torch.Tensor, mode: str | None) -> torch.Tensor:
     return x
 
 
+def _resampled_shape(shape: torch.Size, mode: str | None) -> tuple[int, ...]:
+    """Shape of ``_resample`` of a tensor of ``shape`` (nearest 2x up, 2x2 average-pool down)."""
+    n, c, h, w = shape
+    if mode == "up":
+        return n, c, 2 * h, 2 * w
+    if mode == "down":
+        return n, c, h // 2, w // 2
+    return n, c, h, w
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last when ``x`` is a 4-D tensor laid out (only) that way, else the default contiguous format."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def _resample_backward(grad: torch.Tensor, mode: str | None, inp: torch.Tensor) -> torch.Tensor:
     if mode == "up":
         return torch.ops.aten.upsample_nearest2d_backward(grad, list(grad.shape[2:]), list(inp.shape), 2.0, 2.0)
@@ -206,9 +223,7 @@ def _conv_weight(w: torch.Tensor, dtype: torch.dtype, inp: torch.Tensor) -> torc
     """The weight in the compute dtype and in the input's memory format, in at most ONE copy (oneDNN would otherwise
     reorder a contiguous weight to channels_last on every call, after the autocast cast; and a channels_last weight
     would pull an NCHW input into the NHWC kernels)."""
-    if inp.dim() == 4 and not inp.is_contiguous() and inp.is_contiguous(memory_format=torch.channels_last):
-        return w.to(dtype=dtype, memory_format=torch.channels_last)
-    return w.to(dtype=dtype, memory_format=torch.contiguous_format)
+    return w.to(dtype=dtype, memory_format=_memory_format(inp))
 
 
 class _NormActConv(torch.autograd.Function):
@@ -250,12 +265,16 @@ class _NormActConv(torch.autograd.Function):
             A, B = _norm_coeffs(weight, bias, scale, shift)
             xf = x.float()  # mixed-dtype element-wise kernels are ~3x slower than a copy + float32 kernels
             pre, mean_c, rstd_c, P = _recompute_pre(xf, A, B, mean, rstd)
-            a = F.silu(pre).to(x.dtype)
-            noise = None
-            if keep is not None:
-                noise = keep.to(a.dtype).div_(1.0 - dropout)
-                a = a * noise
-            r = _resample(a, resample).to(cdt)
+            noise = None if keep is None else keep.to(x.dtype).div_(1.0 - dropout)
+            if needs[5]:  # the weight gradient needs the convolution's input values
+                a = F.silu(pre).to(x.dtype)
+                if noise is not None:
+                    a = a * noise
+                r = _resample(a, resample).to(cdt)
+            else:  # the input gradient needs only their shapes (guidance: frozen weights, gradient to x only)
+                a = torch.empty_like(x)
+                r = torch.empty(_resampled_shape(x.shape, resample), dtype=cdt, device=x.device,
+                                memory_format=_memory_format(x))  # fmt: skip
             g_out = grad.to(cdt)
             g_r, g_cw, _ = torch.ops.aten.convolution_backward(
                 g_out, r, _conv_weight(conv_w, cdt, r), None, [1, 1], [padding, padding], [1, 1], False, [0, 0], 1,
@@ -266,7 +285,7 @@ class _NormActConv(torch.autograd.Function):
             del r
             dx = gw = gb = gs = gsh = None
             if need_in:
-                g_a = _resample_backward(g_r, resample, a)
+                g_a = _resample_backward(g_r.to(a.dtype), resample, a)  # (bf16 g_r, float32 x under autocast)
                 del g_r
                 if noise is not None:
                     g_a = g_a * noise
@@ -284,7 +303,7 @@ class _NormActConv(torch.autograd.Function):
 def pointwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """A 1x1 convolution; on a channels_last input it runs as a Linear over the NHWC channel vectors (a plain GEMM,
     whose weight and bias gradients are more accurate than oneDNN's NHWC 1x1 convolution backward)."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    if _memory_format(x) == torch.channels_last:
         y = F.linear(x.permute(0, 2, 3, 1), conv.weight.view(conv.out_channels, -1), conv.bias)
         return y.permute(0, 3, 1, 2)
     return conv(x)

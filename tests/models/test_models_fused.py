@@ -100,3 +100,36 @@ def test_internal_layout_is_invisible():
         nchw = ours(x, t)
     assert nhwc.is_contiguous() and nhwc.shape == (2, 6, 16, 16)
     torch.testing.assert_close(nhwc, nchw, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("resample", [None, "up", "down"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_input_gradient_with_frozen_weights(channels_last, resample, dtype):
+    """Classifier guidance differentiates to x with frozen weights: that backward skips rebuilding the convolution's
+    input (only its shape is needed) and must give the same dx as the backward that also makes weight gradients."""
+    g = torch.Generator().manual_seed(1)
+    norm, conv = GroupNorm32(64), nn.Conv2d(64, 32, 3, padding=1)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.5 * torch.randn(64, generator=g))
+        norm.bias.copy_(0.5 * torch.randn(64, generator=g))
+    x = torch.randn(2, 64, 8, 8, generator=g) + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    scale, shift = 0.3 * torch.randn(2, 64, generator=g), 0.3 * torch.randn(2, 64, generator=g)
+    side = {"up": 16, "down": 4}.get(resample, 8)
+    grad = torch.randn(2, 32, side, side, generator=g)
+    dxs = []
+    for frozen in (False, True):
+        for p in [*norm.parameters(), *conv.parameters()]:
+            p.requires_grad_(not frozen)
+            p.grad = None
+        xx = x.clone().requires_grad_()
+        torch.manual_seed(0)  # the same dropout masks in both runs
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            out = norm_act_conv(norm, conv, xx, scale, shift, resample, dropout=0.2)
+        out.float().backward(grad)
+        assert frozen == (conv.weight.grad is None)
+        dxs.append(xx.grad)
+    assert dxs[1].abs().sum() > 0
+    torch.testing.assert_close(dxs[1], dxs[0], rtol=0, atol=0)
