@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from diffusion_pl.diffusion import create_diffusion
+from diffusion_pl.errors import UserInputError
 from diffusion_pl.models import UNetModel
 from diffusion_pl.sampling import SampleEngine
 from diffusion_pl.utils import cpu
@@ -30,3 +32,12 @@ def test_sampling_engine_on_cpu_flushes(monkeypatch):
                     attention_resolutions=(), num_head_channels=32)  # fmt: skip
     SampleEngine(net, create_diffusion(steps=10, var_type="fixed_small", loss_type="simple"), (1, 8, 8))
     assert calls == [True]
+
+
+def test_mps_is_refused_with_the_fix():
+    """The schedule is float64 (as in the reference); MPS has no float64, so it is refused up front, with the fix."""
+    message = r"Apple MPS devices are not supported: .*float64.*--trainer.accelerator=cpu"
+    with pytest.raises(UserInputError, match=message):
+        cpu.prepare_device(torch.device("mps"))
+    for device in ("cpu", "cuda", torch.device("cuda", 1)):
+        cpu.check_device_supported(device)  # no error (a CUDA device is only named here, not used)

@@ -13,6 +13,7 @@ import yaml
 from PIL import Image
 
 from diffusion_pl.cli import main
+from diffusion_pl.commands import demo as demo_command
 from diffusion_pl.commands.demo import SAMPLE_MODES, knn_digit_accuracy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,3 +89,19 @@ def test_demo_outside_a_checkout_names_the_config_dir(tmp_path, capsys):
     assert main(["demo", "--out_dir", str(tmp_path / "o"), "--config_dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "no quickstart.yaml" in err and "--config_dir" in err
+
+
+@pytest.mark.parametrize(
+    "cuda,bf16,accelerator,precision,expected",
+    [
+        (False, False, "auto", "auto", ("cpu", "bf16", None)),  # a laptop (a Mac too: never MPS)
+        (True, True, "auto", "auto", ("gpu", "bf16", None)),  # Ampere or newer
+        (True, False, "auto", "auto", ("gpu", "fp32", "16-mixed")),  # a GPU without bfloat16 (V100, T4)
+        (True, False, "cpu", "auto", ("cpu", "bf16", None)),  # the CPU asked for explicitly
+        (True, False, "auto", "bf16", ("gpu", "bf16", "16-mixed")),  # an explicit sampling precision is kept
+    ],
+)
+def test_hardware_is_resolved_for_the_machine(monkeypatch, cuda, bf16, accelerator, precision, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert demo_command.resolve_hardware(accelerator, precision) == expected

@@ -88,7 +88,8 @@ def run_step(step: Step, env: dict[str, str]) -> None:
     step.status = "done"
 
 
-def fit_step(name: str, config: Path, out_dir: Path, accelerator: str, max_steps: int | None) -> Step:
+def fit_step(name: str, config: Path, out_dir: Path, accelerator: str, max_steps: int | None,
+             precision: str | None = None) -> Step:  # fmt: skip
     """`fit` logging to OUT_DIR/<name>/ (metrics.csv, config.yaml, checkpoints/last.ckpt); resumes from last.ckpt."""
     run_dir = out_dir / name
     args = [
@@ -100,10 +101,27 @@ def fit_step(name: str, config: Path, out_dir: Path, accelerator: str, max_steps
     ]  # fmt: skip
     if max_steps is not None:
         args.append(f"--trainer.max_steps={max_steps}")
+    if precision is not None:
+        args.append(f"--trainer.precision={precision}")
     last = run_dir / "checkpoints" / "last.ckpt"
     if last.is_file():
         args.append(f"--ckpt_path={last}")  # an interrupted earlier demo run: continue it
     return Step(name=f"fit {name}", args=args, done=run_dir / "fit_done.json", extra={"checkpoint": str(last)})
+
+
+def resolve_hardware(accelerator: str, precision: str) -> tuple[str, str, str | None]:
+    """(accelerator, sampling precision, training precision override or None) for this machine.
+
+    ``auto`` means a CUDA GPU when there is one, else the CPU (Apple's MPS is not supported, see
+    :func:`diffusion_pl.utils.cpu.check_device_supported`). A CUDA GPU without bfloat16 (before Ampere) trains in
+    16-mixed and samples in fp32 instead of the configs' bf16; ``precision="auto"`` samples in bf16 otherwise.
+    """
+    if accelerator == "auto":
+        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    old_gpu = accelerator in ("gpu", "cuda") and torch.cuda.is_available() and not torch.cuda.is_bf16_supported()
+    if precision == "auto":
+        precision = "fp32" if old_gpu else "bf16"
+    return accelerator, precision, "16-mixed" if old_gpu else None
 
 
 def knn_digit_accuracy(images_nhwc: np.ndarray, labels: np.ndarray, train_x: torch.Tensor, train_y: torch.Tensor,
@@ -136,7 +154,7 @@ def demo(
     samples_per_class: int = 8,
     classifier_scale: float = 20.0,
     cfg_scale: float = 3.0,
-    precision: str = "bf16",
+    precision: str = "auto",
     nll_examples: int = 16,
     inception_weights: str | None = None,
 ) -> dict:
@@ -144,14 +162,14 @@ def demo(
 
     :param out_dir: output folder (logs, checkpoints, sample grids, metrics, summary.json); a rerun skips finished steps
     :param config_dir: folder with quickstart.yaml and quickstart_classifier.yaml (default: the checkout's configs/)
-    :param accelerator: Lightning accelerator for every step (auto = a GPU when there is one)
+    :param accelerator: Lightning accelerator for every step (auto = a CUDA GPU when there is one, else the CPU)
     :param max_steps: training steps of the diffusion model (default: configs/quickstart.yaml)
     :param classifier_max_steps: training steps of the noisy classifier (default: configs/quickstart_classifier.yaml)
     :param steps: sampling steps (respacing of the T = 1000 process)
     :param samples_per_class: samples per digit (a row of the grid each)
     :param classifier_scale: classifier guidance scale s
     :param cfg_scale: classifier-free guidance scale w
-    :param precision: sampling precision (fp32 or bf16)
+    :param precision: sampling precision (fp32, bf16, or auto = bf16 unless the GPU lacks it)
     :param nll_examples: held-out digits for bits/dim (each costs T = 1000 network evaluations)
     :param inception_weights: Inception weights for FID / IS / precision / recall (default: torch-fidelity's cache)
     """
@@ -164,10 +182,11 @@ def demo(
     weights = find_inception_weights(inception_weights)
     env = dict(os.environ)
     env.setdefault("PYTHONWARNINGS", "ignore")
+    accelerator, precision, train_precision = resolve_hardware(accelerator, precision)
 
-    diffusion_fit = fit_step("diffusion", configs / "quickstart.yaml", out, accelerator, max_steps)
+    diffusion_fit = fit_step("diffusion", configs / "quickstart.yaml", out, accelerator, max_steps, train_precision)
     classifier_fit = fit_step(
-        "classifier", configs / "quickstart_classifier.yaml", out, accelerator, classifier_max_steps
+        "classifier", configs / "quickstart_classifier.yaml", out, accelerator, classifier_max_steps, train_precision
     )
     model_ckpt, classifier_ckpt = diffusion_fit.extra["checkpoint"], classifier_fit.extra["checkpoint"]
     num_samples = 10 * samples_per_class

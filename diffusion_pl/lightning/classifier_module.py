@@ -28,7 +28,7 @@ from diffusion_pl.lightning.common import (
     reseed_for_step,
 )
 from diffusion_pl.models import EncoderUNetModel
-from diffusion_pl.utils.cpu import flush_denormals
+from diffusion_pl.utils.cpu import prepare_device
 
 SEED_KEY = "diffusion_pl_seed"
 
@@ -128,7 +128,7 @@ class NoisyClassifierModule(L.LightningModule):
         return t.float() * (1000.0 / self.hparams.steps) if self.hparams.rescale_timesteps else t
 
     def setup(self, stage: str) -> None:
-        flush_denormals(self.device)
+        prepare_device(self.trainer.strategy.root_device)  # setup runs before the model is moved there
         hp = self.hparams
         expected = {
             "image_size": (hp.image_size, "image_size"),

@@ -32,7 +32,7 @@ from diffusion_pl.lightning.common import (
     reseed_for_step,
 )
 from diffusion_pl.models import UNetModel
-from diffusion_pl.utils.cpu import flush_denormals
+from diffusion_pl.utils.cpu import prepare_device
 
 SAMPLER_STATE_KEY = "diffusion_pl_timestep_sampler"
 SEED_KEY = "diffusion_pl_seed"
@@ -170,7 +170,7 @@ class DiffusionModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
-        flush_denormals(self.device)
+        prepare_device(self.trainer.strategy.root_device)  # setup runs before the model is moved there
         hp = self.hparams
         expected = {"image_size": (hp.image_size, "image_size"), "in_channels": (hp.in_channels, "in_channels")}
         if hp.class_cond:

@@ -30,7 +30,7 @@ from diffusion_pl.diffusion import (
     space_timesteps,
 )
 from diffusion_pl.errors import UserInputError
-from diffusion_pl.utils.cpu import flush_denormals
+from diffusion_pl.utils.cpu import prepare_device
 
 METHODS = ("ddpm", "ddim")
 PRECISIONS = ("fp32", "bf16")
@@ -194,7 +194,7 @@ class SampleEngine:
             first = next(iter(params()), None) if callable(params) else None
             device = first.device if first is not None else torch.device("cpu")
         self.device = torch.device(device)
-        flush_denormals(self.device)
+        prepare_device(self.device)
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         self.progress = progress and rank == 0
         # Built once: the model function (autocast, float32 output, optional CFG) and the classifier gradient.
