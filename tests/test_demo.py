@@ -85,6 +85,16 @@ def test_knn_accuracy_scores_real_digits_and_rejects_wrong_labels():
     assert knn_digit_accuracy(images, np.array([1, 0]), train_x, train_y) == 0.0
 
 
+def test_knn_tie_goes_to_the_nearest_digit_not_the_smallest_label():
+    image = np.zeros((1, 32, 32, 1), np.uint8)  # all pixels -1 after scaling
+    train_x = torch.full((3, 32 * 32), -1.0)
+    train_x[0, :10], train_x[1, :20], train_x[2, :30] = 1.0, 1.0, 1.0  # increasingly far from the image
+    train_y = torch.tensor([7, 2, 5])  # three different labels: a three-way tie
+    assert knn_digit_accuracy(image, np.array([7]), train_x, train_y) == 1.0
+    train_y = torch.tensor([7, 5, 5])  # a majority wins over the nearest digit
+    assert knn_digit_accuracy(image, np.array([5]), train_x, train_y) == 1.0
+
+
 def test_demo_outside_a_checkout_names_the_config_dir(tmp_path, capsys):
     assert main(["demo", "--out_dir", str(tmp_path / "o"), "--config_dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err

@@ -126,10 +126,14 @@ def resolve_hardware(accelerator: str, precision: str) -> tuple[str, str, str | 
 
 def knn_digit_accuracy(images_nhwc: np.ndarray, labels: np.ndarray, train_x: torch.Tensor, train_y: torch.Tensor,
                        k: int = 3) -> float:  # fmt: skip
-    """Fraction of samples whose k nearest training digits (L2 on pixels in [-1, 1]) vote for the requested label."""
+    """Fraction of samples whose k nearest training digits (L2 on pixels in [-1, 1]) vote for the requested label;
+    a tie between labels goes to the label of the nearest digit among the tied ones."""
     x = torch.from_numpy(images_nhwc).float().div(127.5).sub(1.0).flatten(1)
-    nearest = torch.cdist(x, train_x).topk(k, largest=False).indices
-    votes = torch.mode(train_y[nearest], dim=1).values
+    nearest = torch.cdist(x, train_x).topk(k, largest=False, sorted=True).indices  # nearest first
+    neighbour_labels = train_y[nearest]  # [N, k]
+    counts = (neighbour_labels[:, :, None] == neighbour_labels[:, None, :]).sum(-1)  # votes for each neighbour's label
+    first_top = (counts == counts.max(dim=1, keepdim=True).values).long().argmax(dim=1)  # nearest of the top-voted
+    votes = neighbour_labels.gather(1, first_top[:, None])[:, 0]
     return float((votes == torch.from_numpy(labels).long()).float().mean())
 
 
