@@ -54,9 +54,9 @@ def run_lightning_cli(args: list[str]) -> None:
 
 def run_command(command: str, args: list[str]) -> None:
     """Run one subcommand (``args`` start with it); exceptions propagate."""
-    from diffusion_pl.utils.cpu import flush_denormals
+    from diffusion_pl.utils.device import flush_denormals
 
-    flush_denormals()  # CPU arithmetic on denormal floats is orders of magnitude slower (see utils/cpu.py)
+    flush_denormals()  # CPU arithmetic on denormal floats is orders of magnitude slower (see utils/device.py)
     if command in EXTRA_COMMANDS:
         from jsonargparse import CLI
 

@@ -113,7 +113,7 @@ def resolve_hardware(accelerator: str, precision: str) -> tuple[str, str, str | 
     """(accelerator, sampling precision, training precision override or None) for this machine.
 
     ``auto`` means a CUDA GPU when there is one, else the CPU (Apple's MPS is not supported, see
-    :func:`diffusion_pl.utils.cpu.check_device_supported`). A CUDA GPU without bfloat16 (before Ampere) trains in
+    :func:`diffusion_pl.utils.device.check_device_supported`). A CUDA GPU without bfloat16 (before Ampere) trains in
     16-mixed and samples in fp32 instead of the configs' bf16; ``precision="auto"`` samples in bf16 otherwise.
     """
     if accelerator == "auto":

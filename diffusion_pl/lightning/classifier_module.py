@@ -28,7 +28,7 @@ from diffusion_pl.lightning.common import (
     reseed_for_step,
 )
 from diffusion_pl.models import EncoderUNetModel
-from diffusion_pl.utils.cpu import prepare_device
+from diffusion_pl.utils.device import prepare_device
 
 SEED_KEY = "diffusion_pl_seed"
 

@@ -32,7 +32,7 @@ from diffusion_pl.lightning.common import (
     reseed_for_step,
 )
 from diffusion_pl.models import UNetModel
-from diffusion_pl.utils.cpu import prepare_device
+from diffusion_pl.utils.device import prepare_device
 
 SAMPLER_STATE_KEY = "diffusion_pl_timestep_sampler"
 SEED_KEY = "diffusion_pl_seed"

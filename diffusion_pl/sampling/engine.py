@@ -30,7 +30,7 @@ from diffusion_pl.diffusion import (
     space_timesteps,
 )
 from diffusion_pl.errors import UserInputError
-from diffusion_pl.utils.cpu import prepare_device
+from diffusion_pl.utils.device import prepare_device
 
 METHODS = ("ddpm", "ddim")
 PRECISIONS = ("fp32", "bf16")
@@ -228,7 +228,7 @@ class SampleEngine:
             for m in (self.model, self.classifier)
             if isinstance(m, nn.Module) and next(m.parameters(), None) is not None
         ]
-        with _frozen(*nets), torch.no_grad():
+        with torch.no_grad():
             self._weights = {id(m): sampling_weights(m, dtype) for m in nets}
         try:
             with _frozen(*nets):
