@@ -11,12 +11,11 @@ get the traceback instead. Any other exception keeps its traceback.
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 
-from diffusion_pl.errors import find_user_error
+from diffusion_pl.errors import DEBUG_ENV, debug_requested, find_user_error
 
-DEBUG_ENV = "DIFFUSION_PL_DEBUG"
+__all__ = ["DEBUG_ENV", "debug_requested", "main", "run_command"]
 
 # name -> "module:function"; each function's typed signature is its command line (jsonargparse.CLI).
 EXTRA_COMMANDS: dict[str, str] = {
@@ -60,16 +59,15 @@ def run_command(command: str, args: list[str]) -> None:
     if command in EXTRA_COMMANDS:
         from jsonargparse import CLI
 
+        from diffusion_pl.parse_errors import ConciseArgumentParser
+
         module_name, function_name = EXTRA_COMMANDS[command].split(":")
         function = getattr(importlib.import_module(module_name), function_name)
         # A short usage line above parse errors (the full option list is in --help).
-        CLI(function, args=args[1:], prog=f"diffusion-pl {command}", usage=f"diffusion-pl {command} [options]")
+        CLI(function, args=args[1:], prog=f"diffusion-pl {command}", usage=f"diffusion-pl {command} [options]",
+            parser_class=ConciseArgumentParser)  # fmt: skip
     else:
         run_lightning_cli(args)
-
-
-def debug_requested() -> bool:
-    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,15 @@ Each class also derives from the builtin that callers would catch (ValueError, F
 from __future__ import annotations
 
 import errno
+import os
+
+#: set (to anything but 0/false/no) to get tracebacks and jsonargparse's full reports instead of one-line errors
+DEBUG_ENV = "DIFFUSION_PL_DEBUG"
+
+
+def debug_requested() -> bool:
+    """True when the user asked for tracebacks (``DIFFUSION_PL_DEBUG=1``)."""
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
 class UserError(Exception):

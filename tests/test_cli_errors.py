@@ -83,17 +83,28 @@ def test_error_classes_are_the_builtins_callers_catch():
     assert not is_disk_full(OSError(2, "No such file"))
 
 
-def test_parse_errors_show_a_short_usage(capsys):
-    """jsonargparse reports unknown options and wrong types itself (exit 2): under a one-line usage, not the
-    full option list."""
-    for args, expected in ((["--num_samples", "three"], "Expected a <class 'int'>. Got value: three"),
-                           (["--num_sampels", "3"], "unrecognized arguments: --num_sampels 3")):  # fmt: skip
-        with pytest.raises(SystemExit) as exit_info:
-            cli.main(["sample", *args])
-        assert exit_info.value.code == 2
-        err = capsys.readouterr().err
-        assert err.startswith("usage: diffusion-pl sample [options]\n") and expected in err
-        assert len(err.splitlines()) <= 5
+SAMPLE_PARSE_ERRORS = [
+    (["--num_samples", "three"], "--num_samples: expected int, got 'three'"),
+    (["--num_sampels", "3"], "unrecognized option --num_sampels 3 (did you mean --num_samples?); "
+     "`diffusion-pl sample --help` lists the options"),
+    (["--precision", "bf17"], "--precision: expected one of 'fp32', 'bf16', got 'bf17' (did you mean 'bf16'?)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("args,expected", SAMPLE_PARSE_ERRORS, ids=["type", "misspelt-option", "choice"])
+def test_parse_errors_are_one_line(args, expected, monkeypatch, capsys):
+    """jsonargparse's parse errors (wrong type, unknown option, a value outside a choice) as one line with exit
+    status 2, like every other user error; DIFFUSION_PL_DEBUG=1 shows jsonargparse's full report."""
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["sample", *args])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"diffusion-pl sample: error: {expected}\n"
+    monkeypatch.setenv(cli.DEBUG_ENV, "1")
+    with pytest.raises(SystemExit):
+        cli.main(["sample", *args])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: diffusion-pl sample [options]\n") and "error: " in err
 
 
 def test_real_entry_point_prints_one_line(tmp_path):

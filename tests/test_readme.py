@@ -349,3 +349,19 @@ def test_local_links_and_anchors_resolve():
         assert (ROOT / path).exists(), f"README.md links to {path}, which does not exist"
     for config in set(re.findall(r"configs/[\w.]+\.yaml", TEXT)):
         assert (ROOT / config).is_file(), f"README.md names {config}, which does not exist"
+
+
+def test_troubleshooting_names_tests_that_exist():
+    """docs/TROUBLESHOOTING.md names, for each case, the test that keeps it so: every file::test it names exists
+    (abridged names, ``…test_x``, must be a test function somewhere under tests/)."""
+    text = (ROOT / "docs" / "TROUBLESHOOTING.md").read_text()
+    sources = {p: p.read_text() for p in (ROOT / "tests").rglob("test_*.py")}
+    full = re.findall(r"`…?((?:[\w/]+/)?test_\w+\.py)::(test_\w+)", text)
+    abridged = re.findall(r"`…(test_\w+)\b(?!\.py)", text)
+    assert len(full) > 20 and abridged
+    for path, name in full:
+        matches = [src for p, src in sources.items() if p.as_posix().endswith("tests/" + path) or p.name == path]
+        assert matches, f"{path} (named in TROUBLESHOOTING.md) does not exist"
+        assert any(re.search(rf"^def {name}\(", src, re.M) for src in matches), f"{path}::{name} does not exist"
+    for name in abridged:
+        assert any(re.search(rf"^def {name}\(", src, re.M) for src in sources.values()), f"no test {name}"

@@ -26,7 +26,7 @@ import lightning as L
 import yaml
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -44,6 +44,7 @@ from diffusion_pl.lightning.checkpoints import (
 )
 from diffusion_pl.lightning.classifier_module import NoisyClassifierModule
 from diffusion_pl.lightning.diffusion_module import DiffusionModule
+from diffusion_pl.parse_errors import ConciseErrorsMixin
 
 MODULE_CLASSES = {"DiffusionModule": DiffusionModule, "NoisyClassifierModule": NoisyClassifierModule}
 # ckpt_path values Lightning resolves itself (no file of that name).
@@ -262,6 +263,10 @@ class DiffusionCLI(LightningCLI):
         return trainer
 
 
+class ConciseLightningArgumentParser(ConciseErrorsMixin, LightningArgumentParser):
+    """LightningCLI's parser with one-line parse errors (see diffusion_pl.parse_errors)."""
+
+
 def _short_usage(subcommand: str) -> str:
     """The usage line printed above a parse error (the full option list of LightningCLI is ~50 lines)."""
     return (
@@ -281,7 +286,11 @@ def build_lightning_cli(args: list[str] | None = None, run: bool = True, **kwarg
         save_config_kwargs={"overwrite": False},
         auto_configure_optimizers=False,
         trainer_defaults={"callbacks": [NonFiniteGuard()]},
-        parser_kwargs={name: {"usage": _short_usage(name)} for name in ("fit", "validate", "test", "predict")},
+        parser_class=ConciseLightningArgumentParser,
+        parser_kwargs={
+            "prog": "diffusion-pl",
+            **{name: {"usage": _short_usage(name)} for name in ("fit", "validate", "test", "predict")},
+        },
         args=args,
         run=run,
     )

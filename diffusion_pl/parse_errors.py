@@ -1,0 +1,216 @@
+"""One-line command-line parse errors: jsonargparse's multi-line reports, condensed.
+
+jsonargparse reports a bad option of a LightningCLI model or data class as ~10 lines about Union subtypes, in which
+the fact the user needs ("Option 'lrr' is not accepted") is buried. :func:`condense_parse_error` reduces the shapes
+it knows to one line that names the key, the value, what is expected and (for typos) the closest valid name::
+
+    model.init_args.lrr: DiffusionModule has no option 'lrr' (did you mean 'lr'?); list its options with
+    `diffusion-pl fit --model.help DiffusionModule`
+
+A message of any other shape is returned as None and printed by jsonargparse as before (nothing is lost).
+:class:`ConciseErrorsMixin` puts this into a parser's ``error``; ``DIFFUSION_PL_DEBUG=1`` keeps the full report.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import re
+import sys
+from collections.abc import Iterable
+
+from jsonargparse import ArgumentParser
+
+from diffusion_pl.errors import debug_requested
+
+# Where a short class name given as --model / --data is looked up (LightningCLI resolves names from these too).
+CLASS_MODULES = ("diffusion_pl.lightning", "diffusion_pl.data")
+
+_TOP_KEY = re.compile(r'^Parser key "(?P<key>[^"]+)":')
+_CLASS_PROBLEM = re.compile(r"Problem with given class_path '(?P<path>[\w.]+)':")
+_NOT_ACCEPTED = re.compile(r"Option '(?P<option>[^']+)' is not accepted")
+_NESTED_KEY_LINE = re.compile(r'Parser key "(?P<key>[^"]+)":')
+_EXPECTED_GOT_ANYWHERE = re.compile(r"Expected a (?P<type>.+?)\. Got value: (?P<value>.*)$", re.M)
+_EXPECTED_GOT = re.compile(r"Expected a (?P<type>.+?)\. Got value: (?P<value>.*)$")
+_UNION_EXPECTED = re.compile(r"^\s*- Expected a (?P<type>.+?)\s*$", re.M)
+_GIVEN_VALUE = re.compile(r"^\s*Given value: (?P<value>.*)$", re.M)
+_SUBTYPES = re.compile(r"Subtypes: \[<class '(?P<base>[\w.]+)'>")
+_NOT_A_CLASS = re.compile(
+    r"Expected a dot import path string: (?P<value>\S+)|Expected a path but (?P<value2>\S+) either"
+)
+_UNRECOGNIZED = re.compile(r"^unrecognized arguments: (?P<args>.+)$")
+_MISSING_FILE = re.compile(r'^Parser key "(?P<key>[^"]+)":\s*File does not exist: (?P<path>.+)$', re.S)
+
+
+def _did_you_mean(word: str, choices: Iterable[str], quote: str = "'") -> str:
+    """The suffix ``(did you mean 'x'?)`` for the closest of ``choices`` (case-insensitive; a choice that contains
+    ``word``, e.g. Cifar10 -> CIFAR10DataModule, counts as close), or an empty string when none is close."""
+    choices = list(choices)
+    lowered = {c.lower(): c for c in choices}
+    key = word.lower()
+    containing = [c for c in choices if len(key) >= 3 and key in c.lower()]
+    match = difflib.get_close_matches(key, list(lowered), n=1, cutoff=0.6)
+    best = containing[0] if len(containing) == 1 else (lowered[match[0]] if match else None)
+    return f" (did you mean {quote}{best}{quote}?)" if best else ""
+
+
+def _import(path: str):
+    module_name, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def _init_options(cls) -> list[str]:
+    try:
+        params = inspect.signature(cls.__init__).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def _literal_values(type_text: str) -> list[str] | None:
+    """``typing.Literal['a', 'b']`` / ``Literal[64, 32]`` -> ["'a'", "'b'"] / ["64", "32"]; None for other types."""
+    m = re.fullmatch(r"(?:typing\.)?Literal\[(?P<values>.*)\]", type_text.strip())
+    return [v.strip() for v in m.group("values").split(",")] if m else None
+
+
+def _type_name(type_text: str) -> str:
+    """``<class 'float'>`` -> float, ``typing.Optional[int]`` -> Optional[int], Literal -> one of ..."""
+    values = _literal_values(type_text)
+    if values is not None:
+        return "one of " + ", ".join(values)
+    text = re.sub(r"<class '(?:[\w]+\.)*(\w+)'>", r"\1", type_text)
+    return text.replace("typing.", "")
+
+
+def _expected(types: list[str], value: str) -> str:
+    """``expected X, got 'v'`` (with a did-you-mean among literal values)."""
+    literals = [v for t in types for v in (_literal_values(t) or [])]
+    others = [_type_name(t) for t in types if _literal_values(t) is None and "NoneType" not in t]
+    parts = (["one of " + ", ".join(dict.fromkeys(literals))] if literals else []) + others
+    hint = _did_you_mean(value, [v.strip("'\"") for v in literals]) if literals else ""
+    return f"expected {' or '.join(parts) or 'another value'}, got {value!r}{hint}"
+
+
+def _class_candidates(base_path: str) -> list[str]:
+    base = _import(base_path)
+    names = []
+    for module_name in CLASS_MODULES:
+        module = importlib.import_module(module_name)
+        for name in getattr(module, "__all__", []):
+            obj = getattr(module, name, None)
+            if isinstance(obj, type) and isinstance(base, type) and issubclass(obj, base):
+                names.append(name)
+    return names
+
+
+def _class_option_error(top: str, class_path: str, block: str, prog: str) -> str | None:
+    cls_name = class_path.rpartition(".")[2]
+    unknown = _NOT_ACCEPTED.search(block)
+    if unknown:
+        option = unknown.group("option")
+        cls = _import(class_path)
+        hint = _did_you_mean(option, _init_options(cls)) if cls is not None else ""
+        return (
+            f"{top}.init_args.{option}: {cls_name} has no option {option!r}{hint}; list its options with "
+            f"`{prog} --{top}.help {cls_name}`"
+        )
+    keys = list(_NESTED_KEY_LINE.finditer(block))
+    if keys:  # the innermost (last) key is the one at fault
+        rest = block[keys[-1].end() :]
+        got = _EXPECTED_GOT_ANYWHERE.search(rest)
+        if got:
+            key = f"{top}.init_args.{keys[-1].group('key')}"
+            given = _GIVEN_VALUE.search(rest)
+            where = f" (in {given.group('value').strip()})" if given and "NestedArg" not in given.group("value") else ""
+            return f"{key}: {_expected([got.group('type')], got.group('value'))}{where}"
+    return None
+
+
+def condense_parse_error(
+    message: str, prog: str = "diffusion-pl", options: Iterable[str] = (), key_prefix: str = ""
+) -> str | None:
+    """One line for a jsonargparse parse error of a known shape, else None (see the module docstring).
+
+    ``prog`` is the command as typed (``diffusion-pl fit``); ``options`` the parser's option strings, for a
+    did-you-mean after an unrecognized option; ``key_prefix`` is put before a key in the message ("--" where keys
+    are only command-line options, "" where they are config keys too)."""
+    message = message.strip()
+    unrecognized = _UNRECOGNIZED.match(message)
+    if unrecognized:
+        first = unrecognized.group("args").split()[0]
+        name = first.split("=", 1)[0]
+        hint = _did_you_mean(name, [o for o in options if o.startswith("--")], quote="")
+        return f"unrecognized option {unrecognized.group('args')}{hint}; `{prog} --help` lists the options"
+    missing = _MISSING_FILE.match(message)
+    if missing:
+        return f"--{missing.group('key')} {missing.group('path').strip().strip(chr(39))}: no such file"
+    top_match = _TOP_KEY.match(message)
+    if not top_match:
+        return None
+    top = key_prefix + top_match.group("key")
+    problem = _CLASS_PROBLEM.search(message)
+    if problem:
+        block = message[problem.end() :]
+        block = block.split("\n    - ", 1)[0]  # up to the next Union alternative
+        return _class_option_error(top, problem.group("path"), block, prog)
+    given = _GIVEN_VALUE.search(message)
+    value = given.group("value").strip() if given else ""
+    not_a_class = _NOT_A_CLASS.search(message)
+    if not_a_class:
+        wrong = not_a_class.group("value") or not_a_class.group("value2") or value
+        base = _SUBTYPES.search(message)
+        base_path = base.group("base") if base else ""
+        candidates = _class_candidates(base_path) if base_path else []
+        hint = _did_you_mean(wrong, candidates, quote="")
+        base_name = base_path.rpartition(".")[2] or "class"
+        known = f" ({', '.join(candidates)}, or a full import path)" if candidates else " (a full import path)"
+        return f"{top}: no {base_name} named {wrong!r}{hint}; give one of diffusion-pl's classes{known}"
+    if "Does not validate against any of the Union subtypes" in message:
+        types = _UNION_EXPECTED.findall(message)
+        if types and len(types) == len(re.findall(r"^\s*- ", message, re.M)):
+            return f"{top}: {_expected(types, value)}"
+        return None
+    lines = message.splitlines()
+    if len(lines) >= 2:
+        got = _EXPECTED_GOT.match(lines[1].strip())
+        if got:
+            return f"{top}: {_expected([got.group('type')], got.group('value'))}"
+    return None
+
+
+def _option_strings(parser) -> list[str]:
+    found: list[str] = []
+    for action in getattr(parser, "_actions", []):
+        found.extend(action.option_strings)
+        for sub in (getattr(action, "_name_parser_map", None) or {}).values():
+            found.extend(_option_strings(sub))
+    return found
+
+
+class ConciseErrorsMixin:
+    """For a jsonargparse ArgumentParser subclass: a parse error of a known shape is printed as ONE line,
+    ``<prog>: error: <message>`` (exit status 2), like diffusion-pl's other user errors."""
+
+    #: put before the key named in a message (see condense_parse_error)
+    error_key_prefix = ""
+
+    def error(self, message: str, ex: Exception | None = None):  # noqa: D102 - see class docstring
+        if getattr(self, "exit_on_error", True) and not debug_requested():
+            parser = getattr(ex, "subcommand_parser", None) or self
+            prog = parser.prog.replace(" [options]", "")
+            short = condense_parse_error(str(message), prog, _option_strings(parser), self.error_key_prefix)
+            if short is not None:
+                self._logger.error(message)
+                sys.stderr.write(f"{prog}: error: {short}\n")
+                self.exit(2)
+        return super().error(message, ex)  # type: ignore[misc]
+
+
+class ConciseArgumentParser(ConciseErrorsMixin, ArgumentParser):
+    """jsonargparse's ArgumentParser with one-line parse errors (the sample / evaluate / sweep / demo commands)."""
+
+    error_key_prefix = "--"

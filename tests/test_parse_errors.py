@@ -1,0 +1,109 @@
+"""condense_parse_error on jsonargparse's reports as jsonargparse 4.x writes them (copied from real runs): known
+shapes become one line, anything else is left to jsonargparse (None)."""
+
+from __future__ import annotations
+
+import pytest
+
+from diffusion_pl.parse_errors import condense_parse_error
+
+UNKNOWN_OPTION = """Parser key "model":
+  Does not validate against any of the Union subtypes
+  Subtypes: [<class 'lightning.pytorch.core.module.LightningModule'>, <class 'NoneType'>]
+  Errors:
+    - Problem with given class_path 'diffusion_pl.lightning.NoisyClassifierModule':
+        Option 'weight_decy' is not accepted
+    - Expected a <class 'NoneType'>
+  Given value type: <class 'jsonargparse._util.NestedArg'>
+  Given value: NestedArg(key='weight_decy', val='1')"""
+
+NESTED_TYPE = """Parser key "data":
+  Does not validate against any of the Union subtypes
+  Subtypes: [<class 'lightning.pytorch.core.datamodule.LightningDataModule'>, <class 'NoneType'>]
+  Errors:
+    - Problem with given class_path 'diffusion_pl.data.CIFAR10DataModule':
+        Parser key "batch_size":
+          Expected a <class 'int'>. Got value: many
+    - Expected a <class 'NoneType'>
+  Given value type: <class 'jsonargparse._util.NestedArg'>
+  Given value: NestedArg(key='batch_size', val='many')"""
+
+UNION_OF_LITERALS = """Parser key "trainer.precision":
+  Does not validate against any of the Union subtypes
+  Subtypes: [typing.Literal[64, 32, 16], typing.Literal['16-mixed', 'bf16-mixed', '32-true'], <class 'NoneType'>]
+  Errors:
+    - Expected a typing.Literal[64, 32, 16]
+    - Expected a typing.Literal['16-mixed', 'bf16-mixed', '32-true']
+    - Expected a <class 'NoneType'>
+  Given value type: <class 'str'>
+  Given value: bf16-mixd"""
+
+NOT_A_CLASS = """Parser key "data":
+
+  - Expected a path but Cifar10 either not accessible or invalid
+  - Does not validate against any of the Union subtypes
+  Subtypes: [<class 'lightning.pytorch.core.datamodule.LightningDataModule'>, <class 'NoneType'>]
+  Errors:
+    - Expected a dot import path string: Cifar10
+    - Expected a <class 'NoneType'>
+  Given value type: <class 'str'>
+  Given value: Cifar10"""
+
+NESTED_UNION = """Parser key "model":
+  Does not validate against any of the Union subtypes
+  Subtypes: [<class 'lightning.pytorch.core.module.LightningModule'>, <class 'NoneType'>]
+  Errors:
+    - Problem with given class_path 'diffusion_pl.lightning.DiffusionModule':
+        Parser key "channel_mult":
+          Does not validate against any of the Union subtypes
+          Subtypes: [tuple[int, ...], <class 'NoneType'>]
+          Errors:
+            - Expected a <class 'int'>. Got value: a
+            - Expected a <class 'NoneType'>
+          Given value type: <class 'list'>
+          Given value: [1, 'a']
+    - Expected a <class 'NoneType'>
+  Given value type: <class 'jsonargparse._util.NestedArg'>
+  Given value: NestedArg(key='channel_mult', val=[1, 'a'])"""
+
+CASES = [
+    (UNKNOWN_OPTION, "model.init_args.weight_decy: NoisyClassifierModule has no option 'weight_decy' (did you mean "
+     "'weight_decay'?); list its options with `diffusion-pl fit --model.help NoisyClassifierModule`"),
+    (NESTED_TYPE, "data.init_args.batch_size: expected int, got 'many'"),
+    (NESTED_UNION, "model.init_args.channel_mult: expected int, got 'a' (in [1, 'a'])"),
+    (UNION_OF_LITERALS, "trainer.precision: expected one of 64, 32, 16, '16-mixed', 'bf16-mixed', '32-true', got "
+     "'bf16-mixd' (did you mean 'bf16-mixed'?)"),
+    (NOT_A_CLASS, "data: no LightningDataModule named 'Cifar10' (did you mean CIFAR10DataModule?); give one of "
+     "diffusion-pl's classes (MNIST5kDataModule, CIFAR10DataModule, ImageNet64DataModule, or a full import path)"),
+    ('Parser key "steps":\n  Expected a <class \'int\'>. Got value: 2x', "steps: expected int, got '2x'"),
+    ("unrecognized arguments: --clasifier_scale 3", "unrecognized option --clasifier_scale 3 (did you mean "
+     "--classifier_scale?); `diffusion-pl fit --help` lists the options"),
+]  # fmt: skip
+
+
+IDS = ["unknown-option", "nested-type", "nested-union", "union-literals", "not-a-class", "plain-type", "unrecognized"]
+
+
+@pytest.mark.parametrize("message,expected", CASES, ids=IDS)
+def test_known_shapes_become_one_line(message, expected):
+    options = ["--help", "--classifier_scale", "--cfg_scale"]
+    assert condense_parse_error(message, "diffusion-pl fit", options) == expected
+
+
+def test_no_suggestion_when_nothing_is_close():
+    message = UNKNOWN_OPTION.replace("weight_decy", "zzzz")
+    out = condense_parse_error(message, "diffusion-pl fit")
+    assert "did you mean" not in out and out.startswith("model.init_args.zzzz: NoisyClassifierModule has no option")
+
+
+def test_key_prefix_for_command_line_only_keys():
+    assert condense_parse_error(CASES[IDS.index("plain-type")][0], key_prefix="--") == "--steps: expected int, got '2x'"
+
+
+@pytest.mark.parametrize("message", [
+    'Parser key "model":\n  Something jsonargparse may say in a later version',
+    "Configuration check failed :: No action for destination key \"x\" to check its value.",
+    "",
+])  # fmt: skip
+def test_unknown_shapes_are_left_to_jsonargparse(message):
+    assert condense_parse_error(message) is None
