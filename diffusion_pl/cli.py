@@ -11,9 +11,10 @@ get the traceback instead. Any other exception keeps its traceback.
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 
-from diffusion_pl.errors import DEBUG_ENV, debug_requested, find_user_error
+from diffusion_pl.errors import DEBUG_ENV, debug_requested, find_lost_peer_error, find_user_error, process_rank
 
 __all__ = ["DEBUG_ENV", "debug_requested", "main", "run_command"]
 
@@ -84,8 +85,19 @@ def main(argv: list[str] | None = None) -> int:
         run_command(command, args)
     except Exception as error:
         user_error = find_user_error(error)
-        if user_error is None or debug_requested():
+        if debug_requested():
             raise
+        if user_error is None:
+            lost = find_lost_peer_error(error) if process_rank() > 0 else None
+            if lost is None:
+                raise
+            # Another rank failed first (its own message is printed by that rank); this one only lost its peers.
+            text = str(lost).strip()
+            first_line = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0]) if text else type(lost).__name__
+            print(f"diffusion-pl {command}: error: [rank {process_rank()}] stopped because another process of this "
+                  f"run stopped first (see its message above; DIFFUSION_PL_DEBUG=1 shows this traceback): "
+                  f"{first_line[:200]}", file=sys.stderr)  # fmt: skip
+            return 1
         print(f"diffusion-pl {command}: error: {user_error}", file=sys.stderr)
         return 2
     return 0

@@ -73,3 +73,29 @@ def find_user_error(error: BaseException | None) -> UserError | None:
         seen.add(id(error))
         error = error.__cause__
     return None
+
+
+# What torch.distributed (gloo / NCCL / TCPStore) says when the process at the other end went away.
+PEER_LOST_MARKERS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote worker crash")
+
+
+def process_rank() -> int:
+    """This process's rank as its launcher set it (torchrun ``RANK``, SLURM ``SLURM_PROCID``, Lightning's own DDP
+    launcher ``LOCAL_RANK``); 0 outside a distributed run."""
+    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        value = os.environ.get(name, "").strip()
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def find_lost_peer_error(error: BaseException | None) -> BaseException | None:
+    """The exception in ``error``'s chain (causes and contexts) that says another process of the run went away, e.g.
+    gloo's "Connection closed by peer" in a rank that waited at a barrier for a rank that had failed; else None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if any(marker in str(error) for marker in PEER_LOST_MARKERS):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None

@@ -119,3 +119,39 @@ def test_real_entry_point_prints_one_line(tmp_path):
         f"diffusion-pl sample: error: --ckpt {tmp_path / 'nope.ckpt'}: no such checkpoint file"
     ]
     assert not (tmp_path / "out").exists()
+
+
+LOST_PEER = RuntimeError("[/gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:37613. This is ...")
+
+
+@pytest.mark.parametrize("rank_env", [{"RANK": "1"}, {"LOCAL_RANK": "1"}, {"SLURM_PROCID": "3"}])
+def test_rank_that_lost_its_peer_says_so_in_one_line(rank_env, monkeypatch, capsys):
+    """On a rank > 0, a distributed error saying the other end went away (another rank failed first and printed its
+    own message) is one line with status 1, not a gloo traceback."""
+    for name in ("RANK", "LOCAL_RANK", "SLURM_PROCID", cli.DEBUG_ENV):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in rank_env.items():
+        monkeypatch.setenv(name, value)
+    try:
+        raise ValueError("wrapper") from LOST_PEER
+    except ValueError as wrapped:
+        monkeypatch.setattr(cli, "run_command", _raising(wrapped))
+    assert cli.main(["fit"]) == 1
+    rank = next(iter(rank_env.values()))
+    assert capsys.readouterr().err == (
+        f"diffusion-pl fit: error: [rank {rank}] stopped because another process of this run stopped first (see its "
+        "message above; DIFFUSION_PL_DEBUG=1 shows this traceback): Connection closed by peer [127.0.0.1]:37613. "
+        "This is ...\n"
+    )
+
+
+def test_lost_peer_keeps_its_traceback_on_rank_0_and_in_debug(monkeypatch):
+    for name in ("RANK", "LOCAL_RANK", "SLURM_PROCID", cli.DEBUG_ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(cli, "run_command", _raising(LOST_PEER))
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        cli.main(["fit"])  # rank 0 (not distributed): nobody else printed the cause
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv(cli.DEBUG_ENV, "1")
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        cli.main(["fit"])

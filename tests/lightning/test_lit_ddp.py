@@ -31,3 +31,29 @@ def test_ddp_fit_keeps_sampler_histories_identical(tmp_path):
         torch.testing.assert_close(rank1["weights"][name], value, msg=name)
     # Only rank 0 drew the sample grids (validation at steps 4 and 8), without stalling rank 1.
     assert sorted(os.listdir(tmp_path / "samples")) == ["samples_step00000004.png", "samples_step00000008.png"]
+
+
+@pytest.mark.ddp
+def test_ddp_user_error_is_one_line_per_rank(tmp_path):
+    """A user error on rank 0 of a 2-process run (data missing, found in prepare_data while rank 1 waits at the
+    barrier): rank 0 prints its one-line message; rank 1, which only loses its peer, says so in one line instead of
+    a gloo traceback."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    exe = os.path.join(os.path.dirname(sys.executable), "diffusion-pl")
+    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "diffusion_pl.cli"]
+    env = {k: v for k, v in os.environ.items() if k not in ("DIFFUSION_PL_DEBUG", "RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    result = subprocess.run(
+        [*cmd, "fit", "--config", os.path.join(root, "configs", "iddpm_cifar10.yaml"),
+         "--data.init_args.data_dir", str(tmp_path / "nodata"), "--trainer.accelerator=cpu", "--trainer.devices=2",
+         "--trainer.strategy=ddp", "--trainer.logger=false", "--trainer.default_root_dir", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=240, env=env, cwd=str(tmp_path),
+    )  # fmt: skip
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert result.returncode == 2, result.stderr[-4000:]
+    assert "Traceback" not in result.stderr, result.stderr[-4000:]
+    assert errors[0].startswith("diffusion-pl fit: error: CIFAR-10: missing ['data_batch_1'"), errors
+    assert len(errors) == 2 and errors[1].startswith(
+        "diffusion-pl fit: error: [rank 1] stopped because another process of this run stopped first (see its "
+        "message above; DIFFUSION_PL_DEBUG=1 shows this traceback): Connection closed by peer"
+    ), errors
