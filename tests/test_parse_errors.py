@@ -7,26 +7,38 @@ import pytest
 
 from diffusion_pl.parse_errors import condense_parse_error
 
-UNKNOWN_OPTION = """Parser key "model":
-  Does not validate against any of the Union subtypes
-  Subtypes: [<class 'lightning.pytorch.core.module.LightningModule'>, <class 'NoneType'>]
-  Errors:
-    - Problem with given class_path 'diffusion_pl.lightning.NoisyClassifierModule':
-        Option 'weight_decy' is not accepted
-    - Expected a <class 'NoneType'>
-  Given value type: <class 'jsonargparse._util.NestedArg'>
-  Given value: NestedArg(key='weight_decy', val='1')"""
+BASES = {"model": "lightning.pytorch.core.module.LightningModule",
+         "data": "lightning.pytorch.core.datamodule.LightningDataModule"}  # fmt: skip
 
-NESTED_TYPE = """Parser key "data":
+
+def class_problem(top: str, class_path: str, inner: str, given: str) -> str:
+    """jsonargparse's report of a value its model/data class refuses (``inner``: the class's own report)."""
+    inner = "\n".join("        " + line for line in inner.strip("\n").splitlines())
+    return f"""Parser key "{top}":
   Does not validate against any of the Union subtypes
-  Subtypes: [<class 'lightning.pytorch.core.datamodule.LightningDataModule'>, <class 'NoneType'>]
+  Subtypes: [<class '{BASES[top]}'>, <class 'NoneType'>]
   Errors:
-    - Problem with given class_path 'diffusion_pl.data.CIFAR10DataModule':
-        Parser key "batch_size":
-          Expected a <class 'int'>. Got value: many
+    - Problem with given class_path '{class_path}':
+{inner}
     - Expected a <class 'NoneType'>
   Given value type: <class 'jsonargparse._util.NestedArg'>
-  Given value: NestedArg(key='batch_size', val='many')"""
+  Given value: {given}"""
+
+
+UNKNOWN_OPTION = class_problem("model", "diffusion_pl.lightning.NoisyClassifierModule",
+                               "Option 'weight_decy' is not accepted", "NestedArg(key='weight_decy', val='1')")
+NESTED_TYPE = class_problem("data", "diffusion_pl.data.CIFAR10DataModule", """
+Parser key "batch_size":
+  Expected a <class 'int'>. Got value: many""", "NestedArg(key='batch_size', val='many')")
+NESTED_UNION = class_problem("model", "diffusion_pl.lightning.DiffusionModule", """
+Parser key "channel_mult":
+  Does not validate against any of the Union subtypes
+  Subtypes: [tuple[int, ...], <class 'NoneType'>]
+  Errors:
+    - Expected a <class 'int'>. Got value: a
+    - Expected a <class 'NoneType'>
+  Given value type: <class 'list'>
+  Given value: [1, 'a']""", "NestedArg(key='channel_mult', val=[1, 'a'])")
 
 UNION_OF_LITERALS = """Parser key "trainer.precision":
   Does not validate against any of the Union subtypes
@@ -48,23 +60,6 @@ NOT_A_CLASS = """Parser key "data":
     - Expected a <class 'NoneType'>
   Given value type: <class 'str'>
   Given value: Cifar10"""
-
-NESTED_UNION = """Parser key "model":
-  Does not validate against any of the Union subtypes
-  Subtypes: [<class 'lightning.pytorch.core.module.LightningModule'>, <class 'NoneType'>]
-  Errors:
-    - Problem with given class_path 'diffusion_pl.lightning.DiffusionModule':
-        Parser key "channel_mult":
-          Does not validate against any of the Union subtypes
-          Subtypes: [tuple[int, ...], <class 'NoneType'>]
-          Errors:
-            - Expected a <class 'int'>. Got value: a
-            - Expected a <class 'NoneType'>
-          Given value type: <class 'list'>
-          Given value: [1, 'a']
-    - Expected a <class 'NoneType'>
-  Given value type: <class 'jsonargparse._util.NestedArg'>
-  Given value: NestedArg(key='channel_mult', val=[1, 'a'])"""
 
 CASES = [
     (UNKNOWN_OPTION, "model.init_args.weight_decy: NoisyClassifierModule has no option 'weight_decy' (did you mean "
