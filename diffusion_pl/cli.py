@@ -88,13 +88,14 @@ def main(argv: list[str] | None = None) -> int:
         if debug_requested():
             raise
         if user_error is None:
-            lost = find_lost_peer_error(error) if process_rank() > 0 else None
+            rank = process_rank()
+            lost = find_lost_peer_error(error) if rank > 0 else None
             if lost is None:
                 raise
             # Another rank failed first (its own message is printed by that rank); this one only lost its peers.
             text = str(lost).strip()
             first_line = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0]) if text else type(lost).__name__
-            print(f"diffusion-pl {command}: error: [rank {process_rank()}] stopped because another process of this "
+            print(f"diffusion-pl {command}: error: [rank {rank}] stopped because another process of this "
                   f"run stopped first (see its message above; DIFFUSION_PL_DEBUG=1 shows this traceback): "
                   f"{first_line[:200]}", file=sys.stderr)  # fmt: skip
             return 1

@@ -23,16 +23,15 @@ from collections.abc import Iterable
 from jsonargparse import ArgumentParser
 
 from diffusion_pl.errors import debug_requested
+from diffusion_pl.utils.imports import import_object
 
 # Where a short class name given as --model / --data is looked up (LightningCLI resolves names from these too).
 CLASS_MODULES = ("diffusion_pl.lightning", "diffusion_pl.data")
 
-_TOP_KEY = re.compile(r'^Parser key "(?P<key>[^"]+)":')
+_PARSER_KEY = re.compile(r'Parser key "(?P<key>[^"]+)":')
 _CLASS_PROBLEM = re.compile(r"Problem with given class_path '(?P<path>[\w.]+)':")
 _NOT_ACCEPTED = re.compile(r"Option '(?P<option>[^']+)' is not accepted")
-_NESTED_KEY_LINE = re.compile(r'Parser key "(?P<key>[^"]+)":')
-_EXPECTED_GOT_ANYWHERE = re.compile(r"Expected a (?P<type>.+?)\. Got value: (?P<value>.*)$", re.M)
-_EXPECTED_GOT = re.compile(r"Expected a (?P<type>.+?)\. Got value: (?P<value>.*)$")
+_EXPECTED_GOT = re.compile(r"Expected a (?P<type>.+?)\. Got value: (?P<value>.*)$", re.M)
 _UNION_EXPECTED = re.compile(r"^\s*- Expected a (?P<type>.+?)\s*$", re.M)
 _GIVEN_VALUE = re.compile(r"^\s*Given value: (?P<value>.*)$", re.M)
 _SUBTYPES = re.compile(r"Subtypes: \[<class '(?P<base>[\w.]+)'>")
@@ -53,14 +52,6 @@ def _did_you_mean(word: str, choices: Iterable[str], quote: str = "'") -> str:
     match = difflib.get_close_matches(key, list(lowered), n=1, cutoff=0.6)
     best = containing[0] if len(containing) == 1 else (lowered[match[0]] if match else None)
     return f" (did you mean {quote}{best}{quote}?)" if best else ""
-
-
-def _import(path: str):
-    module_name, _, name = path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError, ValueError):
-        return None
 
 
 def _init_options(cls) -> list[str]:
@@ -96,7 +87,7 @@ def _expected(types: list[str], value: str) -> str:
 
 
 def _class_candidates(base_path: str) -> list[str]:
-    base = _import(base_path)
+    base = import_object(base_path)
     names = []
     for module_name in CLASS_MODULES:
         module = importlib.import_module(module_name)
@@ -112,16 +103,16 @@ def _class_option_error(top: str, class_path: str, block: str, prog: str) -> str
     unknown = _NOT_ACCEPTED.search(block)
     if unknown:
         option = unknown.group("option")
-        cls = _import(class_path)
+        cls = import_object(class_path)
         hint = _did_you_mean(option, _init_options(cls)) if cls is not None else ""
         return (
             f"{top}.init_args.{option}: {cls_name} has no option {option!r}{hint}; list its options with "
             f"`{prog} --{top}.help {cls_name}`"
         )
-    keys = list(_NESTED_KEY_LINE.finditer(block))
+    keys = list(_PARSER_KEY.finditer(block))
     if keys:  # the innermost (last) key is the one at fault
         rest = block[keys[-1].end() :]
-        got = _EXPECTED_GOT_ANYWHERE.search(rest)
+        got = _EXPECTED_GOT.search(rest)
         if got:
             key = f"{top}.init_args.{keys[-1].group('key')}"
             given = _GIVEN_VALUE.search(rest)
@@ -148,7 +139,7 @@ def condense_parse_error(
     missing = _MISSING_FILE.match(message)
     if missing:
         return f"--{missing.group('key')} {missing.group('path').strip().strip(chr(39))}: no such file"
-    top_match = _TOP_KEY.match(message)
+    top_match = _PARSER_KEY.match(message)
     if not top_match:
         return None
     top = key_prefix + top_match.group("key")
@@ -174,11 +165,9 @@ def condense_parse_error(
         if types and len(types) == len(re.findall(r"^\s*- ", message, re.M)):
             return f"{top}: {_expected(types, value)}"
         return None
-    lines = message.splitlines()
-    if len(lines) >= 2:
-        got = _EXPECTED_GOT.match(lines[1].strip())
-        if got:
-            return f"{top}: {_expected([got.group('type')], got.group('value'))}"
+    got = _EXPECTED_GOT.search(message)
+    if got and len(message.splitlines()) == 2:  # Parser key "k":\n  Expected a T. Got value: v
+        return f"{top}: {_expected([got.group('type')], got.group('value'))}"
     return None
 
 

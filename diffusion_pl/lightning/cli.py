@@ -17,7 +17,6 @@ every model hyperparameter from the checkpoint over the config, is replaced.
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import os
 from typing import Any
@@ -45,6 +44,7 @@ from diffusion_pl.lightning.checkpoints import (
 from diffusion_pl.lightning.classifier_module import NoisyClassifierModule
 from diffusion_pl.lightning.diffusion_module import DiffusionModule
 from diffusion_pl.parse_errors import ConciseErrorsMixin
+from diffusion_pl.utils.imports import import_object
 
 MODULE_CLASSES = {"DiffusionModule": DiffusionModule, "NoisyClassifierModule": NoisyClassifierModule}
 # ckpt_path values Lightning resolves itself (no file of that name).
@@ -183,14 +183,6 @@ def _differing_keys(a: dict, b: dict) -> list[str]:
     return [k for k in keys if k not in _IGNORED_CONFIG_KEYS and fa.get(k, object()) != fb.get(k, object())]
 
 
-def _import_class(class_path: str) -> type | None:
-    module_name, _, name = class_path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError, ValueError):
-        return None
-
-
 class DiffusionCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """Check ``--ckpt_path`` against the config instead of overriding the config with the checkpoint's
@@ -222,7 +214,7 @@ class DiffusionCLI(LightningCLI):
                 "--openai_ckpt --arch)"
             )
         class_path = str(getattr(model_config, "class_path", "") or "")
-        model_class = _import_class(class_path)
+        model_class = import_object(class_path)
         if not (isinstance(model_class, type) and issubclass(model_class, MODULE_CLASSES[kind])):
             raise UserInputError(
                 f"--ckpt_path {ckpt_path} holds a {kind}, but the config's model is {class_path or model_config}: use "
