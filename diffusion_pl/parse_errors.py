@@ -42,14 +42,14 @@ _UNRECOGNIZED = re.compile(r"^unrecognized arguments: (?P<args>.+)$")
 _MISSING_FILE = re.compile(r'^Parser key "(?P<key>[^"]+)":\s*File does not exist: (?P<path>.+)$', re.S)
 
 
-def _did_you_mean(word: str, choices: Iterable[str], quote: str = "'") -> str:
+def _did_you_mean(word: str, choices: Iterable[str], quote: str = "'", cutoff: float = 0.6) -> str:
     """The suffix ``(did you mean 'x'?)`` for the closest of ``choices`` (case-insensitive; a choice that contains
     ``word``, e.g. Cifar10 -> CIFAR10DataModule, counts as close), or an empty string when none is close."""
     choices = list(choices)
     lowered = {c.lower(): c for c in choices}
     key = word.lower()
     containing = [c for c in choices if len(key) >= 3 and key in c.lower()]
-    match = difflib.get_close_matches(key, list(lowered), n=1, cutoff=0.6)
+    match = difflib.get_close_matches(key, list(lowered), n=1, cutoff=cutoff)
     best = containing[0] if len(containing) == 1 else (lowered[match[0]] if match else None)
     return f" (did you mean {quote}{best}{quote}?)" if best else ""
 
@@ -134,7 +134,8 @@ def condense_parse_error(
     if unrecognized:
         first = unrecognized.group("args").split()[0]
         name = first.split("=", 1)[0]
-        hint = _did_you_mean(name, [o for o in options if o.startswith("--")], quote="")
+        # a stricter cutoff: long dotted option names share much by chance (--optimizer vs --trainer)
+        hint = _did_you_mean(name, [o for o in options if o.startswith("--")], quote="", cutoff=0.8)
         return f"unrecognized option {unrecognized.group('args')}{hint}; `{prog} --help` lists the options"
     missing = _MISSING_FILE.match(message)
     if missing:
@@ -158,8 +159,11 @@ def condense_parse_error(
         candidates = _class_candidates(base_path) if base_path else []
         hint = _did_you_mean(wrong, candidates, quote="")
         base_name = base_path.rpartition(".")[2] or "class"
-        known = f" ({', '.join(candidates)}, or a full import path)" if candidates else " (a full import path)"
-        return f"{top}: no {base_name} named {wrong!r}{hint}; give one of diffusion-pl's classes{known}"
+        if candidates:
+            fix = f"give one of diffusion-pl's classes ({', '.join(candidates)}) or a full import path"
+        else:
+            fix = "give the class's full import path (package.module.ClassName)"
+        return f"{top}: no {base_name} named {wrong!r}{hint}; {fix}"
     if "Does not validate against any of the Union subtypes" in message:
         types = _UNION_EXPECTED.findall(message)
         if types and len(types) == len(re.findall(r"^\s*- ", message, re.M)):

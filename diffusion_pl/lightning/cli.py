@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import itertools
 import os
+import traceback
 from typing import Any
 
 import lightning as L
 import yaml
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -243,7 +245,7 @@ class DiffusionCLI(LightningCLI):
             root = error
             while root.__cause__ is not None:
                 root = root.__cause__
-            if isinstance(root, ValueError):  # a constructor refusing a config value
+            if _is_config_error(root):
                 raise UserInputError(f"the config cannot be built: {root}") from error
             raise
 
@@ -253,6 +255,19 @@ class DiffusionCLI(LightningCLI):
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
+
+
+def _is_config_error(error: BaseException) -> bool:
+    """A constructor refusing a config value (ValueError), Lightning refusing a Trainer setting
+    (MisconfigurationException), or a TypeError raised by Lightning itself about a setting (e.g. ``devices: abc``
+    on the CPU); a TypeError from anywhere else may be a bug and keeps its traceback."""
+    if isinstance(error, (ValueError, MisconfigurationException)):
+        return True
+    if isinstance(error, TypeError) and error.__traceback__ is not None:
+        frames = traceback.extract_tb(error.__traceback__)
+        package_dir = os.path.dirname(os.path.abspath(L.__file__)) + os.sep  # lightning/ (this repo has one too)
+        return bool(frames) and os.path.abspath(frames[-1].filename).startswith(package_dir)
+    return False
 
 
 class ConciseLightningArgumentParser(ConciseErrorsMixin, LightningArgumentParser):

@@ -115,8 +115,11 @@ def test_config_errors_are_short_and_readable(files, tmp_path, capsys):
         (["--model.init_args.noise_schedule", "cosin"],
          "model.init_args.noise_schedule: expected one of 'linear', 'cosine', got 'cosin' (did you mean 'cosine'?)"),
         (["--model", "DiffusionModul"], "model: no LightningModule named 'DiffusionModul' (did you mean "
-         "DiffusionModule?); give one of diffusion-pl's classes (DiffusionModule, NoisyClassifierModule, or a full "
-         "import path)"),
+         "DiffusionModule?); give one of diffusion-pl's classes (DiffusionModule, NoisyClassifierModule) or a full "
+         "import path"),
+        (["--trainer.callbacks+=NoSuchCallback"], "trainer.callbacks: no class named 'NoSuchCallback'; give the "
+         "class's full import path (package.module.ClassName)"),
+        (["--optimizer", "Adam"], "unrecognized option --optimizer Adam; `diffusion-pl fit --help` lists the options"),
         (["--trainer.max_stepz", "5"], "unrecognized option --trainer.max_stepz 5 (did you mean "
          "--trainer.max_steps?); `diffusion-pl fit --help` lists the options"),
         (["--trainer.precision", "bf17"], "trainer.precision: expected one of "),
@@ -128,6 +131,12 @@ def test_config_errors_are_short_and_readable(files, tmp_path, capsys):
         assert exit_info.value.code == 2
         assert err.startswith("diffusion-pl fit: error: ") and expected in err, err
         assert len(err.splitlines()) == 1, err
+    # Lightning refusing a Trainer setting while the classes are built is one line too
+    fit_error(capsys, [*base[1:], "--trainer.devices=abc"],
+              r"^diffusion-pl fit: error: the config cannot be built: `devices` selected with `CPUAccelerator` "
+              r"should be an int > 0.\n$")  # fmt: skip
+    fit_error(capsys, [*base[1:], "--trainer.accelerator=gpu"],
+              r"^diffusion-pl fit: error: the config cannot be built: No supported gpu backend found!\n$")  # fmt: skip
     # a constructor refusing a value (raised inside jsonargparse's instantiation) is one line too
     fit_error(
         capsys,
@@ -190,3 +199,19 @@ def test_guided_sampler_checks_its_respacing_before_training(tmp_path):
     with pytest.raises(UserInputError, match=r"GuidedSampler.respacing 'ddim7' does not fit the model's T = 10"):
         trainer.fit(DiffusionModule(**tiny_diffusion_kwargs()), TinyDataModule())
     assert trainer.global_step == 0
+
+
+def test_only_lightnings_own_type_errors_count_as_config_errors():
+    """A TypeError raised by Lightning about a setting is the user's; one raised elsewhere may be a bug and keeps its
+    traceback."""
+    from lightning.fabric.accelerators.cpu import _parse_cpu_cores
+
+    from diffusion_pl.lightning.cli import _is_config_error
+
+    with pytest.raises(TypeError) as lightning_error:
+        _parse_cpu_cores("abc")
+    assert _is_config_error(lightning_error.value)
+    with pytest.raises(TypeError) as other_error:
+        len(5)
+    assert not _is_config_error(other_error.value)
+    assert _is_config_error(ValueError("attention resolution 3 is not a feature-map size"))
