@@ -14,7 +14,14 @@ import importlib
 import re
 import sys
 
-from diffusion_pl.errors import DEBUG_ENV, debug_requested, find_lost_peer_error, find_user_error, process_rank
+from diffusion_pl.errors import (
+    DEBUG_ENV,
+    debug_requested,
+    find_in_chain,
+    find_lost_peer_error,
+    find_user_error,
+    process_rank,
+)
 
 __all__ = ["DEBUG_ENV", "debug_requested", "main", "run_command"]
 
@@ -71,6 +78,14 @@ def run_command(command: str, args: list[str]) -> None:
         run_lightning_cli(args)
 
 
+def _find_misconfiguration(error: BaseException | None) -> BaseException | None:
+    """Lightning's MisconfigurationException (a setting Lightning refuses, e.g. ``--accelerator gpu`` without a GPU)
+    in ``error``'s causes: a user error with Lightning's own message."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    return find_in_chain(error, lambda e: isinstance(e, MisconfigurationException))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
@@ -84,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_command(command, args)
     except Exception as error:
-        user_error = find_user_error(error)
+        user_error = find_user_error(error) or _find_misconfiguration(error)
         if debug_requested():
             raise
         if user_error is None:

@@ -61,18 +61,24 @@ def is_disk_full(error: BaseException) -> bool:
     return isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS
 
 
+def find_in_chain(error: BaseException | None, match, contexts: bool = False) -> BaseException | None:
+    """The first exception in ``error``'s chain for which ``match(exception)`` is true: ``error`` itself, then its
+    explicit causes (``raise ... from``), with ``contexts`` also the exceptions being handled when it was raised."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if match(error):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or (error.__context__ if contexts else None)
+    return None
+
+
 def find_user_error(error: BaseException | None) -> UserError | None:
     """``error`` itself or the first UserError among its explicit causes (``raise ... from``), else None.
 
     Libraries that wrap exceptions (jsonargparse instantiating a config's classes) chain the original as the cause.
     """
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, UserError):
-            return error
-        seen.add(id(error))
-        error = error.__cause__
-    return None
+    return find_in_chain(error, lambda e: isinstance(e, UserError))  # type: ignore[return-value]
 
 
 # What torch.distributed (gloo / NCCL / TCPStore) says when the process at the other end went away.
@@ -92,10 +98,4 @@ def process_rank() -> int:
 def find_lost_peer_error(error: BaseException | None) -> BaseException | None:
     """The exception in ``error``'s chain (causes and contexts) that says another process of the run went away, e.g.
     gloo's "Connection closed by peer" in a rank that waited at a barrier for a rank that had failed; else None."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if any(marker in str(error) for marker in PEER_LOST_MARKERS):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
+    return find_in_chain(error, lambda e: any(marker in str(e) for marker in PEER_LOST_MARKERS), contexts=True)

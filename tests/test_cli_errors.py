@@ -155,3 +155,17 @@ def test_lost_peer_keeps_its_traceback_on_rank_0_and_in_debug(monkeypatch):
     monkeypatch.setenv(cli.DEBUG_ENV, "1")
     with pytest.raises(RuntimeError, match="Connection closed by peer"):
         cli.main(["fit"])
+
+
+def test_lightning_misconfiguration_is_a_user_error(monkeypatch, capsys):
+    """A setting Lightning refuses (e.g. --accelerator gpu without a GPU) is reported with Lightning's own message in
+    one line, like the project's user errors."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    try:
+        raise RuntimeError("building the trainer") from MisconfigurationException("No supported gpu backend found!")
+    except RuntimeError as wrapped:
+        monkeypatch.setattr(cli, "run_command", _raising(wrapped))
+    assert cli.main(["sample"]) == 2
+    assert capsys.readouterr().err == "diffusion-pl sample: error: No supported gpu backend found!\n"

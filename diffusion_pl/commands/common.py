@@ -246,6 +246,8 @@ def engine_options(
     check_respacing(model.diffusion, steps, "--steps")
     if method == "ddpm" and eta != 0.0:
         raise UserInputError(f"--eta {eta} only applies to --method ddim; ancestral (ddpm) sampling has no eta")
+    if eta < 0:
+        raise UserInputError(f"--eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise), got {eta}")
     num_classes = model.num_classes if model.class_cond else (classifier.num_classes if classifier else None)
     return dict(
         image_shape=model.image_shape, respacing=steps, method=method, eta=eta, clip_denoised=clip_denoised,

@@ -80,6 +80,8 @@ class ShardPredictor(L.LightningModule):
         self.settings, self.overwrite = settings, overwrite
         self.generated = 0
         self.skipped = 0
+        # A rank may have nothing to do (fewer shards than ranks, or its shards finished by an earlier run).
+        self.allow_zero_length_dataloader_with_multiple_devices = True
 
     def setup(self, stage: str) -> None:
         # One rank prepares (or empties, with overwrite) the shard directory; the others wait for it.

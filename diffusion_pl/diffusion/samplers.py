@@ -116,6 +116,8 @@ def sample_loop(
         raise ValueError(f"unknown sampling method {method!r}; allowed: {', '.join(SAMPLING_METHODS)}")
     if method == "ddpm" and eta != 0.0:
         raise ValueError("eta only applies to method='ddim'; ancestral sampling ('ddpm') has no eta")
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise), got {eta}")
     if noise is None:
         if shape is None:
             raise ValueError("sample_loop needs either shape or an initial noise tensor")

@@ -163,6 +163,8 @@ class SampleEngine:
             raise UserInputError(f"unknown sampling method {method!r}; choose from {', '.join(METHODS)}")
         if method == "ddpm" and eta != 0.0:
             raise UserInputError("eta only applies to method 'ddim'; ancestral ('ddpm') sampling has no eta")
+        if eta < 0:
+            raise UserInputError(f"eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise), got {eta}")
         if precision not in PRECISIONS:
             raise UserInputError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
         if label_mode not in LABEL_MODES:

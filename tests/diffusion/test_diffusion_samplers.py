@@ -205,5 +205,7 @@ def test_sampler_argument_errors():
         sample_loop(process, model)
     with pytest.raises(ValueError, match="eta only applies"):
         sample_loop(process, model, shape=(1, 2, 3, 3), eta=0.5)
+    with pytest.raises(ValueError, match="eta must be >= 0"):
+        sample_loop(process, model, shape=(1, 2, 3, 3), method="ddim", eta=-1.0)
     with pytest.raises(ValueError, match="noise has shape"):
         p_sample(process, model, torch.randn(1, 2, 3, 3), torch.tensor([1]), noise=torch.randn(1, 2, 3))

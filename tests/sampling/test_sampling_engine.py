@@ -94,3 +94,5 @@ def test_guidance_errors(nets):
         SampleEngine(net, create_diffusion(steps=10), (1, 8, 8), class_cond=True, num_classes=3, cfg_scale=1.0)
     with pytest.raises(ValueError, match="eta only applies"):
         engine(nets, eta=0.5)
+    with pytest.raises(ValueError, match="eta must be >= 0"):
+        engine(nets, method="ddim", eta=-0.5)

@@ -131,3 +131,31 @@ def test_cli_help(command, options):
     assert proc.returncode == 0, proc.stderr[-2000:]
     for option in options:
         assert option in proc.stdout
+
+
+@pytest.mark.ddp
+def test_rank_without_work_waits_for_the_others(reference_run, ckpts, tmp_path, monkeypatch):
+    """A rank with nothing to do (its shards finished by an earlier run, or fewer shards than ranks) takes part
+    without error: here shards 0 and 1 are done, so on 2 ranks rank 0 has shard 2 and rank 1 nothing."""
+    out = str(tmp_path / "resume_ddp")
+    kwargs = dict(out_dir=out, ckpt=ckpts["cond"], classifier_ckpt=ckpts["classifier"], classifier_scale=1.0, **COMMON)
+    real_run_shards = sample_cmd.run_shards
+
+    def stop_at_shard_2(engine, shards, *args, **kw):
+        if shards[0].shard_id == 2:
+            raise RuntimeError("simulated interruption")
+        return real_run_shards(engine, shards, *args, **kw)
+
+    monkeypatch.setattr(sample_cmd, "run_shards", stop_at_shard_2)
+    with pytest.raises(RuntimeError, match="simulated interruption"):
+        sample(**kwargs)
+    assert sorted(os.listdir(os.path.join(out, "shards"))) == ["settings.json", "shard_000000.npz", "shard_000001.npz"]
+    cmd = [sys.executable, "-m", "diffusion_pl.cli", "sample", "--out_dir", out, "--ckpt", ckpts["cond"],
+           "--classifier_ckpt", ckpts["classifier"], "--classifier_scale", "1.0", "--num_samples", "6",
+           "--batch_size", "2", "--shard_size", "2", "--steps", "3", "--accelerator", "cpu",
+           "--devices", "2"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for a, b in zip(load_samples_npz(os.path.join(out, "samples.npz")),
+                    load_samples_npz(os.path.join(reference_run, "samples.npz")), strict=True):  # fmt: skip
+        np.testing.assert_array_equal(a, b)
