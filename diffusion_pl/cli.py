@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             first_line = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0]) if text else type(lost).__name__
             print(f"diffusion-pl {command}: error: [rank {rank}] stopped because another process of this "
                   f"run stopped first (see its message above; DIFFUSION_PL_DEBUG=1 shows this traceback): "
-                  f"{first_line[:200]}", file=sys.stderr)  # fmt: skip
+                  f"{first_line if len(first_line) <= 160 else first_line[:160] + '…'}", file=sys.stderr)  # fmt: skip
             return 1
         print(f"diffusion-pl {command}: error: {user_error}", file=sys.stderr)
         return 2

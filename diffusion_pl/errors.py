@@ -81,6 +81,10 @@ def find_user_error(error: BaseException | None) -> UserError | None:
     return find_in_chain(error, lambda e: isinstance(e, UserError))  # type: ignore[return-value]
 
 
+class OtherRankError(RuntimeError):
+    """Raised on the ranks of a distributed run that stop because another rank failed (which reports the cause)."""
+
+
 # What torch.distributed (gloo / NCCL / TCPStore) says when the process at the other end went away.
 PEER_LOST_MARKERS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote worker crash")
 
@@ -98,4 +102,8 @@ def process_rank() -> int:
 def find_lost_peer_error(error: BaseException | None) -> BaseException | None:
     """The exception in ``error``'s chain (causes and contexts) that says another process of the run went away, e.g.
     gloo's "Connection closed by peer" in a rank that waited at a barrier for a rank that had failed; else None."""
-    return find_in_chain(error, lambda e: any(marker in str(e) for marker in PEER_LOST_MARKERS), contexts=True)
+
+    def lost(e: BaseException) -> bool:
+        return isinstance(e, OtherRankError) or any(marker in str(e) for marker in PEER_LOST_MARKERS)
+
+    return find_in_chain(error, lost, contexts=True)

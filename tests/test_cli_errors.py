@@ -169,3 +169,20 @@ def test_lightning_misconfiguration_is_a_user_error(monkeypatch, capsys):
         monkeypatch.setattr(cli, "run_command", _raising(wrapped))
     assert cli.main(["sample"]) == 2
     assert capsys.readouterr().err == "diffusion-pl sample: error: No supported gpu backend found!\n"
+
+
+def test_rank_stopped_by_rank_0s_evaluation_error_says_so_in_one_line(monkeypatch, capsys):
+    """The metrics are computed on rank 0 and broadcast; when that fails, the other ranks raise OtherRankError
+    quoting it (evaluation/distributed.py) and print one line pointing at rank 0's message."""
+    from diffusion_pl.errors import OtherRankError
+
+    for name in ("RANK", "LOCAL_RANK", "SLURM_PROCID", cli.DEBUG_ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    message = "evaluation failed on rank 0: UserInputError: " + "x" * 200
+    monkeypatch.setattr(cli, "run_command", _raising(OtherRankError(message)))
+    assert cli.main(["evaluate"]) == 1
+    assert capsys.readouterr().err == (
+        "diffusion-pl evaluate: error: [rank 2] stopped because another process of this run stopped first (see its "
+        f"message above; DIFFUSION_PL_DEBUG=1 shows this traceback): {message[:160]}…\n"
+    )

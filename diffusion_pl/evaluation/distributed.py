@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from diffusion_pl.errors import OtherRankError
+
 _MAX_NDIM = 8
 
 
@@ -88,8 +90,8 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 def compute_on_rank_zero_and_broadcast(fn: Callable[[], dict[str, float]]) -> dict[str, float]:
     """Run `fn()` on rank 0 only and give its dict of floats to every rank.
 
-    If `fn` raises on rank 0, the error is broadcast too: rank 0 re-raises it and every other rank raises a RuntimeError
-    quoting it, instead of waiting forever in the broadcast.
+    If `fn` raises on rank 0, the error is broadcast too: rank 0 re-raises it and every other rank raises an
+    OtherRankError (a RuntimeError) quoting it, instead of waiting forever in the broadcast.
     """
     if not is_distributed():
         return fn()
@@ -105,5 +107,5 @@ def compute_on_rank_zero_and_broadcast(fn: Callable[[], dict[str, float]]) -> di
     if error is not None:
         raise error
     if status == "error":
-        raise RuntimeError(f"evaluation failed on rank 0: {value}")
+        raise OtherRankError(f"evaluation failed on rank 0: {value}")
     return value

@@ -17,6 +17,8 @@ from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 
+from diffusion_pl.errors import UserInputError
+
 ALL_METRICS = ("fid", "isc", "prc", "kid")
 DEFAULT_SEED = 2020  # torch-fidelity's rng_seed default (IS shuffling, KID subsets)
 
@@ -86,15 +88,29 @@ def compute_metrics(
         res = fid_statistics_to_metric(gen_stats, ref_stats, verbose=False)
         out["fid"] = float(res["frechet_inception_distance"])
     if "isc" in metrics:
+        n = len(_features(gen, "logits", "generated"))
+        if n < isc_splits:
+            raise UserInputError(
+                f"the Inception Score is averaged over {isc_splits} splits of the generated images and needs at least "
+                f"{isc_splits} of them, got {n}: evaluate more samples, lower --isc_splits, or leave isc out of "
+                "--metrics"
+            )
         res = isc_features_to_metric(
             _features(gen, "logits", "generated"), splits=isc_splits, shuffle=True, rng_seed=seed
         )
         out["isc_mean"] = float(res["inception_score_mean"])
         out["isc_std"] = float(res["inception_score_std"])
     if "prc" in metrics:
+        g, r = _features(gen, "pool", "generated"), _features(ref, "pool", "reference")
+        if min(len(g), len(r)) <= prc_neighborhood:
+            raise UserInputError(
+                f"precision/recall use the {prc_neighborhood}-th nearest neighbour within each set and need at least "
+                f"{prc_neighborhood + 1} generated and reference images, got generated {len(g)}, reference {len(r)}: "
+                "evaluate more samples or leave prc out of --metrics"
+            )
         res = prc_features_to_metric(
-            _features(gen, "pool", "generated"),
-            _features(ref, "pool", "reference"),
+            g,
+            r,
             prc_neighborhood=prc_neighborhood,
             verbose=False,
         )
@@ -112,7 +128,10 @@ def compute_metrics(
                 stacklevel=2,
             )
         if size < 2:
-            raise ValueError(f"KID needs at least 2 samples per set, got generated {len(g)}, reference {len(r)}")
+            raise UserInputError(
+                f"KID needs at least 2 samples per set, got generated {len(g)}, reference {len(r)}: evaluate more "
+                "samples or leave kid out of --metrics"
+            )
         res = kid_features_to_metric(g, r, kid_subsets=kid_subsets, kid_subset_size=size, rng_seed=seed, verbose=False)
         out["kid_mean"] = float(res["kernel_inception_distance_mean"])
         out["kid_std"] = float(res["kernel_inception_distance_std"])

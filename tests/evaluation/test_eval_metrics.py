@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -82,3 +84,22 @@ def test_input_errors_are_clear():
         compute_metrics({"pool": feats(30, d=8)}, stats, ["fid"])
     with pytest.raises(KeyError, match="generated features have no 'logits'"):
         compute_metrics({"pool": feats(30)}, None, ["isc"])
+
+
+@pytest.mark.parametrize("metric,n_gen,n_ref,pattern", [
+    ("prc", 3, 10, r"use the 3-th nearest neighbour .* need at least 4 .* got generated 3, reference 10"),
+    ("prc", 10, 2, r"got generated 10, reference 2: evaluate more samples or leave prc out of --metrics"),
+    ("isc", 3, 0, r"averaged over 10 splits .* needs at least 10 of them, got 3: .*lower --isc_splits"),
+    ("kid", 1, 5, r"KID needs at least 2 samples per set, got generated 1, reference 5"),
+])  # fmt: skip
+def test_too_few_images_for_a_metric_is_a_user_error(metric, n_gen, n_ref, pattern):
+    """Too few images for a metric: a message naming the counts and the fix (torch-fidelity would return NaN for
+    the Inception Score, or fail inside kthvalue for precision/recall)."""
+    from diffusion_pl.errors import UserInputError
+
+    g = torch.Generator().manual_seed(0)
+    gen = {"pool": torch.randn(n_gen, 16, generator=g), "logits": torch.randn(n_gen, 1008, generator=g)}
+    ref = {"pool": torch.randn(max(n_ref, 1), 16, generator=g)[:n_ref]}
+    with pytest.warns(UserWarning) if metric == "kid" else contextlib.nullcontext():
+        with pytest.raises(UserInputError, match=pattern):
+            compute_metrics(gen, ref, [metric])
