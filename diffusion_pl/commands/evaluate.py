@@ -35,6 +35,7 @@ from diffusion_pl.data.common import EVALUATION_LOADER_VERSION, evaluation_datal
 from diffusion_pl.errors import UserFileExistsError, UserFileNotFoundError, UserInputError
 from diffusion_pl.evaluation import (
     all_gather_uneven,
+    check_enough_images,
     evaluate_samples_distributed,
     load_samples_npz,
     reference_features,
@@ -379,6 +380,8 @@ def evaluate(
             check_file(samples, "--samples", "an ADM sample npz: arr_0 uint8 NHWC images")
             check_samples_npz(samples)
         check_evaluation_inputs(reference, data_class, metrics, inception_weights)
+        if samples is None:  # enough samples for every metric (an npz is counted when it is read)
+            check_enough_images(metrics, num_samples, isc_splits=isc_splits)
     check_devices(devices, num_nodes)
     device = launch(accelerator, devices, num_nodes)
     rank, _ = rank_world()

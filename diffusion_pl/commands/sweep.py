@@ -22,6 +22,7 @@ from diffusion_pl.commands.common import (
 from diffusion_pl.commands.evaluate import ALL, Metric, check_evaluation_inputs, launch, rank_world, sample_metrics
 from diffusion_pl.commands.sample import run_sampling_in_process, sampling_settings
 from diffusion_pl.errors import UserInputError
+from diffusion_pl.evaluation import check_enough_images
 from diffusion_pl.evaluation.npz import atomic_write
 from diffusion_pl.sampling import check_guidance
 
@@ -152,6 +153,7 @@ def sweep(
         raise UserInputError("nothing to sweep: give --classifier_scales and/or --cfg_scales")
     check_out_dir(out_dir)
     check_evaluation_inputs(reference, data_class, metrics, inception_weights)
+    check_enough_images(metrics, num_samples, isc_splits=isc_splits)
     check_devices(devices, num_nodes)
     device = launch(accelerator, devices, num_nodes)
     rank, _ = rank_world()

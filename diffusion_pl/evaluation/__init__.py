@@ -21,7 +21,7 @@ from diffusion_pl.evaluation.features import (
     default_inception_weights_cache_path,
     load_inception_extractor,
 )
-from diffusion_pl.evaluation.metrics import ALL_METRICS, compute_metrics, fid_statistics
+from diffusion_pl.evaluation.metrics import ALL_METRICS, check_enough_images, compute_metrics, fid_statistics
 from diffusion_pl.evaluation.npz import load_samples_npz, save_image_grid, save_samples_npz
 from diffusion_pl.evaluation.reference import (
     images_from_folder,
@@ -38,6 +38,7 @@ __all__ = [
     "InceptionWeightsUnavailableError",
     "all_gather_uneven",
     "broadcast_object",
+    "check_enough_images",
     "compute_metrics",
     "compute_on_rank_zero_and_broadcast",
     "default_inception_weights_cache_path",

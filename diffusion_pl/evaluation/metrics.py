@@ -53,6 +53,34 @@ def _reference_fid_statistics(ref: Mapping, gen_stats: dict[str, np.ndarray]) ->
     return {"mu": mu.astype(gen_stats["mu"].dtype), "sigma": sigma.astype(gen_stats["sigma"].dtype)}
 
 
+def check_enough_images(
+    metrics: Iterable[str],
+    n_generated: int,
+    n_reference: int | None = None,
+    isc_splits: int = 10,
+    prc_neighborhood: int = 3,
+) -> None:
+    """Raise UserInputError when one of ``metrics`` cannot be computed from this many generated (and, when known,
+    reference) images: IS needs >= isc_splits generated images (torch-fidelity returns NaN otherwise), precision /
+    recall need more than k = prc_neighborhood images per set (the k-th neighbour within the set), KID >= 2."""
+    counts = f"got {n_generated} generated" + ("" if n_reference is None else f" and {n_reference} reference images")
+    known = [n_generated] + ([] if n_reference is None else [n_reference])
+    if "isc" in metrics and n_generated < isc_splits:
+        raise UserInputError(
+            f"the Inception Score is averaged over {isc_splits} splits of the generated images and needs at least "
+            f"{isc_splits} of them, got {n_generated}: evaluate more samples, lower isc_splits, or leave isc out of "
+            "the metrics"
+        )
+    if "prc" in metrics and min(known) <= prc_neighborhood:
+        raise UserInputError(
+            f"precision/recall use the {prc_neighborhood}-th nearest neighbour within each set and need at least "
+            f"{prc_neighborhood + 1} generated and reference images, {counts}: evaluate more samples or leave prc out "
+            "of the metrics"
+        )
+    if "kid" in metrics and min(known) < 2:
+        raise UserInputError(f"KID needs at least 2 images per set, {counts}: evaluate more samples or leave kid out")
+
+
 def compute_metrics(
     gen: Mapping,
     ref: Mapping | None,
@@ -88,13 +116,7 @@ def compute_metrics(
         res = fid_statistics_to_metric(gen_stats, ref_stats, verbose=False)
         out["fid"] = float(res["frechet_inception_distance"])
     if "isc" in metrics:
-        n = len(_features(gen, "logits", "generated"))
-        if n < isc_splits:
-            raise UserInputError(
-                f"the Inception Score is averaged over {isc_splits} splits of the generated images and needs at least "
-                f"{isc_splits} of them, got {n}: evaluate more samples, lower --isc_splits, or leave isc out of "
-                "--metrics"
-            )
+        check_enough_images(["isc"], len(_features(gen, "logits", "generated")), isc_splits=isc_splits)
         res = isc_features_to_metric(
             _features(gen, "logits", "generated"), splits=isc_splits, shuffle=True, rng_seed=seed
         )
@@ -102,12 +124,7 @@ def compute_metrics(
         out["isc_std"] = float(res["inception_score_std"])
     if "prc" in metrics:
         g, r = _features(gen, "pool", "generated"), _features(ref, "pool", "reference")
-        if min(len(g), len(r)) <= prc_neighborhood:
-            raise UserInputError(
-                f"precision/recall use the {prc_neighborhood}-th nearest neighbour within each set and need at least "
-                f"{prc_neighborhood + 1} generated and reference images, got generated {len(g)}, reference {len(r)}: "
-                "evaluate more samples or leave prc out of --metrics"
-            )
+        check_enough_images(["prc"], len(g), len(r), prc_neighborhood=prc_neighborhood)
         res = prc_features_to_metric(
             g,
             r,
@@ -127,11 +144,7 @@ def compute_metrics(
                 f"using {size}",
                 stacklevel=2,
             )
-        if size < 2:
-            raise UserInputError(
-                f"KID needs at least 2 samples per set, got generated {len(g)}, reference {len(r)}: evaluate more "
-                "samples or leave kid out of --metrics"
-            )
+        check_enough_images(["kid"], len(g), len(r))
         res = kid_features_to_metric(g, r, kid_subsets=kid_subsets, kid_subset_size=size, rng_seed=seed, verbose=False)
         out["kid_mean"] = float(res["kernel_inception_distance_mean"])
         out["kid_std"] = float(res["kernel_inception_distance_std"])

@@ -27,7 +27,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from diffusion_pl.data.common import EVALUATION_LOADER_VERSION, evaluation_dataloader
 from diffusion_pl.errors import UserFileNotFoundError, UserInputError
-from diffusion_pl.evaluation import InceptionFeatures, evaluate_samples_distributed, reference_features
+from diffusion_pl.evaluation import (
+    InceptionFeatures,
+    check_enough_images,
+    evaluate_samples_distributed,
+    reference_features,
+)
 from diffusion_pl.evaluation.features import (
     InceptionWeightsUnavailableError,
     default_inception_weights_cache_path,
@@ -88,6 +93,7 @@ class SampleQualityEvaluation(Callback):
     ) -> None:
         if every_n_steps < 1 or num_samples < 2:
             raise UserInputError("SampleQualityEvaluation needs every_n_steps >= 1 and num_samples >= 2")
+        check_enough_images(metrics, num_samples, isc_splits=isc_splits)  # before training, not at the first eval
         if classifier_scale != 0.0 and classifier_path is None:
             raise UserInputError(
                 "SampleQualityEvaluation.classifier_scale needs classifier_path (a NoisyClassifierModule checkpoint)"

@@ -87,10 +87,10 @@ def test_input_errors_are_clear():
 
 
 @pytest.mark.parametrize("metric,n_gen,n_ref,pattern", [
-    ("prc", 3, 10, r"use the 3-th nearest neighbour .* need at least 4 .* got generated 3, reference 10"),
-    ("prc", 10, 2, r"got generated 10, reference 2: evaluate more samples or leave prc out of --metrics"),
-    ("isc", 3, 0, r"averaged over 10 splits .* needs at least 10 of them, got 3: .*lower --isc_splits"),
-    ("kid", 1, 5, r"KID needs at least 2 samples per set, got generated 1, reference 5"),
+    ("prc", 3, 10, r"use the 3-th nearest neighbour .* need at least 4 .* got 3 generated and 10 reference images"),
+    ("prc", 10, 2, r"got 10 generated and 2 reference images: evaluate more samples or leave prc out of the metrics"),
+    ("isc", 3, 0, r"averaged over 10 splits .* needs at least 10 of them, got 3: .*lower isc_splits"),
+    ("kid", 1, 5, r"KID needs at least 2 images per set, got 1 generated and 5 reference images"),
 ])  # fmt: skip
 def test_too_few_images_for_a_metric_is_a_user_error(metric, n_gen, n_ref, pattern):
     """Too few images for a metric: a message naming the counts and the fix (torch-fidelity would return NaN for
@@ -103,3 +103,16 @@ def test_too_few_images_for_a_metric_is_a_user_error(metric, n_gen, n_ref, patte
     with pytest.warns(UserWarning) if metric == "kid" else contextlib.nullcontext():
         with pytest.raises(UserInputError, match=pattern):
             compute_metrics(gen, ref, [metric])
+
+
+def test_enough_images_checked_from_the_sample_count_alone():
+    """Before anything is sampled (evaluate / sweep / the training callback) only the sample count is known."""
+    from diffusion_pl.errors import UserInputError
+    from diffusion_pl.evaluation import check_enough_images
+
+    check_enough_images(["fid", "isc", "prc", "kid"], 10)
+    with pytest.raises(UserInputError, match="got 3 generated: evaluate more samples or leave prc out"):
+        check_enough_images(["prc"], 3)
+    with pytest.raises(UserInputError, match="needs at least 10 of them, got 9"):
+        check_enough_images(["fid", "isc"], 9)
+    check_enough_images(["fid", "isc"], 9, isc_splits=3)
