@@ -83,6 +83,9 @@ def _expected(types: list[str], value: str) -> str:
     others = [_type_name(t) for t in types if _literal_values(t) is None and "NoneType" not in t]
     parts = (["one of " + ", ".join(dict.fromkeys(literals))] if literals else []) + others
     hint = _did_you_mean(value, [v.strip("'\"") for v in literals]) if literals else ""
+    if any(p.split("[")[0] in ("list", "tuple", "Sequence") for p in others):
+        numbers = re.fullmatch(r"\s*-?[\d.]+(\s*,\s*-?[\d.]+)*\s*", value)
+        hint += f" (a list is written in brackets: [{value.strip()}])" if numbers else " (a list is written [1, 2])"
     return f"expected {' or '.join(parts) or 'another value'}, got {value!r}{hint}"
 
 

@@ -76,6 +76,21 @@ CASES = [
 ]  # fmt: skip
 
 
+LIST_CASES = [
+    ("Parser key \"classifier_scales\":\n  Expected a <class 'list'>. Got value: 2",
+     "--classifier_scales: expected list, got '2' (a list is written in brackets: [2])"),
+    ("Parser key \"labels\":\n  Expected a <class 'list'>. Got value: 1,2",
+     "--labels: expected list, got '1,2' (a list is written in brackets: [1,2])"),
+    ("Parser key \"metrics\":\n  Expected a <class 'list'>. Got value: fid",
+     "--metrics: expected list, got 'fid' (a list is written [1, 2])"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("message,expected", LIST_CASES, ids=["one-number", "comma-separated", "word"])
+def test_a_list_written_without_brackets_gets_the_bracketed_form(message, expected):
+    assert condense_parse_error(message, key_prefix="--") == expected
+
+
 IDS = ["unknown-option", "nested-type", "nested-union", "union-literals", "not-a-class", "plain-type", "unrecognized"]
 
 
