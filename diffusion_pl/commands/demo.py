@@ -23,11 +23,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
+import yaml
 
+from diffusion_pl.diffusion import create_diffusion
 from diffusion_pl.errors import UserFileNotFoundError, UserInputError
+from diffusion_pl.sampling.engine import check_respacing
 
 SAMPLE_MODES = ("unguided", "classifier_guided", "classifier_free")
 # torch-fidelity's file name of the TF-FID Inception weights (what it downloads on first use).
@@ -148,6 +152,28 @@ def mnist_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(xs).flatten(1), torch.as_tensor(ys)
 
 
+def check_demo_options(
+    config: Path,
+    max_steps: int | None,
+    classifier_max_steps: int | None,
+    steps: str,
+    samples_per_class: int,
+    nll_examples: int,
+) -> None:
+    """The demo's own options, before any training (a bad --steps would otherwise fail after the training)."""
+    for name, value in (("--max_steps", max_steps), ("--classifier_max_steps", classifier_max_steps)):
+        if value is not None and value < 1:
+            raise UserInputError(f"demo: {name} must be >= 1, got {value}")
+    for name, value in (("--samples_per_class", samples_per_class), ("--nll_examples", nll_examples)):
+        if value < 1:
+            raise UserInputError(f"demo: {name} must be >= 1, got {value}")
+    with open(config) as f:
+        init_args = (yaml.safe_load(f).get("model") or {}).get("init_args") or {}
+    process = create_diffusion(steps=int(init_args.get("steps", 1000)),
+                               noise_schedule=init_args.get("noise_schedule", "cosine"))  # fmt: skip
+    check_respacing(process, steps, "--steps")
+
+
 def demo(
     out_dir: str = "outputs/demo",
     config_dir: str | None = None,
@@ -158,7 +184,7 @@ def demo(
     samples_per_class: int = 8,
     classifier_scale: float = 20.0,
     cfg_scale: float = 3.0,
-    precision: str = "auto",
+    precision: Literal["auto", "fp32", "bf16"] = "auto",
     nll_examples: int = 16,
     inception_weights: str | None = None,
 ) -> dict:
@@ -179,6 +205,8 @@ def demo(
     """
     started = time.perf_counter()
     configs = find_config_dir(config_dir)
+    check_demo_options(configs / "quickstart.yaml", max_steps, classifier_max_steps, steps, samples_per_class,
+                       nll_examples)  # fmt: skip
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserInputError(f"demo: --out_dir {out} is a file; choose a folder")
