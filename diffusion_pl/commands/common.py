@@ -22,7 +22,7 @@ from diffusion_pl.models import (
     load_openai_state_dict,
     released_config,
 )
-from diffusion_pl.sampling import SampleEngine, check_guidance, check_respacing
+from diffusion_pl.sampling import SampleEngine, check_eta, check_guidance, check_respacing
 
 # Which option takes which kind of checkpoint file (diffusion_pl.lightning.checkpoints.checkpoint_kind names): used
 # in the message when a file is given to the wrong option.
@@ -244,10 +244,7 @@ def engine_options(
     the model and classifier (guidance, --steps against T, --eta), before anything is written."""
     check_guidance(model.class_cond, model.null_class, classifier is not None, classifier_scale, cfg_scale)
     check_respacing(model.diffusion, steps, "--steps")
-    if method == "ddpm" and eta != 0.0:
-        raise UserInputError(f"--eta {eta} only applies to --method ddim; ancestral (ddpm) sampling has no eta")
-    if eta < 0:
-        raise UserInputError(f"--eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise), got {eta}")
+    check_eta(method, eta, "--eta")
     num_classes = model.num_classes if model.class_cond else (classifier.num_classes if classifier else None)
     return dict(
         image_shape=model.image_shape, respacing=steps, method=method, eta=eta, clip_denoised=clip_denoised,

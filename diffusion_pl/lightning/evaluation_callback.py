@@ -41,7 +41,7 @@ from diffusion_pl.evaluation.features import (
 from diffusion_pl.evaluation.reference import load_reference, read_cache
 from diffusion_pl.lightning.callbacks import check_classifier_compatible, check_classifier_file
 from diffusion_pl.lightning.checkpoints import load_module
-from diffusion_pl.sampling import SampleEngine, check_respacing
+from diffusion_pl.sampling import SampleEngine, check_eta, check_respacing
 from diffusion_pl.utils.images import to_uint8
 
 
@@ -94,6 +94,7 @@ class SampleQualityEvaluation(Callback):
         if every_n_steps < 1 or num_samples < 2:
             raise UserInputError("SampleQualityEvaluation needs every_n_steps >= 1 and num_samples >= 2")
         check_enough_images(metrics, num_samples, isc_splits=isc_splits)  # before training, not at the first eval
+        check_eta(method, eta, "SampleQualityEvaluation.eta")
         if classifier_scale != 0.0 and classifier_path is None:
             raise UserInputError(
                 "SampleQualityEvaluation.classifier_scale needs classifier_path (a NoisyClassifierModule checkpoint)"

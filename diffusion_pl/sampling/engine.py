@@ -58,6 +58,14 @@ def resolve_respacing(diffusion: GaussianDiffusion, respacing: str | int | None)
     return diffusion.respaced(spec)
 
 
+def check_eta(method: str, eta: float, option: str = "eta") -> None:
+    """Raise UserInputError naming ``option`` unless ``eta`` fits ``method`` (DDIM only, >= 0)."""
+    if method == "ddpm" and eta != 0.0:
+        raise UserInputError(f"{option} {eta} only applies to method ddim; ancestral (ddpm) sampling has no eta")
+    if eta < 0:
+        raise UserInputError(f"{option} must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise), got {eta}")
+
+
 def check_respacing(diffusion: GaussianDiffusion, respacing: str | int | None, option: str = "--steps") -> None:
     """Raise UserInputError naming ``option`` unless ``respacing`` selects steps of ``diffusion``'s T-step process."""
     if respacing is None or respacing == "" or respacing == 0:
@@ -161,10 +169,7 @@ class SampleEngine:
     ) -> None:
         if method not in METHODS:
             raise UserInputError(f"unknown sampling method {method!r}; choose from {', '.join(METHODS)}")
-        if method == "ddpm" and eta != 0.0:
-            raise UserInputError("eta only applies to method 'ddim'; ancestral ('ddpm') sampling has no eta")
-        if eta < 0:
-            raise UserInputError(f"eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise), got {eta}")
+        check_eta(method, eta)
         if precision not in PRECISIONS:
             raise UserInputError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
         if label_mode not in LABEL_MODES:

@@ -65,3 +65,17 @@ def test_callback_two_ranks(tmp_path, random_inception_weights):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("METRICS 4") == 2  # both ranks finished with the same evaluations
     assert sorted({int(r["step"]) for r in logged_rows(str(tmp_path))}) == [2, 4]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(num_samples=5), r"averaged over 10 splits .* needs at least 10 of them, got 5"),
+    (dict(num_samples=20, metrics=["prc"], isc_splits=1, eta=0.5), r"SampleQualityEvaluation.eta 0.5 only applies"),
+    (dict(num_samples=20, method="ddim", eta=-1.0), r"SampleQualityEvaluation.eta must be >= 0"),
+])  # fmt: skip
+def test_settings_that_cannot_work_are_refused_when_built(kwargs, message):
+    """Refused when the callback is built (before training), not at its first evaluation many steps later."""
+    from diffusion_pl.errors import UserInputError
+
+    with pytest.raises(UserInputError, match=message):
+        SampleQualityEvaluation(**kwargs)
+    SampleQualityEvaluation(**{**kwargs, "num_samples": 20, "isc_splits": 4, "eta": 0.0})

@@ -92,7 +92,7 @@ def test_guidance_errors(nets):
                      classifier_scale=1.0)  # fmt: skip
     with pytest.raises(GuidanceConfigError, match="needs a model trained with a null class"):
         SampleEngine(net, create_diffusion(steps=10), (1, 8, 8), class_cond=True, num_classes=3, cfg_scale=1.0)
-    with pytest.raises(ValueError, match="eta only applies"):
+    with pytest.raises(ValueError, match="eta 0.5 only applies to method ddim"):
         engine(nets, eta=0.5)
     with pytest.raises(ValueError, match="eta must be >= 0"):
         engine(nets, method="ddim", eta=-0.5)

@@ -104,7 +104,7 @@ SAMPLE_CASES = [
      r"--steps 'ddim7' does not fit the model's T = 10 training steps .*ddimN with N one of ddim10, ddim5, ddim4"),
     ("steps-over-T", ["--ckpt", "{cond}", "--steps", "2000"],
      r"--steps '2000' does not fit the model's T = 10 .*asks for 2000.*Use a step count 1..10"),
-    ("eta-with-ddpm", ["--ckpt", "{cond}", "--eta", "0.5"], r"--eta 0.5 only applies to --method ddim"),
+    ("eta-with-ddpm", ["--ckpt", "{cond}", "--eta", "0.5"], r"--eta 0.5 only applies to method ddim"),
     ("eta-negative", ["--ckpt", "{cond}", "--method", "ddim", "--eta", "-1"], r"--eta must be >= 0 \(0: deterministic"),
 ]  # fmt: skip
 
