@@ -88,14 +88,19 @@ def test_resume_with_other_settings_refused(reference_run, ckpts):
         os.rename(os.path.join(reference_run, "kept.npz"), os.path.join(reference_run, "samples.npz"))
 
 
-@pytest.mark.ddp
-def test_two_ranks_equal_one_rank(reference_run, ckpts, tmp_path):
-    out = str(tmp_path / "ddp")
+def run_two_ranks(out: str, ckpts) -> subprocess.CompletedProcess:
+    """`diffusion-pl sample` with COMMON's settings (and guidance) on 2 CPU processes."""
     cmd = [sys.executable, "-m", "diffusion_pl.cli", "sample", "--out_dir", out, "--ckpt", ckpts["cond"],
            "--classifier_ckpt", ckpts["classifier"], "--classifier_scale", "1.0", "--num_samples", "6",
            "--batch_size", "2", "--shard_size", "2", "--steps", "3", "--accelerator", "cpu",
            "--devices", "2"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.ddp
+def test_two_ranks_equal_one_rank(reference_run, ckpts, tmp_path):
+    out = str(tmp_path / "ddp")
+    proc = run_two_ranks(out, ckpts)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "images/s" in proc.stdout
     for a, b in zip(load_samples_npz(os.path.join(out, "samples.npz")),
@@ -150,11 +155,7 @@ def test_rank_without_work_waits_for_the_others(reference_run, ckpts, tmp_path, 
     with pytest.raises(RuntimeError, match="simulated interruption"):
         sample(**kwargs)
     assert sorted(os.listdir(os.path.join(out, "shards"))) == ["settings.json", "shard_000000.npz", "shard_000001.npz"]
-    cmd = [sys.executable, "-m", "diffusion_pl.cli", "sample", "--out_dir", out, "--ckpt", ckpts["cond"],
-           "--classifier_ckpt", ckpts["classifier"], "--classifier_scale", "1.0", "--num_samples", "6",
-           "--batch_size", "2", "--shard_size", "2", "--steps", "3", "--accelerator", "cpu",
-           "--devices", "2"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = run_two_ranks(out, ckpts)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for a, b in zip(load_samples_npz(os.path.join(out, "samples.npz")),
                     load_samples_npz(os.path.join(reference_run, "samples.npz")), strict=True):  # fmt: skip
