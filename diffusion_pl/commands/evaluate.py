@@ -15,6 +15,7 @@ import io
 import json
 import math
 import os
+import sys
 from typing import Any, Literal
 
 import numpy as np
@@ -46,7 +47,7 @@ from diffusion_pl.evaluation.features import (
     missing_weights_message,
 )
 from diffusion_pl.evaluation.npz import atomic_write, check_samples_npz
-from diffusion_pl.evaluation.reference import load_reference, read_cache
+from diffusion_pl.evaluation.reference import load_reference, read_cache, resolution_mismatch
 from diffusion_pl.utils.images import nhwc_to_nchw, to_uint8
 
 Metric = Literal["fid", "isc", "prc", "kid"]
@@ -165,6 +166,10 @@ def sample_metrics(
                 ref = reference_features(reference, feature_extractor=extractor, cache_dir=cache_dir)
         else:
             ref = datamodule_reference(data_class, data_args, split, extractor, cache_dir)
+        n, h, w, c = images.shape
+        mismatch = resolution_mismatch((c, h, w), ref)
+        if mismatch:
+            print(f"diffusion-pl: warning: {mismatch}", file=sys.stderr)
     return evaluate_samples_distributed(
         nhwc_to_nchw(images[mine]), ref, feature_extractor=extractor, metrics=metrics,
         kid_subset_size=kid_subset_size, isc_splits=isc_splits, progress=rank == 0,

@@ -101,6 +101,48 @@ def _iter_source(source, batch_size: int) -> tuple[Iterable, int | None]:
     return source, None
 
 
+def _recording_first_shape(images, into: list):
+    """``images`` (a uint8 NCHW tensor or an iterable of batches) unchanged; the [C, H, W] of the first batch is
+    appended to ``into`` as the images are consumed."""
+    if isinstance(images, torch.Tensor):
+        into.append(tuple(images.shape[1:]))
+        return images
+
+    def batches():
+        for batch in images:
+            if not into:
+                into.append(tuple(batch.shape[1:]))
+            yield batch
+
+    return batches()
+
+
+def resolution_mismatch(sample_shape: tuple[int, ...], ref) -> str | None:
+    """A warning when the samples ([C, H, W]) and the reference images differ in size or channels (Inception sees
+    both resized to 299 x 299, so the metrics would compare different resolutions); None when they agree or the
+    reference's image shape is unknown (statistics-only caches)."""
+    ref_shape = ref.get("image_shape") if ref is not None else None
+    if ref_shape is None or tuple(int(s) for s in ref_shape) == tuple(sample_shape):
+        return None
+    (c, h, w), (rc, rh, rw) = sample_shape, (int(s) for s in ref_shape)
+    return (
+        f"the samples are {h}x{w} with {c} channel(s) but the reference images are {rh}x{rw} with {rc}: Inception "
+        "resizes both to 299x299, so these metrics compare different resolutions (ADM's protocol uses a reference "
+        "batch at the samples' resolution)"
+    )
+
+
+def _from_cache_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray | torch.Tensor]:
+    """The reference dict of a cache file's arrays: mu, sigma (numpy), pool, logits (torch), image_shape if present."""
+    out: dict[str, np.ndarray | torch.Tensor] = {"mu": arrays["mu"], "sigma": arrays["sigma"]}
+    for k in ("pool", "logits"):
+        if k in arrays:
+            out[k] = torch.from_numpy(arrays[k])
+    if "image_shape" in arrays:
+        out["image_shape"] = arrays["image_shape"]
+    return out
+
+
 def extractor_identity(extractor) -> str:
     ident = getattr(extractor, "identity", None)
     return ident if ident is not None else f"{type(extractor).__module__}.{type(extractor).__qualname__}"
@@ -137,7 +179,8 @@ def reference_features(
     source_id: str | None = None,
     num_images: int | None = None,
 ) -> dict[str, np.ndarray | torch.Tensor]:
-    """Reference features and FID statistics: dict(pool, logits [torch float32], mu, sigma [numpy]).
+    """Reference features and FID statistics: dict(pool, logits [torch float32], mu, sigma [numpy]), and
+    image_shape ([C, H, W] of the reference images; absent in caches written before it was recorded).
 
     source: a folder of images, an ADM npz path, a uint8 NCHW tensor, or an iterable of uint8 NCHW batches
         (then pass source_id, and num_images if known, to key the cache).
@@ -156,17 +199,13 @@ def reference_features(
         cache_path = cache_path or default_cache_path(sid, cache_dir)
         hit = read_cache(cache_path)
         if hit is not None and hit[0] == key and {"pool", "logits", "mu", "sigma"} <= set(hit[1]):
-            arrays = hit[1]
-            return {
-                "pool": torch.from_numpy(arrays["pool"]),
-                "logits": torch.from_numpy(arrays["logits"]),
-                "mu": arrays["mu"],
-                "sigma": arrays["sigma"],
-            }
+            return _from_cache_arrays(hit[1])
 
     if feature_extractor is None:
         feature_extractor = InceptionFeatures(weights_path, device=device, batch_size=batch_size)
     images, total = _iter_source(source, batch_size)
+    first_shape: list[tuple[int, ...]] = []
+    images = _recording_first_shape(images, first_shape)
     if isinstance(feature_extractor, InceptionFeatures):
         feats = feature_extractor(images, total=total)
     else:
@@ -175,6 +214,8 @@ def reference_features(
         raise UserInputError(f"reference {source_id or source!r} gave {feats['pool'].shape[0]} images; need at least 2")
     stats = fid_statistics(feats["pool"])
     out = {"pool": feats["pool"], "logits": feats["logits"], "mu": stats["mu"], "sigma": stats["sigma"]}
+    if first_shape:
+        out["image_shape"] = np.asarray(first_shape[0], dtype=np.int64)
     if cache:
         arrays = {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
         atomic_write(cache_path, lambda f: np.savez(f, key=np.array(key), **arrays))
@@ -190,8 +231,4 @@ def load_reference(path: str) -> dict[str, np.ndarray | torch.Tensor]:
     missing = {"mu", "sigma"} - set(arrays)
     if missing:
         raise UserInputError(f"{path}: reference cache lacks {sorted(missing)}")
-    out: dict[str, np.ndarray | torch.Tensor] = {"mu": arrays["mu"], "sigma": arrays["sigma"]}
-    for k in ("pool", "logits"):
-        if k in arrays:
-            out[k] = torch.from_numpy(arrays[k])
-    return out
+    return _from_cache_arrays(arrays)

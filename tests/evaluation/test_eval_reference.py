@@ -120,3 +120,24 @@ def test_corrupt_cache_is_re_extracted_and_cache_path_resolves(tmp_path):
     gen = smooth_images(6, size=8, seed=4)
     opts = dict(feature_extractor=TinyFeatures(), metrics=("fid", "prc"))
     assert evaluate_samples(gen, cache, **opts) == evaluate_samples(gen, ref, **opts)
+
+
+def test_reference_records_its_image_shape_through_the_cache(tmp_path):
+    """The [C, H, W] of the reference images is kept (also in the cache) so evaluate can tell when samples and
+    reference differ in resolution; from a folder, an npz and batches."""
+    from diffusion_pl.evaluation.reference import resolution_mismatch
+
+    images = smooth_images(5, size=8, seed=3)  # [5, 3, 8, 8]
+    npz = save_samples_npz(tmp_path / "ref.npz", nchw_to_nhwc(images))
+    sources = {"folder": png_folder(tmp_path / "real", images), "npz": npz}
+    for name, source in sources.items():
+        for attempt in ("extracted", "cached"):
+            ref = reference_features(source, feature_extractor=TinyFeatures(), cache_dir=str(tmp_path / "cache"))
+            assert tuple(ref["image_shape"]) == (3, 8, 8), (name, attempt)
+    batches = reference_features(iter([images[:2], images[2:]]), feature_extractor=TinyFeatures(),
+                                 source_id="b", num_images=5, cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    assert tuple(batches["image_shape"]) == (3, 8, 8)
+    assert resolution_mismatch((3, 8, 8), batches) is None
+    message = resolution_mismatch((1, 28, 28), batches)
+    assert message.startswith("the samples are 28x28 with 1 channel(s) but the reference images are 8x8 with 3:")
+    assert resolution_mismatch((1, 28, 28), {"mu": 0, "sigma": 1}) is None  # statistics only: unknown, no warning

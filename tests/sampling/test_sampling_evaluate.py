@@ -32,7 +32,7 @@ def write_folder(folder, images: np.ndarray) -> str:
     return str(folder)
 
 
-def test_metrics_equal_torch_fidelity(tmp_path, random_inception_weights, monkeypatch):
+def test_metrics_equal_torch_fidelity(tmp_path, random_inception_weights, monkeypatch, capsys):
     monkeypatch.setenv("DIFFUSION_PL_CACHE", str(tmp_path / "cache"))
     gen = np.concatenate([smooth(N // 2, 1, 20.0), smooth(N // 2, 3, -50.0)])
     npz = save_samples_npz(str(tmp_path / "gen.npz"), gen, np.arange(N) % 3)
@@ -54,6 +54,14 @@ def test_metrics_equal_torch_fidelity(tmp_path, random_inception_weights, monkey
     assert values["fid"] > 1e-3 and values["isc_mean"] > 1.01  # informative, not degenerate
     with open(tmp_path / "ev" / "metrics.json") as f:
         assert json.load(f)["metrics"] == pytest.approx(values)
+    assert "warning" not in capsys.readouterr().err  # samples and reference are both 16x16 RGB
+
+    # a reference of another resolution: the metrics are still computed, with a warning naming both shapes
+    small = write_folder(tmp_path / "real8", smooth(N, 2)[:, ::2, ::2])
+    evaluate(samples=npz, reference=small, inception_weights=random_inception_weights, metrics=["fid"],
+             out_dir=str(tmp_path / "ev8"), accelerator="cpu", batch_size=10)  # fmt: skip
+    assert ("diffusion-pl: warning: the samples are 16x16 with 3 channel(s) but the reference images are 8x8 with 3"
+            in capsys.readouterr().err)  # fmt: skip
     with pytest.raises(FileExistsError, match="pass --overwrite"):
         evaluate(samples=npz, reference=real_dir, inception_weights=random_inception_weights,
                  out_dir=str(tmp_path / "ev"), accelerator="cpu")  # fmt: skip
