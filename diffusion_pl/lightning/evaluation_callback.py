@@ -38,7 +38,7 @@ from diffusion_pl.evaluation.features import (
     default_inception_weights_cache_path,
     missing_weights_message,
 )
-from diffusion_pl.evaluation.reference import load_reference, read_cache
+from diffusion_pl.evaluation.reference import load_reference, read_cache, resolution_mismatch
 from diffusion_pl.lightning.callbacks import check_classifier_compatible, check_classifier_file
 from diffusion_pl.lightning.checkpoints import load_module
 from diffusion_pl.sampling import SampleEngine, check_eta, check_respacing
@@ -119,6 +119,7 @@ class SampleQualityEvaluation(Callback):
         self._inception: InceptionFeatures | None = None
         self._classifier = None
         self._reference_cache: str | None = None
+        self._warned_resolution = False
 
     # ------------------------------------------------------------------------------------------------ hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -246,6 +247,10 @@ class SampleQualityEvaluation(Callback):
                 local = torch.cat(images) if images else torch.zeros(0, *engine.image_shape, dtype=torch.uint8)
                 del images, engine
                 ref = self._reference(trainer) if rank == 0 and any(m != "isc" for m in self.metrics) else None
+                mismatch = resolution_mismatch(tuple(local.shape[1:]), ref) if ref is not None else None
+                if mismatch and not self._warned_resolution:
+                    self._warned_resolution = True
+                    rank_zero_warn(f"SampleQualityEvaluation: {mismatch}")
                 values = evaluate_samples_distributed(
                     local, ref, feature_extractor=self._inception, metrics=self.metrics,
                     kid_subset_size=self.kid_subset_size, isc_splits=self.isc_splits, progress=False,

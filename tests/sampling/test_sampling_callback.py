@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
@@ -79,3 +80,27 @@ def test_settings_that_cannot_work_are_refused_when_built(kwargs, message):
     with pytest.raises(UserInputError, match=message):
         SampleQualityEvaluation(**kwargs)
     SampleQualityEvaluation(**{**kwargs, "num_samples": 20, "isc_splits": 4, "eta": 0.0})
+
+
+def test_reference_of_another_resolution_is_warned_once(tmp_path, random_inception_weights):
+    """A reference folder of other-sized images than the model's samples: the curves are still logged, with one
+    warning naming both shapes."""
+    from PIL import Image
+
+    folder = tmp_path / "ref16"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    torch.manual_seed(0)
+    module = DiffusionModule(**tiny_diffusion_kwargs(lr=1e-3))
+    callback = SampleQualityEvaluation(every_n_steps=1, num_samples=5, batch_size=5, steps="2", metrics=["fid"],
+                                       reference=str(folder), inception_weights=random_inception_weights,
+                                       cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, val_check_interval=1, limit_val_batches=1,
+                        num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, callbacks=[callback], logger=False)  # fmt: skip
+    with pytest.warns(UserWarning, match=r"8x8 with 1 channel\(s\) but the reference images are 16x16") as w:
+        trainer.fit(module, datamodule=TinyDataModule(n_train=8, n_val=4, batch_size=4))
+    assert sum("reference images are 16x16" in str(r.message) for r in w) == 1
+    assert callback.last_step == 2 and callback.last_metrics["fid"] > 0
