@@ -3,9 +3,11 @@
     diffusion-pl fit --config configs/quickstart.yaml
     diffusion-pl sample --ckpt path/to/last.ckpt --num_samples 64 --steps 250
 
-A user error (diffusion_pl.errors.UserError: a missing file, a bad option, a checkpoint that does not fit, a full disk)
-is printed as one line, ``diffusion-pl <command>: error: <message>``, with exit status 2; set DIFFUSION_PL_DEBUG=1 to
-get the traceback instead. Any other exception keeps its traceback.
+A user error (diffusion_pl.errors.UserError: a missing file, a bad option, a checkpoint that does not fit, a full disk;
+Lightning's MisconfigurationException; a parse error, see diffusion_pl.parse_errors) is printed as one line,
+``diffusion-pl <command>: error: <message>``, with exit status 2. A rank > 0 of a distributed run that only lost its
+peers (another rank failed first and printed why) says so in one line, exit status 1. DIFFUSION_PL_DEBUG=1 gives the
+traceback instead. Any other exception keeps its traceback.
 """
 
 from __future__ import annotations
