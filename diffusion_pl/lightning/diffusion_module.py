@@ -32,6 +32,7 @@ from diffusion_pl.lightning.common import (
     reseed_for_step,
 )
 from diffusion_pl.models import UNetModel
+from diffusion_pl.sampling.engine import check_respacing
 from diffusion_pl.utils.device import prepare_device
 
 SAMPLER_STATE_KEY = "diffusion_pl_timestep_sampler"
@@ -129,6 +130,9 @@ class DiffusionModule(L.LightningModule):
                 rescale_timesteps=rescale_timesteps,
             )
             self.timestep_sampler = create_timestep_sampler(timestep_sampler, steps)
+        if val_bpd_batches < 0:
+            raise UserInputError(f"model.init_args.val_bpd_batches must be >= 0, got {val_bpd_batches}")
+        check_respacing(self.diffusion, val_bpd_respacing, "model.init_args.val_bpd_respacing")
         self.unet = UNetModel(
             image_size=image_size,
             in_channels=in_channels,

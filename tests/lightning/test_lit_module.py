@@ -79,6 +79,15 @@ def test_p_uncond_needs_null_class():
         DiffusionModule(**tiny_diffusion_kwargs(p_uncond=1.0))
 
 
+def test_validation_bits_per_dim_settings_are_checked_when_built():
+    """Checked when the module is built, not at the first validation (which may come after many training steps)."""
+    with pytest.raises(ValueError, match=r"model.init_args.val_bpd_respacing '5000' does not fit the model's T = "):
+        DiffusionModule(**tiny_diffusion_kwargs(val_bpd_batches=1, val_bpd_respacing="5000"))
+    with pytest.raises(ValueError, match=r"model.init_args.val_bpd_batches must be >= 0, got -1"):
+        DiffusionModule(**tiny_diffusion_kwargs(val_bpd_batches=-1))
+    DiffusionModule(**tiny_diffusion_kwargs(val_bpd_batches=1, val_bpd_respacing="5"))
+
+
 def test_class_dropout_uses_the_null_label(tmp_path):
     model = DiffusionModule(**tiny_diffusion_kwargs(p_uncond=0.5))
     seen = []
