@@ -169,9 +169,7 @@ def check_demo_options(
             raise UserInputError(f"demo: {name} must be >= 1, got {value}")
     with open(config) as f:
         init_args = (yaml.safe_load(f).get("model") or {}).get("init_args") or {}
-    process = create_diffusion(steps=int(init_args.get("steps", 1000)),
-                               noise_schedule=init_args.get("noise_schedule", "cosine"))  # fmt: skip
-    check_respacing(process, steps, "--steps")
+    check_respacing(create_diffusion(steps=int(init_args.get("steps", 1000))), steps, "--steps")
 
 
 def demo(

@@ -166,7 +166,7 @@ def sample_metrics(
                 ref = reference_features(reference, feature_extractor=extractor, cache_dir=cache_dir)
         else:
             ref = datamodule_reference(data_class, data_args, split, extractor, cache_dir)
-        n, h, w, c = images.shape
+        _, h, w, c = images.shape
         mismatch = resolution_mismatch((c, h, w), ref)
         if mismatch:
             print(f"diffusion-pl: warning: {mismatch}", file=sys.stderr)

@@ -5,7 +5,7 @@ from .gaussian import approx_standard_normal_cdf, discretized_gaussian_log_likel
 from .guidance import classifier_cond_fn, classifier_free_model
 from .process import LOSS_TYPES, MEAN_TYPES, VAR_TYPES, GaussianDiffusion, create_diffusion
 from .respace import space_timesteps
-from .samplers import SAMPLING_METHODS, ddim_step, p_sample, sample_loop
+from .samplers import SAMPLING_METHODS, check_eta, ddim_step, p_sample, sample_loop
 from .schedules import BETA_SCHEDULES, betas_for_alpha_bar, cosine_alpha_bar, get_named_beta_schedule
 from .timestep_samplers import (
     TIMESTEP_SAMPLERS,
@@ -39,6 +39,7 @@ __all__ = [
     "mean_flat",
     "normal_kl",
     "p_sample",
+    "check_eta",
     "sample_loop",
     "space_timesteps",
 ]

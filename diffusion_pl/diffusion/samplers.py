@@ -13,9 +13,19 @@ from collections.abc import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from diffusion_pl.errors import UserInputError
+
 from .process import GaussianDiffusion
 
 SAMPLING_METHODS = ("ddpm", "ddim")
+
+
+def check_eta(method: str, eta: float, option: str = "eta") -> None:
+    """Raise UserInputError (a ValueError) naming ``option`` unless ``eta`` fits ``method``: DDIM only, >= 0."""
+    if method == "ddpm" and eta != 0.0:
+        raise UserInputError(f"{option} {eta} only applies to method ddim; ancestral (ddpm) sampling has no eta")
+    if eta < 0:
+        raise UserInputError(f"{option} must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise), got {eta}")
 
 
 def _step_noise(x: torch.Tensor, noise: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
@@ -114,10 +124,7 @@ def sample_loop(
     """
     if method not in SAMPLING_METHODS:
         raise ValueError(f"unknown sampling method {method!r}; allowed: {', '.join(SAMPLING_METHODS)}")
-    if method == "ddpm" and eta != 0.0:
-        raise ValueError("eta only applies to method='ddim'; ancestral sampling ('ddpm') has no eta")
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise), got {eta}")
+    check_eta(method, eta)
     if noise is None:
         if shape is None:
             raise ValueError("sample_loop needs either shape or an initial noise tensor")

@@ -26,7 +26,6 @@ import lightning as L
 import yaml
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -258,10 +257,10 @@ class DiffusionCLI(LightningCLI):
 
 
 def _is_config_error(error: BaseException) -> bool:
-    """A constructor refusing a config value (ValueError), Lightning refusing a Trainer setting
-    (MisconfigurationException), or a TypeError raised by Lightning itself about a setting (e.g. ``devices: abc``
-    on the CPU); a TypeError from anywhere else may be a bug and keeps its traceback."""
-    if isinstance(error, (ValueError, MisconfigurationException)):
+    """A constructor refusing a config value (ValueError), or a TypeError raised by Lightning itself about a setting
+    (e.g. ``devices: abc`` on the CPU); a TypeError from anywhere else may be a bug and keeps its traceback.
+    (Lightning's MisconfigurationException is a user error for every command: diffusion_pl.cli.main.)"""
+    if isinstance(error, ValueError):
         return True
     if isinstance(error, TypeError) and error.__traceback__ is not None:
         frames = traceback.extract_tb(error.__traceback__)

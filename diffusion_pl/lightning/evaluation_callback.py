@@ -247,8 +247,9 @@ class SampleQualityEvaluation(Callback):
                 local = torch.cat(images) if images else torch.zeros(0, *engine.image_shape, dtype=torch.uint8)
                 del images, engine
                 ref = self._reference(trainer) if rank == 0 and any(m != "isc" for m in self.metrics) else None
-                mismatch = resolution_mismatch(tuple(local.shape[1:]), ref) if ref is not None else None
-                if mismatch and not self._warned_resolution:
+                warn = ref is not None and not self._warned_resolution
+                mismatch = resolution_mismatch(tuple(local.shape[1:]), ref) if warn else None
+                if mismatch:
                     self._warned_resolution = True
                     rank_zero_warn(f"SampleQualityEvaluation: {mismatch}")
                 values = evaluate_samples_distributed(

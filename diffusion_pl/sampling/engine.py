@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from diffusion_pl.diffusion import (
     GaussianDiffusion,
+    check_eta,
     classifier_cond_fn,
     classifier_free_model,
     ddim_step,
@@ -56,14 +57,6 @@ def resolve_respacing(diffusion: GaussianDiffusion, respacing: str | int | None)
     if spec.isdigit() and int(spec) == diffusion.num_timesteps:
         return diffusion
     return diffusion.respaced(spec)
-
-
-def check_eta(method: str, eta: float, option: str = "eta") -> None:
-    """Raise UserInputError naming ``option`` unless ``eta`` fits ``method`` (DDIM only, >= 0)."""
-    if method == "ddpm" and eta != 0.0:
-        raise UserInputError(f"{option} {eta} only applies to method ddim; ancestral (ddpm) sampling has no eta")
-    if eta < 0:
-        raise UserInputError(f"{option} must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise), got {eta}")
 
 
 def check_respacing(diffusion: GaussianDiffusion, respacing: str | int | None, option: str = "--steps") -> None:

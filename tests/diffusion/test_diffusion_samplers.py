@@ -203,7 +203,7 @@ def test_sampler_argument_errors():
         sample_loop(process, model, shape=(1, 2, 3, 3), method="euler")
     with pytest.raises(ValueError, match="shape or an initial noise"):
         sample_loop(process, model)
-    with pytest.raises(ValueError, match="eta only applies"):
+    with pytest.raises(ValueError, match="eta 0.5 only applies to method ddim"):
         sample_loop(process, model, shape=(1, 2, 3, 3), eta=0.5)
     with pytest.raises(ValueError, match="eta must be >= 0"):
         sample_loop(process, model, shape=(1, 2, 3, 3), method="ddim", eta=-1.0)
