@@ -7,59 +7,31 @@ npz source into that order (diffusion_pl/data/imagenet_classes.py), so both sour
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import re
-import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_warn
-from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from diffusion_pl.data import folder
+from diffusion_pl.data.cache import PreparedSplit
 from diffusion_pl.data.common import ArrayImageDataset, check_images, make_dataloader, use_pin_memory
 from diffusion_pl.data.imagenet_classes import devkit_to_sorted, devkit_wnids, sorted_wnids
 from diffusion_pl.errors import UserFileNotFoundError, UserInputError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 NPZ_LAYOUT = (
     "train_data_batch_1.npz .. train_data_batch_10.npz and val_data.npz (the official downsampled ImageNet release, "
     "directly in data_dir or one sub-folder down, e.g. Imagenet64_train_part1_npz/), each with 'data' uint8 "
     "(N, 3*S*S) in R|G|B planar order and 1-based 'labels' (N,)"
 )
 FOLDER_LAYOUT = "data_dir/train/<class_name>/<image files> and data_dir/val/<class_name>/<image files>"
-MANIFEST_VERSION = 1
 LABEL_ORDERS = ("sorted_wnid", "devkit")
 SPLITS = ("train", "val")
-
-
-def center_crop_arr(image: Image.Image, image_size: int) -> np.ndarray:
-    """ADM preprocessing: halve with BOX while min side >= 2*size, BICUBIC so min side = size, centre crop -> HWC."""
-    image = image.convert("RGB")
-    while min(*image.size) >= 2 * image_size:
-        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
-    scale = image_size / min(*image.size)
-    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
-    arr = np.asarray(image)
-    top = (arr.shape[0] - image_size) // 2
-    left = (arr.shape[1] - image_size) // 2
-    return arr[top : top + image_size, left : left + image_size]
-
-
-def _load_folder_image(args: tuple[str, int]) -> np.ndarray:
-    path, image_size = args
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return center_crop_arr(image, image_size)
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise UserInputError(f"ImageNet-64: cannot read image {path}: {err}") from err
 
 
 def planar_to_hwc(data: np.ndarray, image_size: int) -> np.ndarray:
@@ -71,7 +43,7 @@ def list_class_folders(root: Path) -> list[str]:
     """Sorted sub-folder names of `root` (class name -> index by this order)."""
     if not root.is_dir():
         raise UserFileNotFoundError(f"ImageNet-64 (folder): no directory {root}. Expected layout: {FOLDER_LAYOUT}")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = folder.list_class_folders(root, "ImageNet-64 (folder)")
     if not classes:
         raise UserFileNotFoundError(f"ImageNet-64 (folder): no class sub-folders in {root}. Expected: {FOLDER_LAYOUT}")
     return classes
@@ -126,139 +98,6 @@ def _read_npz(path: Path, image_size: int, load_data: bool = True) -> tuple[np.n
                 f"{image_size}, got {data.dtype} {data.shape}"
             )
     return data, labels.astype(np.int64) - 1
-
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def _atomic_write_json(path: Path, obj: dict) -> None:
-    tmp = _tmp_name(path)
-    try:
-        tmp.write_text(json.dumps(obj, indent=1))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to the temp name
-            np.save(f, array, allow_pickle=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _digest(array: np.ndarray) -> str:
-    return hashlib.sha1(np.ascontiguousarray(array).view(np.uint8)).hexdigest()
-
-
-class PreparedSplit:
-    """The cache files of one split: <prefix>_images.npy (N,S,S,3) uint8, <prefix>_labels.npy (N,) int64, manifest.
-
-    Written atomically (temporary names, then renames; the manifest last), so processes preparing the same cache at
-    once (one per node on shared storage) can only leave a complete cache. The labels are the source's own: npz =
-    devkit order (release label - 1), folder = sorted folder names. Other class orders are derived label files,
-    <prefix>_labels_<order>.npy with their own manifest (see :meth:`ordered_labels`), sharing the images.
-    """
-
-    def __init__(self, cache_dir: Path, source: str, split: str, image_size: int) -> None:
-        self.source, self.split, self.image_size = source, split, image_size
-        self.prefix = f"{source}{image_size}_{split}"
-        self.images = cache_dir / f"{self.prefix}_images.npy"
-        self.labels = cache_dir / f"{self.prefix}_labels.npy"
-        self.manifest = cache_dir / f"{self.prefix}_manifest.json"
-
-    def ordered_labels(self, label_order: str) -> tuple[Path, Path]:
-        """(labels .npy, manifest .json) of this split's labels in ``label_order``, derived from :attr:`labels`."""
-        stem = self.images.parent / f"{self.prefix}_labels_{label_order}"
-        return stem.with_suffix(".npy"), stem.with_suffix(".json")
-
-    def read_ordered_labels(self, label_order: str) -> Path | None:
-        """The derived labels file of ``label_order`` if it is complete and derived from the current :attr:`labels`
-        (their digest is in its manifest), else None."""
-        path, manifest_path = self.ordered_labels(label_order)
-        try:
-            manifest = json.loads(manifest_path.read_text())
-            raw = np.load(self.labels, mmap_mode="r")
-            ordered = np.load(path, mmap_mode="r")
-            expected = (MANIFEST_VERSION, label_order, len(raw), _digest(raw))
-            if (manifest["version"], manifest["label_order"], manifest["count"], manifest["from_sha1"]) != expected:
-                return None
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-        return path if ordered.shape == (len(raw),) and ordered.dtype == np.int64 else None
-
-    def write_ordered_labels(self, label_order: str, mapping: np.ndarray) -> Path:
-        """Derive the labels of ``label_order`` (``mapping[own label]``) unless a current file exists."""
-        current = self.read_ordered_labels(label_order)
-        if current is not None:
-            return current
-        path, manifest_path = self.ordered_labels(label_order)
-        raw = np.load(self.labels)
-        _atomic_save_npy(path, mapping[raw].astype(np.int64))
-        manifest = {"version": MANIFEST_VERSION, "label_order": label_order, "count": len(raw),
-                    "from": self.labels.name, "from_sha1": _digest(raw)}  # fmt: skip
-        _atomic_write_json(manifest_path, manifest)
-        return path
-
-    def read_manifest(self) -> dict | None:
-        """The manifest if the split is complete and consistent with its .npy files, else None."""
-        try:
-            manifest = json.loads(self.manifest.read_text())
-            count = manifest["count"]
-            expected = (self.source, self.split, self.image_size, MANIFEST_VERSION)
-            if (manifest["source"], manifest["split"], manifest["image_size"], manifest["version"]) != expected:
-                return None
-            images = np.load(self.images, mmap_mode="r")
-            labels = np.load(self.labels, mmap_mode="r")
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-        s = self.image_size
-        if images.shape != (count, s, s, 3) or images.dtype != np.uint8 or labels.shape != (count,):
-            return None
-        return manifest
-
-    def write(self, count: int, chunks: Iterable[tuple[np.ndarray, np.ndarray]], info: dict) -> None:
-        """Stream (images NHWC, labels) chunks into temporary .npy files, then rename them; manifest last."""
-        self.images.parent.mkdir(parents=True, exist_ok=True)
-        tmp_images, tmp_labels = _tmp_name(self.images), _tmp_name(self.labels)
-        s = self.image_size
-        try:
-            images = np.lib.format.open_memmap(tmp_images, mode="w+", dtype=np.uint8, shape=(count, s, s, 3))
-            labels = np.empty(count, dtype=np.int64)
-            offset = 0
-            for chunk_images, chunk_labels in chunks:
-                n = len(chunk_labels)
-                if offset + n > count:
-                    raise UserInputError(f"ImageNet-64: more than the {count} expected images for split {self.split!r}")
-                images[offset : offset + n] = chunk_images
-                labels[offset : offset + n] = chunk_labels
-                offset += n
-            if offset != count:
-                raise UserInputError(f"ImageNet-64: got {offset} images for split {self.split!r}, expected {count}")
-            images.flush()
-            del images
-            with open(tmp_labels, "wb") as f:  # a file object: np.save would append ".npy" to the temp name
-                np.save(f, labels, allow_pickle=False)
-            os.replace(tmp_images, self.images)
-            os.replace(tmp_labels, self.labels)
-        finally:
-            for tmp in (tmp_images, tmp_labels):
-                tmp.unlink(missing_ok=True)
-        manifest = {
-            "version": MANIFEST_VERSION,
-            "source": self.source,
-            "split": self.split,
-            "image_size": s,
-            "count": count,
-            "images": self.images.name,
-            "labels": self.labels.name,
-            **info,
-        }
-        _atomic_write_json(self.manifest, manifest)
 
 
 class ImageNet64DataModule(L.LightningDataModule):
@@ -366,39 +205,26 @@ class ImageNet64DataModule(L.LightningDataModule):
         root = Path(self.data_dir) / split
         class_names = self.class_names or list_class_folders(Path(self.data_dir) / "train")
         index = {name: i for i, name in enumerate(class_names)}
-        files: list[str] = []
-        labels: list[int] = []
-        for name in list_class_folders(root):
+        list_class_folders(root)  # the layout's own message when the split has no class folders
+        listing = folder.list_images(root, class_cond=True, name=f"ImageNet-64 (folder) {split}")
+        for name in listing.class_names:
             if name not in index:
                 raise UserInputError(
                     f"ImageNet-64 (folder): class folder {root / name} has no counterpart in "
                     f"{Path(self.data_dir) / 'train'} (classes come from the train folders)"
                 )
-            found = sorted(str(p) for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-            files += found
-            labels += [index[name]] * len(found)
-        if not files:
-            raise UserFileNotFoundError(
-                f"ImageNet-64 (folder): no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}. "
-                f"Expected: {FOLDER_LAYOUT}"
-            )
-        label_array = np.asarray(labels, dtype=np.int64)
-
-        def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-            jobs = [(f, self.image_size) for f in files]
-            bar = dict(total=len(files), desc=f"ImageNet-64 {split} images -> npy", disable=None)
-            if self.num_workers > 0:
-                import multiprocessing
-
-                with multiprocessing.get_context().Pool(self.num_workers) as pool:
-                    for i, arr in enumerate(tqdm(pool.imap(_load_folder_image, jobs, chunksize=64), **bar)):
-                        yield arr[None], label_array[i : i + 1]
-            else:
-                for i, arr in enumerate(tqdm(map(_load_folder_image, jobs), **bar)):
-                    yield arr[None], label_array[i : i + 1]
-
+        labels = np.asarray([index[listing.class_names[y]] for y in listing.labels], dtype=np.int64)
+        chunks = folder.decoded_chunks(
+            listing.paths(),
+            labels,
+            self.image_size,
+            3,
+            name="ImageNet-64 (folder)",
+            num_workers=self.num_workers,
+            desc=f"ImageNet-64 {split} images -> npy",
+        )
         info = {"inputs": str(root), "class_names": class_names, "num_classes": len(class_names)}
-        self.split_files(split).write(len(files), chunks(), info)
+        self.split_files(split).write(len(labels), chunks, info)
 
     def _open(self, split: str, random_flip: bool) -> ArrayImageDataset:
         files = self.split_files(split)

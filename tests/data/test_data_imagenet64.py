@@ -17,7 +17,7 @@ from lightning.pytorch.trainer.connectors.data_connector import _DataConnector
 from PIL import Image
 
 from diffusion_pl.data import CIFAR10DataModule, ImageNet64DataModule, imagenet64
-from diffusion_pl.data.imagenet64 import center_crop_arr
+from diffusion_pl.data.folder import center_crop_arr
 from diffusion_pl.data.imagenet_classes import (
     DEVKIT_SYNSETS_FILE,
     check_devkit_table,
@@ -212,7 +212,7 @@ def test_center_crop_arr_adm_preprocessing():
     out = center_crop_arr(Image.fromarray(left_right), 64)
     assert out.shape == (64, 64, 3) and out.dtype == np.uint8
     assert (out[:, :28] == 0).all() and (out[:, 36:] == 255).all()  # the edge lands in the middle of the crop
-    assert center_crop_arr(Image.fromarray(arr[:, :, 0]), 32).shape == (32, 32, 3)  # grayscale -> RGB
+    assert center_crop_arr(Image.fromarray(arr[:, :, 0]), 32).shape == (32, 32)  # the image's own mode
 
 
 def test_folder_source(tmp_path):
