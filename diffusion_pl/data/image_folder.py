@@ -1,0 +1,210 @@
+"""ImageFolderDataModule: your own folder of images, prepared once into a uint8 memmap cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader
+
+from diffusion_pl.data.cache import PreparedSplit, atomic_write_json
+from diffusion_pl.data.common import ArrayImageDataset, make_dataloader, use_pin_memory
+from diffusion_pl.data.folder import (
+    CHANNEL_MODES,
+    FolderListing,
+    check_files,
+    decoded_chunks,
+    empty_classes,
+    list_class_folders,
+    list_images,
+)
+from diffusion_pl.errors import UserInputError
+
+NAME = "ImageFolderDataModule"
+CACHE_VERSION = 1
+CLASSES_FILE = "classes.json"
+SPLITS = ("train", "val")
+
+
+class ImageFolderDataModule(L.LightningDataModule):
+    """A folder tree of images (png, jpg, jpeg, webp, gif, bmp; nested folders; hidden entries skipped).
+
+    class_cond: each first-level sub-folder of data_dir is a class, numbered in sorted name order (num_classes = the
+    number of folders; every image must lie in one); false: all images, unconditional (num_classes 0, y all 0).
+    Images become channels (1 greyscale, 3 RGB: alpha dropped, 4 RGBA) and image_size x image_size as ADM does: BOX
+    halving while the short side >= 2 * image_size, BICUBIC to image_size, centre crop. Images whose short side is
+    below image_size are refused unless allow_upscale; unreadable or damaged files are refused by name unless
+    skip_bad_images (then left out and counted). A seeded val_fraction of the files (split_seed) is the validation
+    split (val = test); random_flip flips training images horizontally.
+    prepare_data decodes everything once into cache_dir (default data_dir/.diffusion_pl_cache), in a sub-folder keyed
+    by the file listing (names, sizes, mtimes) and these settings: a changed file or setting prepares a new cache.
+    The class mapping is saved there (classes.json) and in checkpoints (this DataModule's state). Lightning runs
+    prepare_data on one process per node (prepare_data_per_node; false: once, for storage all nodes share).
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data/images",
+        image_size: int = 64,
+        channels: int = 3,
+        class_cond: bool = True,
+        val_fraction: float = 0.05,
+        split_seed: int = 0,
+        random_flip: bool = True,
+        allow_upscale: bool = False,
+        skip_bad_images: bool = False,
+        cache_dir: str | None = None,
+        batch_size: int = 64,
+        num_workers: int = 4,
+        prepare_data_per_node: bool = True,
+    ) -> None:
+        super().__init__()
+        if channels not in CHANNEL_MODES:
+            raise UserInputError(f"{NAME}: channels must be 1 (greyscale), 3 (RGB) or 4 (RGBA), got {channels}")
+        if image_size < 1:
+            raise UserInputError(f"{NAME}: image_size must be >= 1, got {image_size}")
+        if not 0.0 < val_fraction < 1.0:
+            raise UserInputError(f"{NAME}: val_fraction must lie strictly between 0 and 1, got {val_fraction}")
+        self.save_hyperparameters()
+        self.prepare_data_per_node = prepare_data_per_node  # Lightning's attribute
+        self.data_dir, self.image_size, self.in_channels = data_dir, image_size, channels
+        self.class_cond, self.val_fraction, self.split_seed = class_cond, val_fraction, split_seed
+        self.random_flip, self.allow_upscale, self.skip_bad_images = random_flip, allow_upscale, skip_bad_images
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.cache_root = Path(cache_dir) if cache_dir is not None else Path(data_dir) / ".diffusion_pl_cache"
+        # The classes are known from the folder names alone, before prepare_data (the model checks num_classes).
+        self.class_names = list_class_folders(Path(data_dir), NAME, self.cache_root) if class_cond else None
+        if class_cond and not self.class_names:
+            raise UserInputError(
+                f"{NAME}: class_cond is true but {data_dir} has no sub-folders (one per class); put each class's "
+                "images in its own folder, or set class_cond: false"
+            )
+        self.num_classes = len(self.class_names) if self.class_names is not None else 0
+        self.train_dataset: ArrayImageDataset | None = None
+        self.val_dataset: ArrayImageDataset | None = None
+
+    # ------------------------------------------------------------------------------------------------ the cache
+    def listing(self) -> FolderListing:
+        """The current files (checked: no class folder without images)."""
+        listing = list_images(Path(self.data_dir), self.class_cond, NAME, exclude=self.cache_root)
+        empty = empty_classes(listing)
+        if empty:
+            raise UserInputError(
+                f"{NAME}: class folders without images under {self.data_dir}: {', '.join(empty[:10])}"
+                f"{' ...' if len(empty) > 10 else ''}. Add images or remove the folders"
+            )
+        if listing.class_names is not None and listing.class_names != self.class_names:
+            raise UserInputError(f"{NAME}: the class folders of {self.data_dir} changed while running; start again")
+        return listing
+
+    def cache_key(self, listing: FolderListing) -> str:
+        """sha1 of the listing's fingerprint and every setting that changes the prepared arrays."""
+        settings = dict(version=CACHE_VERSION, image_size=self.image_size, channels=self.in_channels,
+                        class_cond=self.class_cond, val_fraction=self.val_fraction, split_seed=self.split_seed,
+                        allow_upscale=self.allow_upscale, skip_bad_images=self.skip_bad_images)  # fmt: skip
+        text = json.dumps(settings, sort_keys=True) + listing.fingerprint
+        return hashlib.sha1(text.encode()).hexdigest()
+
+    def cache_dir(self, listing: FolderListing) -> Path:
+        return self.cache_root / f"{self.image_size}px_{self.in_channels}ch_{self.cache_key(listing)[:16]}"
+
+    def split_files(self, listing: FolderListing, split: str) -> PreparedSplit:
+        return PreparedSplit(self.cache_dir(listing), "folder", split, self.image_size, self.in_channels)
+
+    def split_indices(self, count: int) -> dict[str, np.ndarray]:
+        """Sorted file indices of train and val: a seeded random val_fraction of the files (at least one each)."""
+        if count < 2:
+            raise UserInputError(f"{NAME}: {self.data_dir} holds {count} image; a train and a val split need >= 2")
+        n_val = min(max(1, round(self.val_fraction * count)), count - 1)
+        order = np.random.default_rng(self.split_seed).permutation(count)
+        return {"val": np.sort(order[:n_val]), "train": np.sort(order[n_val:])}
+
+    def prepare_data(self) -> None:
+        """Check the files and decode them into the cache of the current listing and settings, unless complete.
+
+        Lightning calls this on one process per node before setup. Every file is written under a temporary name and
+        renamed, so concurrent preparations on shared storage cannot leave a truncated cache."""
+        listing = self.listing()
+        if all(self.split_files(listing, s).read_manifest() is not None for s in SPLITS):
+            return
+        paths = listing.paths()
+        bad = check_files(paths, self.image_size, name=NAME, skip_bad=self.skip_bad_images,
+                          allow_upscale=self.allow_upscale, num_workers=self.num_workers)  # fmt: skip
+        directory = self.cache_dir(listing)
+        rank_zero_info(f"{NAME}: preparing {len(paths)} images of {self.data_dir} into {directory}")
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(directory / CLASSES_FILE, {"class_names": listing.class_names, "data_dir": self.data_dir})
+        for split, indices in self.split_indices(len(paths)).items():
+            skipped = [paths[i] for i in indices if paths[i] in bad]  # the manifest lists the final list
+            good = [i for i in indices if paths[i] not in bad]
+            chunks = decoded_chunks([paths[i] for i in good], listing.labels[good], self.image_size,
+                                    self.in_channels, name=NAME, num_workers=self.num_workers,
+                                    desc=f"{NAME}: {split} images -> cache",
+                                    skipped=skipped if self.skip_bad_images else None)  # fmt: skip
+            info = {"data_dir": str(Path(self.data_dir).resolve()), "class_names": listing.class_names,
+                    "skipped": skipped}  # fmt: skip
+            kept = self.split_files(listing, split).write(len(good), chunks, info, allow_fewer=self.skip_bad_images)
+            if kept == 0:
+                self.split_files(listing, split).manifest.unlink(missing_ok=True)  # not a usable cache
+                raise UserInputError(f"{NAME}: no readable image left in the {split} split of {self.data_dir}")
+
+    # ------------------------------------------------------------------------------------------------ loading
+    def _open(self, files: PreparedSplit, random_flip: bool) -> ArrayImageDataset:
+        manifest = files.read_manifest()
+        if manifest is None:
+            raise RuntimeError(
+                f"{NAME}: no complete prepared {files.split} split for the current files and settings in "
+                f"{files.images.parent}. Call prepare_data() first (the Trainer does this before setup)."
+            )
+        skipped = manifest.get("skipped") or []
+        if skipped:
+            rank_zero_warn(f"{NAME}: {len(skipped)} unreadable or damaged files of the {files.split} split are left "
+                           f"out (skip_bad_images), e.g. {', '.join(skipped[:3])}")  # fmt: skip
+        return ArrayImageDataset(files.images, files.labels, random_flip=random_flip)
+
+    def setup(self, stage: str | None = None) -> None:
+        listing = self.listing()
+        if self.train_dataset is None and stage in (None, "fit"):
+            self.train_dataset = self._open(self.split_files(listing, "train"), self.random_flip)
+        if self.val_dataset is None:
+            self.val_dataset = self._open(self.split_files(listing, "val"), False)
+
+    def _loader(self, dataset: ArrayImageDataset | None, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{NAME}: call prepare_data() and setup() before requesting a dataloader")
+        return make_dataloader(dataset, batch_size=self.batch_size, num_workers=self.num_workers, train=train,
+                               pin_memory=use_pin_memory(self.trainer))  # fmt: skip
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, train=False)
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints: the label -> class folder mapping."""
+        return {"class_names": self.class_names, "image_size": self.image_size, "channels": self.in_channels}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """On resume: the folder's classes must be the ones the checkpoint was trained with."""
+        saved = state_dict.get("class_names")
+        if saved != self.class_names:
+            raise UserInputError(
+                f"{NAME}: the checkpoint was trained with classes {_short(saved)}, but {self.data_dir} has "
+                f"{_short(self.class_names)}: its labels would mean other classes. Resume on the same class folders"
+            )
+
+
+def _short(names: list[str] | None) -> str:
+    if names is None:
+        return "none (unconditional)"
+    return f"{len(names)} [{', '.join(names[:6])}{', ...' if len(names) > 6 else ''}]"
