@@ -1,5 +1,5 @@
 # `make demo` and `make test` work in a fresh clone: they create .venv when it is missing and install what they need.
-#   make demo: the project alone (`pip install -e .`), then the quickstart (README "Quickstart").
+#   make demo: the project alone (`pip install -e .`), then the quickstart (docs/QUICKSTART.md).
 #   make test: + the dev extra (pytest, ruff) + the parity oracle, pinned by hash (tests/oracle-requirements.txt),
 #              then the whole suite.
 PYTHON ?= python3
@@ -33,7 +33,7 @@ venv-dev: $(DEV_STAMP)
 test: $(DEV_STAMP)
 	$(PY) -m pytest -q tests
 
-# The quickstart end to end on MNIST-5k (README "Quickstart"): creates .venv when missing, then runs every step.
+# The quickstart end to end on MNIST-5k (docs/QUICKSTART.md): creates .venv when missing, then runs every step.
 DEMO_OUT ?= outputs/demo
 demo: $(STAMP)
 	$(VENV)/bin/diffusion-pl demo --out_dir $(DEMO_OUT) $(DEMO_ARGS)

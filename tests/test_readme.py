@@ -1,6 +1,10 @@
-"""README.md stays true: every command in its code blocks (and every complete inline one) parses against the real
-CLI, its Python example runs, its config tables list exactly the constructor arguments (and defaults) of the classes,
-and its local links resolve.
+"""The user documentation stays true: README.md and every docs/*.md.
+
+* Every command in their code blocks (and every complete inline one) parses against the real CLI.
+* Their `python -c` lines compile and call existing arguments; Python blocks run (here, or in the test a doc names).
+* docs/CONFIGURATION.md's tables list exactly the constructor arguments (and defaults) of the classes;
+  docs/PUBLISHED.md's preset table lists exactly the released configurations with their parameter counts.
+* Local links and anchors resolve, and no document or source file names a file that is not in the repository.
 
 * `diffusion-pl fit | validate | test ...` lines (also behind `VAR=value`, `srun`, `torchrun ... $(which diffusion-pl)`,
   `torchrun ... -m diffusion_pl.cli`, `python -m diffusion_pl.cli`) run in-process with `--print_config` appended: the
@@ -27,8 +31,16 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-README = ROOT / "README.md"
-TEXT = README.read_text()
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+TEXTS = {doc: doc.read_text() for doc in DOCS}
+CONFIGURATION = ROOT / "docs" / "CONFIGURATION.md"
+PUBLISHED = ROOT / "docs" / "PUBLISHED.md"
+# Docs whose ```python blocks another test executes (in one namespace, in order): doc -> that test file.
+EXECUTED_ELSEWHERE = {"docs/PYTHON_API.md": "tests/diffusion/test_diffusion_docs.py"}
+
+
+def _name(doc: Path) -> str:
+    return doc.relative_to(ROOT).as_posix()
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 # Commands whose runs are checked by the tests of the demo (`make demo` -> `diffusion-pl demo`), not here.
@@ -113,15 +125,17 @@ def inline_commands(text: str) -> list[tuple[int, str, list[str]]]:
             continue
         for span in re.findall(r"`([^`]+)`", line):
             args = diffusion_pl_args(span)
+            if args and args[0].endswith(":"):
+                continue  # a message diffusion-pl prints ("diffusion-pl fit: error: ..."), not a command
             if args and "..." not in span and any(a.startswith("--") for a in args):
                 commands.append((number, span, args))
     return commands
 
 
-def readme_commands() -> list[tuple[int, str, list[str]]]:
-    """(line, text, args) of every diffusion-pl command in the README's code blocks, then of the inline ones."""
+def doc_commands(text: str) -> list[tuple[int, str, list[str]]]:
+    """(line, text, args) of every diffusion-pl command in a document's code blocks, then of the inline ones."""
     commands = []
-    for lang, body, first in code_blocks(TEXT):
+    for lang, body, first in code_blocks(text):
         if lang not in ("", "bash", "sh", "shell", "console"):
             continue
         for number, line in logical_lines(body, first):
@@ -130,16 +144,16 @@ def readme_commands() -> list[tuple[int, str, list[str]]]:
                 commands.append((number, line.strip(), args))
             elif _MENTION.search(line.split("#", 1)[0]):
                 commands.append((number, line.strip(), None))  # a launcher form this test does not understand
-    return commands + inline_commands(TEXT)
+    return commands + inline_commands(text)
 
 
-COMMANDS = readme_commands()
+COMMANDS = [(doc, *command) for doc in DOCS for command in doc_commands(TEXTS[doc])]
 
 
-def _id(command: tuple[int, str, list[str] | None]) -> str:
-    number, _, args = command
+def _id(command: tuple[Path, int, str, list[str] | None]) -> str:
+    doc, number, _, args = command
     words = [a for a in (args or []) if not a.startswith("-")][:1]
-    return f"L{number}-{'-'.join(words) or 'unparsed'}"
+    return f"{doc.stem}-L{number}-{'-'.join(words) or 'unparsed'}"
 
 
 # ------------------------------------------------------------------------------------------------ running the CLI
@@ -190,26 +204,30 @@ def _check_semantics(command: str, namespace) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ tests
-def test_readme_has_commands_of_every_kind():
-    kinds = {args[0] for _, _, args in COMMANDS if args}
+def test_docs_have_commands_of_every_kind():
+    kinds = {args[0] for _, _, _, args in COMMANDS if args}
     assert {"fit", "validate", "test", "sample", "evaluate", "sweep", "demo"} <= kinds, kinds
-    launchers = {line.split()[0] for _, line, args in COMMANDS if args}
+    launchers = {line.split()[0] for _, _, line, args in COMMANDS if args}
     assert {"diffusion-pl", "torchrun", "srun"} <= launchers, launchers
+    readme_kinds = {args[0] for doc, _, _, args in COMMANDS if args and doc.name == "README.md"}
+    assert {"fit", "sample", "evaluate"} <= readme_kinds, readme_kinds
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=[_id(c) for c in COMMANDS])
-def test_readme_command_parses(command, monkeypatch):
-    number, line, args = command
-    assert args is not None, f"README.md line {number}: cannot tell how this line runs diffusion-pl: {line}"
-    assert args, f"README.md line {number}: diffusion-pl without a command: {line}"
-    assert "$" not in " ".join(args), f"README.md line {number}: unexpanded shell variable in {line}"
-    monkeypatch.chdir(ROOT)  # config paths in the README are relative to the checkout
+def test_doc_command_parses(command, monkeypatch):
+    doc, number, line, args = command
+    where = f"{_name(doc)} line {number}"
+    assert args is not None, f"{where}: cannot tell how this line runs diffusion-pl: {line}"
+    assert args, f"{where}: diffusion-pl without a command: {line}"
+    assert "$" not in " ".join(args), f"{where}: unexpanded shell variable in {line}"
+    monkeypatch.chdir(ROOT)  # config paths in the docs are relative to the checkout
     name, rest = args[0], args[1:]
 
     if name in LIGHTNING_COMMANDS:
-        extra = [] if "--help" in rest or "-h" in rest or "--print_config" in rest else ["--print_config"]
+        asks_help = any(a in ("--help", "-h") or (a.startswith("--") and a.endswith(".help")) for a in rest)
+        extra = [] if asks_help or "--print_config" in rest else ["--print_config"]
         code, out, err = _run_main(args + extra)
-        assert code == 0, f"README.md line {number} does not parse:\n{line}\n{err[-3000:]}"
+        assert code == 0, f"{where} does not parse:\n{line}\n{err[-3000:]}"
         if extra or "--print_config" in rest:
             config = yaml.safe_load(out[out.index("seed_everything") :] if "seed_everything" in out else out)
             assert isinstance(config, dict) and "model" in config and "trainer" in config, out[:500]
@@ -219,37 +237,46 @@ def test_readme_command_parses(command, monkeypatch):
 
     if name in COVERED_BY_DEMO_TESTS and name not in cli.EXTRA_COMMANDS:
         pytest.skip(f"`diffusion-pl {name}` is run by `make demo` and checked by the tests of the demo")
-    assert name in cli.EXTRA_COMMANDS, f"README.md line {number}: unknown command {name!r} in {line}"
+    assert name in cli.EXTRA_COMMANDS, f"{where}: unknown command {name!r} in {line}"
     parser = _command_parser(name)
     err = io.StringIO()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
         try:
             namespace = parser.parse_args(rest)
         except SystemExit as exit_:
-            assert exit_.code in (0, None), f"README.md line {number} does not parse:\n{line}\n{err.getvalue()[-3000:]}"
+            assert exit_.code in (0, None), f"{where} does not parse:\n{line}\n{err.getvalue()[-3000:]}"
             return  # --help
     _check_semantics(name, namespace)
 
 
-def test_mentions_are_commands():
+@pytest.mark.parametrize("doc", DOCS, ids=_name)
+def test_mentions_are_commands(doc):
     """Sanity check of the extraction: every code line naming a diffusion-pl command was extracted as one."""
-    extracted = {number for number, _, _ in COMMANDS}
-    for lang, body, first in code_blocks(TEXT):
+    extracted = {number for d, number, _, _ in COMMANDS if d == doc}
+    for lang, body, first in code_blocks(TEXTS[doc]):
         for number, line in logical_lines(body, first):
             if _MENTION.search(line.split("#", 1)[0]) and lang in ("", "bash", "sh", "shell", "console"):
-                assert number in extracted, f"README.md line {number} was not checked: {line}"
+                assert number in extracted, f"{_name(doc)} line {number} was not checked: {line}"
 
 
-def test_python_examples_run():
-    blocks = [(body, first) for lang, body, first in code_blocks(TEXT) if lang == "python"]
-    assert blocks, "README.md has no Python example"
+PYTHON_DOCS = [doc for doc in DOCS if any(lang == "python" for lang, _, _ in code_blocks(TEXTS[doc]))]
+
+
+@pytest.mark.parametrize("doc", PYTHON_DOCS, ids=_name)
+def test_python_examples_run(doc):
+    """Each doc's ```python blocks run, in order, in one namespace; or the test the doc is mapped to runs them."""
+    if _name(doc) in EXECUTED_ELSEWHERE:
+        runner = ROOT / EXECUTED_ELSEWHERE[_name(doc)]
+        assert runner.is_file() and doc.name in runner.read_text(), f"{runner} does not execute {_name(doc)}"
+        return
     import torch
 
     torch.manual_seed(0)
-    for body, first in blocks:
-        namespace: dict = {}
-        with contextlib.redirect_stdout(io.StringIO()):
-            exec(compile(body, f"README.md:{first}", "exec"), namespace)
+    namespace: dict = {}
+    for lang, body, first in code_blocks(TEXTS[doc]):
+        if lang == "python":
+            with contextlib.redirect_stdout(io.StringIO()):
+                exec(compile(body, f"{_name(doc)}:{first}", "exec"), namespace)
 
 
 def test_python_one_liners_are_valid():
@@ -257,27 +284,28 @@ def test_python_one_liners_are_valid():
     import ast
 
     found = 0
-    for _lang, body, first in code_blocks(TEXT):
-        for number, line in logical_lines(body, first):
-            tokens = shlex.split(line, comments=True) if line.strip() else []
-            if len(tokens) < 3 or not re.fullmatch(r"(.*/)?python3?", tokens[0]) or tokens[1] != "-c":
-                continue
-            found += 1
-            tree = ast.parse(tokens[2], filename=f"README.md:{number}")
-            namespace: dict = {}
-            for node in ast.walk(tree):
-                if isinstance(node, (ast.Import, ast.ImportFrom)):
-                    exec(compile(ast.Module(body=[node], type_ignores=[]), f"README.md:{number}", "exec"), namespace)
-            for node in ast.walk(tree):
-                if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in namespace:
-                    target = namespace[node.func.id]
-                    parameters = inspect.signature(target).parameters
-                    unknown = {k.arg for k in node.keywords} - set(parameters)
-                    assert not unknown, f"README.md line {number}: {node.func.id} has no arguments {sorted(unknown)}"
-    assert found, "README.md has no python -c lines (the ImageNet prepare step)"
+    for doc in DOCS:
+        for _lang, body, first in code_blocks(TEXTS[doc]):
+            for number, line in logical_lines(body, first):
+                tokens = shlex.split(line, comments=True) if line.strip() else []
+                if len(tokens) < 3 or not re.fullmatch(r"(.*/)?python3?", tokens[0]) or tokens[1] != "-c":
+                    continue
+                found += 1
+                where = f"{_name(doc)}:{number}"
+                tree = ast.parse(tokens[2], filename=where)
+                namespace: dict = {}
+                for node in ast.walk(tree):
+                    if isinstance(node, (ast.Import, ast.ImportFrom)):
+                        exec(compile(ast.Module(body=[node], type_ignores=[]), where, "exec"), namespace)
+                for node in ast.walk(tree):
+                    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in namespace:
+                        parameters = inspect.signature(namespace[node.func.id]).parameters
+                        unknown = {k.arg for k in node.keywords} - set(parameters)
+                        assert not unknown, f"{where}: {node.func.id} has no arguments {sorted(unknown)}"
+    assert found, "no doc has a python -c line (the ImageNet prepare step of docs/RECIPES.md)"
 
 
-# ------------------------------------------------------------------------------------------------ config tables
+# ------------------------------------------------------------------------------------------------ reference tables
 def _table_classes():
     from diffusion_pl.data import CIFAR10DataModule, ImageNet64DataModule, MNIST5kDataModule
     from diffusion_pl.lightning import DiffusionModule, GuidedSampler, NoisyClassifierModule
@@ -287,47 +315,53 @@ def _table_classes():
             CIFAR10DataModule, ImageNet64DataModule]  # fmt: skip
 
 
-def _readme_table(class_name: str) -> dict[str, str]:
-    """key -> default cell of the table under the heading `### <class_name>`."""
-    match = re.search(rf"^### {class_name}\b.*?$(.*?)(?=^#)", TEXT + "\n#", flags=re.M | re.S)
-    assert match, f"README.md has no '### {class_name}' section"
-    rows = {}
-    for line in match.group(1).splitlines():
+def _section(doc: Path, heading: str) -> str:
+    """The text under the first heading that starts with `heading` (e.g. '### DiffusionModule'), to the next one."""
+    match = re.search(rf"^{re.escape(heading)}\b.*?$(.*?)(?=^#)", TEXTS[doc] + "\n#", flags=re.M | re.S)
+    assert match, f"{_name(doc)} has no '{heading}' section"
+    return match.group(1)
+
+
+def _table_rows(text: str) -> list[list[str]]:
+    """The cells of the table rows whose first cell is `code`."""
+    rows = []
+    for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) >= 4 and cells[0].startswith("`"):
-            rows[cells[0].strip("`")] = cells[2].strip("`")
+            rows.append(cells)
     return rows
 
 
 def _plain(value):
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, list):
+    if isinstance(value, (tuple, list)):
         return [_plain(v) for v in value]
     return value
 
 
 @pytest.mark.parametrize("cls", _table_classes(), ids=lambda c: c.__name__)
 def test_config_table_matches_signature(cls):
-    rows = _readme_table(cls.__name__)
+    cells = _table_rows(_section(CONFIGURATION, f"### {cls.__name__}"))
+    rows = {row[0].strip("`"): row[2].strip("`") for row in cells}
     parameters = {n: p for n, p in inspect.signature(cls.__init__).parameters.items() if n != "self"}
     assert list(rows) == list(parameters), (
-        f"README table of {cls.__name__} lists {list(rows)}, the constructor takes {list(parameters)}"
+        f"CONFIGURATION.md table of {cls.__name__} lists {list(rows)}, the constructor takes {list(parameters)}"
     )
     for name, parameter in parameters.items():
         shown = yaml.safe_load(rows[name])
         assert shown == _plain(parameter.default), (
-            f"{cls.__name__}.{name}: README says {rows[name]!r}, code {parameter.default!r}"
+            f"{cls.__name__}.{name}: CONFIGURATION.md says {rows[name]!r}, code {parameter.default!r}"
         )
 
 
-def test_listed_presets_are_the_released_configs():
+def test_published_presets_are_the_released_configs_with_their_parameter_counts():
     from diffusion_pl.models import RELEASED_CONFIGS
 
-    match = re.search(r"`--arch` names a released\s+configuration \(([^)]*)\)", TEXT)
-    assert match, "README.md no longer lists the --arch presets"
-    listed = re.findall(r"`([\w]+)`", match.group(1))
-    assert listed == list(RELEASED_CONFIGS), f"README lists {listed}, the code has {list(RELEASED_CONFIGS)}"
+    rows = _table_rows(_section(PUBLISHED, "## Released networks"))
+    listed = {cells[0].strip("`"): int(cells[-1].replace(",", "")) for cells in rows}
+    assert list(listed) == list(RELEASED_CONFIGS), f"PUBLISHED.md lists {list(listed)}, code {list(RELEASED_CONFIGS)}"
+    for name, count in listed.items():
+        expected = RELEASED_CONFIGS[name][2]
+        assert count == expected, f"PUBLISHED.md: {name} has {count:,} parameters, the code {expected:,}"
 
 
 # ------------------------------------------------------------------------------------------------ links
@@ -337,18 +371,47 @@ def _anchor(heading: str) -> str:
     return text.replace(" ", "-")
 
 
-def test_local_links_and_anchors_resolve():
-    anchors = {_anchor(h) for h in re.findall(r"^#+ (.+)$", TEXT, flags=re.M)}
-    for target in re.findall(r"\]\(([^)\s]+)\)", TEXT):
+def _anchors(path: Path) -> set[str]:
+    text = TEXTS[path] if path in TEXTS else path.read_text()
+    return {_anchor(h) for h in re.findall(r"^#+ (.+)$", text, flags=re.M)}
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=_name)
+def test_local_links_and_anchors_resolve(doc):
+    text = TEXTS[doc]
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
         if target.startswith(("http://", "https://")):
             continue
-        if target.startswith("#"):
-            assert target[1:] in anchors, f"README.md links to #{target[1:]}, no such heading ({sorted(anchors)})"
+        path, _, anchor = target.partition("#")
+        linked = (doc.parent / path).resolve() if path else doc
+        assert linked.exists(), f"{_name(doc)} links to {path}, which does not exist"
+        if anchor and linked.suffix == ".md":
+            assert anchor in _anchors(linked), f"{_name(doc)} links to {target}: no such heading in {linked.name}"
+    for config in set(re.findall(r"configs/[\w.]+\.yaml", text)):
+        assert (ROOT / config).is_file(), f"{_name(doc)} names {config}, which does not exist"
+
+
+def _repository_files() -> list[Path]:
+    """What users and maintainers read: docs, configs, the package, benchmarks, the build files (not test data)."""
+    files = [*DOCS, ROOT / "BENCHMARKS.md", ROOT / "Makefile", ROOT / "pyproject.toml"]
+    for folder, pattern in (("diffusion_pl", "*.py"), ("configs", "*.yaml"), ("benchmarks", "*"), ("tests", "*.py")):
+        files += [p for p in sorted((ROOT / folder).rglob(pattern)) if p.is_file() and "__pycache__" not in p.parts]
+    return files
+
+
+def test_no_file_points_outside_the_repository():
+    """Every Markdown file a doc or source file names is in the repository, and none points at a folder beside it."""
+    markdown = {p.name for p in ROOT.rglob("*.md") if ".venv" not in p.parts}
+    for path in _repository_files():
+        if path == Path(__file__).resolve():
             continue
-        path = target.split("#", 1)[0]
-        assert (ROOT / path).exists(), f"README.md links to {path}, which does not exist"
-    for config in set(re.findall(r"configs/[\w.]+\.yaml", TEXT)):
-        assert (ROOT / config).is_file(), f"README.md names {config}, which does not exist"
+        text = path.read_text(errors="replace")
+        where = path.relative_to(ROOT).as_posix()
+        assert "../shared" not in text, f"{where} points at ../shared, which is not part of the repository"
+        if path.parent.name == "tests" or "tests" in path.relative_to(ROOT).parts:
+            continue  # tests name temporary .md files they write
+        for name in re.findall(r"(?<![\w/.-])([\w.-]+/)*([\w-]+\.md)\b", text):
+            assert name[1] in markdown, f"{where} names {name[1]}, which is not in the repository"
 
 
 def test_troubleshooting_names_tests_that_exist():

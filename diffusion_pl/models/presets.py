@@ -1,4 +1,4 @@
-"""Released OpenAI configurations as constructor keyword arguments (REFERENCE.md, "Released configurations").
+"""Released OpenAI configurations as constructor keyword arguments (docs/PUBLISHED.md, "Released networks").
 
 ``released_config(name)`` returns ``(model_class, kwargs)``; ``build_released(name, device=...)`` constructs it.
 The parameter counts are those measured with the reference code and are checked by the tests.
