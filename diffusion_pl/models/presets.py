@@ -7,6 +7,7 @@ The parameter counts are those measured with the reference code and are checked 
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 
 import torch
 
@@ -56,13 +57,5 @@ def build_released(name: str, device: torch.device | str | None = None, **overri
     """Construct a released configuration (optionally on ``device="meta"`` to count parameters without memory)."""
     cls, kwargs = released_config(name)
     kwargs.update(overrides)
-    with torch.device(device) if device is not None else _nullcontext():
+    with torch.device(device) if device is not None else nullcontext():
         return cls(**kwargs)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

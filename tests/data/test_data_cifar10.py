@@ -1,5 +1,7 @@
-"""CIFAR10DataModule on tiny batches written by the test in the real pickle format."""
+"""CIFAR10DataModule on tiny batches written by the test in the real pickle format (read by torchvision's CIFAR10,
+whose MD5 checksums are set to those of the written files)."""
 
+import hashlib
 import pickle
 from pathlib import Path
 
@@ -15,7 +17,8 @@ NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse"
 
 
 def _write_cifar(root, seed=0):
-    """Write cifar-10-batches-py like the real archive: dicts with bytes keys, data uint8 (N, 3072) R|G|B planes."""
+    """Write cifar-10-batches-py like the real archive: dicts, data uint8 (N, 3072) R|G|B planes. The archive was
+    pickled by Python 2, whose str keys and names torchvision reads back (encoding="latin1") as str: written as str."""
     rng = np.random.default_rng(seed)
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
@@ -24,24 +27,39 @@ def _write_cifar(root, seed=0):
         data = rng.integers(0, 256, size=(N_PER_BATCH, 3072), dtype=np.uint8)
         labels = rng.integers(0, 10, size=N_PER_BATCH).tolist()
         entry = {
-            b"batch_label": name.encode(),
-            b"labels": labels,
-            b"data": data,
-            b"filenames": [f"{name}_{i}.png".encode() for i in range(N_PER_BATCH)],
+            "batch_label": name,
+            "labels": labels,
+            "data": data,
+            "filenames": [f"{name}_{i}.png" for i in range(N_PER_BATCH)],
         }
         with open(folder / name, "wb") as f:
             pickle.dump(entry, f)
         written[name] = (data, labels)
     with open(folder / "batches.meta", "wb") as f:
-        pickle.dump(
-            {b"num_cases_per_batch": N_PER_BATCH, b"label_names": [n.encode() for n in NAMES], b"num_vis": 3072}, f
-        )
+        pickle.dump({"num_cases_per_batch": N_PER_BATCH, "label_names": NAMES, "num_vis": 3072}, f)
     return written
 
 
+def _md5(path):
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def _use_checksums_of(folder, monkeypatch):
+    """torchvision's CIFAR10 verifies each file's MD5: make it expect those of the files in ``folder`` (None: any)."""
+    from torchvision.datasets import CIFAR10
+
+    def md5(name):
+        return None if folder is None else _md5(folder / name)
+
+    monkeypatch.setattr(CIFAR10, "train_list", [[n, md5(n)] for n, _ in CIFAR10.train_list])
+    monkeypatch.setattr(CIFAR10, "test_list", [[n, md5(n)] for n, _ in CIFAR10.test_list])
+    monkeypatch.setattr(CIFAR10, "meta", dict(CIFAR10.meta, md5=md5("batches.meta")))
+
+
 @pytest.fixture
-def cifar_root(tmp_path):
+def cifar_root(tmp_path, monkeypatch):
     written = _write_cifar(tmp_path)
+    _use_checksums_of(tmp_path / "cifar-10-batches-py", monkeypatch)
     return tmp_path, written
 
 
@@ -57,7 +75,7 @@ def test_round_trip_pixels_and_channel_order(cifar_root):
     dm.prepare_data()
     dm.setup("fit")
     assert dm.class_names == NAMES
-    assert len(dm.train_dataset) == 5 * N_PER_BATCH and len(dm.test_dataset) == N_PER_BATCH
+    assert len(dm.train_dataset) == 5 * N_PER_BATCH and len(dm.val_dataset) == N_PER_BATCH
     data, labels = written["data_batch_2"]
     for k in (0, 7, 19):
         x, y = dm.train_dataset[N_PER_BATCH + k]
@@ -68,7 +86,7 @@ def test_round_trip_pixels_and_channel_order(cifar_root):
         assert torch.equal(pixels, torch.from_numpy(data[k].reshape(3, 32, 32)))
         assert pixels[1, 0, 5].item() == data[k][1024 + 5]  # green, row 0, column 5
         assert pixels[2, 3, 0].item() == data[k][2048 + 3 * 32]  # blue, row 3, column 0
-    xt, yt = dm.test_dataset[4]
+    xt, yt = dm.val_dataset[4]
     tdata, tlabels = written["test_batch"]
     assert torch.equal(to_uint8(xt[None])[0], torch.from_numpy(tdata[4].reshape(3, 32, 32)))
     assert yt.item() == tlabels[4]
@@ -114,7 +132,7 @@ def test_random_flip(cifar_root):
     assert seen == {"same", "flipped"}
     # evaluation split never flips
     test0 = torch.from_numpy(written["test_batch"][0][0].reshape(3, 32, 32))
-    assert all(torch.equal(to_uint8(dm.test_dataset[0][0][None])[0], test0) for _ in range(20))
+    assert all(torch.equal(to_uint8(dm.val_dataset[0][0][None])[0], test0) for _ in range(20))
 
 
 def test_missing_dir_error(tmp_path):
@@ -134,7 +152,7 @@ def test_partial_and_corrupt_files(cifar_root):
     with pytest.raises(FileNotFoundError, match=r"\['data_batch_3'\]"):
         CIFAR10DataModule(data_dir=str(root)).setup("fit")
     (root / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"not a pickle")
-    with pytest.raises(ValueError, match="data_batch_3"):
+    with pytest.raises(ValueError, match=r"\['data_batch_3'\] in .* are not the files of cifar-10-python.tar.gz"):
         CIFAR10DataModule(data_dir=str(root)).setup("fit")
 
 
@@ -142,24 +160,23 @@ def test_download_lands_atomically_even_when_nodes_race(tmp_path, monkeypatch):
     """download=True: torchvision's download goes to a temporary folder renamed into place when complete. Two nodes
     downloading into the same (shared) data_dir: B finishes while A is still downloading; A's copy is discarded;
     data_dir never holds a partial cifar-10-batches-py and no temporary folder is left."""
-    import torchvision.datasets
+    from torchvision.datasets import CIFAR10
 
     data_dir = tmp_path / "shared"
     events = []
 
-    class FakeCIFAR10:  # torchvision.datasets.CIFAR10 without network: writes the archive's extracted files
-        def __init__(self, root, train=True, download=False):
-            assert download and train
-            node = "A" if not events else "B"
-            events.append(f"{node} downloading")
-            if node == "A":
-                assert not (data_dir / "cifar-10-batches-py").exists()  # nothing visible while A downloads
-                CIFAR10DataModule(data_dir=str(data_dir), download=True).prepare_data()  # node B meanwhile
-                events.append("B done")
-            _write_cifar(Path(root), seed=0 if node == "B" else 1)
-            events.append(f"{node} extracted")
+    def fake_download(self):  # CIFAR10.download without network: writes the archive's extracted files
+        node = "A" if not events else "B"
+        events.append(f"{node} downloading")
+        if node == "A":
+            assert not (data_dir / "cifar-10-batches-py").exists()  # nothing visible while A downloads
+            CIFAR10DataModule(data_dir=str(data_dir), download=True).prepare_data()  # node B meanwhile
+            events.append("B done")
+        _write_cifar(Path(self.root), seed=0 if node == "B" else 1)
+        events.append(f"{node} extracted")
 
-    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
+    monkeypatch.setattr(CIFAR10, "download", fake_download)
+    _use_checksums_of(None, monkeypatch)  # the two nodes' copies differ
     dm = CIFAR10DataModule(data_dir=str(data_dir), download=True, num_workers=0)
     dm.prepare_data()
     assert events == ["A downloading", "B downloading", "B extracted", "B done", "A extracted"]
