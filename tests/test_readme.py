@@ -1,6 +1,7 @@
 """The user documentation stays true: README.md and every docs/*.md.
 
-* Every command in their code blocks (and every complete inline one) parses against the real CLI.
+* Every command in their code blocks (fenced, or indented shell lines) and every complete inline one parses against
+  the real CLI.
 * Their `python -c` lines compile and call existing arguments; Python blocks run (here, or in the test a doc names).
 * docs/CONFIGURATION.md's tables list exactly the constructor arguments (and defaults) of the classes;
   docs/PUBLISHED.md's preset table lists exactly the released configurations with their parameter counts.
@@ -47,23 +48,45 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test")
 COVERED_BY_DEMO_TESTS = ("demo",)
 
 _COMMAND_WORDS = "fit|validate|test|sample|evaluate|sweep|demo"
-_MENTION = re.compile(rf"(?:\bdiffusion-pl|\bdiffusion_pl\.cli)\s+(?:{_COMMAND_WORDS})\b")
+# "diffusion-pl fit ..." but not a message it prints ("diffusion-pl fit: error: ...")
+_MENTION = re.compile(rf"(?:\bdiffusion-pl|\bdiffusion_pl\.cli)\s+(?:{_COMMAND_WORDS})\b(?!:)")
 _ENV = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 
 
 # ------------------------------------------------------------------------------------------------ extraction
+_PROGRAMS = ("diffusion-pl", "python", "python3", "torchrun", "srun", "make", "pip")
+
+
+def _indented_command(lines: list[str], i: int) -> int:
+    """Indentation of an indented code block of shell commands starting at line i (after a blank line), else 0."""
+    indent = len(lines[i]) - len(lines[i].lstrip(" "))
+    first = lines[i].split(maxsplit=1)[0] if lines[i].strip() else ""
+    if indent < 4 or (i > 0 and lines[i - 1].strip()) or first.rsplit("/", 1)[-1] not in _PROGRAMS:
+        return 0
+    return indent
+
+
 def code_blocks(text: str) -> list[tuple[str, str, int]]:
-    """(language, body, line number of the first body line) of every fenced block."""
+    """(language, body, line number of the first body line) of every fenced block, and of every indented block of
+    shell commands (language "")."""
     blocks, lines, i = [], text.splitlines(), 0
     while i < len(lines):
-        match = re.match(r"^```(\w*)\s*$", lines[i])
+        match = re.match(r"^\s*```(\w*)\s*$", lines[i])
+        indent = 0 if match else _indented_command(lines, i)
         if match:
             start, body = i + 1, []
             i += 1
-            while i < len(lines) and not lines[i].startswith("```"):
+            while i < len(lines) and not lines[i].strip().startswith("```"):
                 body.append(lines[i])
                 i += 1
             blocks.append((match.group(1), "\n".join(body), start + 1))
+        elif indent:
+            start, body = i, []
+            while i < len(lines) and lines[i].strip() and len(lines[i]) - len(lines[i].lstrip(" ")) >= indent:
+                body.append(lines[i][indent:])
+                i += 1
+            blocks.append(("", "\n".join(body), start + 1))
+            continue
         i += 1
     return blocks
 
@@ -140,6 +163,8 @@ def doc_commands(text: str) -> list[tuple[int, str, list[str]]]:
             continue
         for number, line in logical_lines(body, first):
             args = diffusion_pl_args(line)
+            if args and args[0].endswith(":"):
+                continue  # a message diffusion-pl prints, not a command
             if args is not None:
                 commands.append((number, line.strip(), args))
             elif _MENTION.search(line.split("#", 1)[0]):
