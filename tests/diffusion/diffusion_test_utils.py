@@ -1,10 +1,11 @@
 """Shared helpers for tests/diffusion: a deterministic toy model and the reference (oracle) process builder.
 
-The oracle is the PyPI package guided-diffusion-sdk 1.0.0 (import name ``guided_diffusion``). Diffed against
-openai/guided-diffusion (gaussian_diffusion, respace, resample, losses, nn, unet, script_util), it is the real source
-plus additions; the maths used by these tests is identical (respace, resample, losses, script_util byte-identical;
-schedules, q_*, p_mean_variance, condition_mean/score, p_sample, _vb_terms_bpd, training_losses, calc_bpd_loop
-identical). Behaviour that differs from openai/guided-diffusion:
+The oracle is the PyPI package guided-diffusion-sdk 1.0.0 (import name ``guided_diffusion``; a community fork of
+openai/guided-diffusion, installed by `make test` from tests/oracle-requirements.txt, which says what it is). Diffed
+against openai/guided-diffusion (gaussian_diffusion, respace, resample, losses, nn, unet, script_util), it is the real
+source plus additions; the maths used by these tests is identical (respace, resample, losses, script_util
+byte-identical; schedules, q_*, p_mean_variance, condition_mean/score, p_sample, _vb_terms_bpd, training_losses,
+calc_bpd_loop identical). Behaviour that differs from openai/guided-diffusion:
   * ``ddim_sample`` with a ``cond_fn`` returns the UNGUIDED ``pred_xstart`` (the sample itself is the same): tests
     rebuild the upstream value from ``p_mean_variance`` + ``condition_score``;
   * extra sampling options and methods (``skip_timesteps``, ``init_image``, ``randomize_class``,
