@@ -274,6 +274,37 @@ def test_doc_command_parses(command, monkeypatch):
     _check_semantics(name, namespace)
 
 
+def _make_commands() -> list[tuple[str, list[str]]]:
+    """(where, tokens after `make`) of every `make TARGET ...` in a code block or inline code of the docs."""
+    found = []
+    for doc in DOCS:
+        spans = [line for _, body, first in code_blocks(TEXTS[doc]) for _, line in logical_lines(body, first)]
+        spans += re.findall(r"`(make [^`]+)`", TEXTS[doc])
+        for span in spans:
+            tokens = shlex.split(span, comments=True) if span.strip() else []
+            if tokens[:1] == ["make"] and len(tokens) > 1:
+                found.append((f"{_name(doc)}: {span.strip()}", tokens[1:]))
+    return found
+
+
+def test_make_lines_name_real_targets_and_options():
+    """`make demo DEMO_OUT=... DEMO_ARGS="..."` in the docs: the target exists, the variables are the Makefile's and
+    DEMO_ARGS are options `diffusion-pl demo` accepts."""
+    makefile = (ROOT / "Makefile").read_text()
+    targets = set(re.findall(r"^([\w.-]+):", makefile, flags=re.M))
+    commands = _make_commands()
+    assert any(tokens[0] == "demo" for _, tokens in commands) and any(tokens[0] == "test" for _, tokens in commands)
+    for where, tokens in commands:
+        names = [t for t in tokens if "=" not in t]
+        assert names and set(names) <= targets, f"{where}: no such make target (the Makefile has {sorted(targets)})"
+        for variable, _, value in (t.partition("=") for t in tokens if "=" in t):
+            assert f"$({variable})" in makefile, f"{where}: the Makefile does not use {variable}"
+            if variable == "DEMO_ARGS":
+                parser = _command_parser("demo")
+                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                    parser.parse_args(["--out_dir", "x", *shlex.split(value)])
+
+
 @pytest.mark.parametrize("doc", DOCS, ids=_name)
 def test_mentions_are_commands(doc):
     """Sanity check of the extraction: every code line naming a diffusion-pl command was extracted as one."""
