@@ -243,9 +243,30 @@ def test_doc_command_parses(command, monkeypatch):
     doc, number, line, args = command
     where = f"{_name(doc)} line {number}"
     assert args is not None, f"{where}: cannot tell how this line runs diffusion-pl: {line}"
+    monkeypatch.chdir(ROOT)  # config paths in the docs are relative to the checkout
+    _check_command(where, line, args)
+
+
+_HELP_EXAMPLE = re.compile(rf"\bdiffusion-pl\s+(?:{_COMMAND_WORDS})\b(?!:)[^`)\n]*")
+
+
+@pytest.mark.parametrize("command", [None, *LIGHTNING_COMMANDS, "sample", "evaluate", "sweep", "demo"])
+def test_commands_shown_in_help_texts_parse(command, monkeypatch):
+    """The examples `diffusion-pl --help` and each command's --help show (e.g. "(diffusion-pl fit --config ...)")."""
+    code, out, err = _run_main(["--help"] if command is None else [command, "--help"])
+    assert code == 0 and out.strip(), f"diffusion-pl {command or ''} --help failed:\n{err[-2000:]}"
+    monkeypatch.chdir(ROOT)
+    examples = [e for line in out.splitlines() if not line.lstrip().startswith("usage:")
+                for e in _HELP_EXAMPLE.findall(line)]  # fmt: skip
+    for example in examples:
+        args = diffusion_pl_args(example.strip())
+        _check_command(f"`diffusion-pl {command or ''} --help`", example, args)
+
+
+def _check_command(where: str, line: str, args: list[str]) -> None:
+    """Parse one diffusion-pl command line against the real CLI without running it (see the module docstring)."""
     assert args, f"{where}: diffusion-pl without a command: {line}"
     assert "$" not in " ".join(args), f"{where}: unexpanded shell variable in {line}"
-    monkeypatch.chdir(ROOT)  # config paths in the docs are relative to the checkout
     name, rest = args[0], args[1:]
 
     if name in LIGHTNING_COMMANDS:
