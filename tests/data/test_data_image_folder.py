@@ -24,14 +24,19 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def reference():
-    """guided_diffusion.image_datasets (the oracle package); its MPI import is not needed by the resize functions."""
-    saved = sys.modules.get("mpi4py")
-    sys.modules["mpi4py"] = types.SimpleNamespace(MPI=None)
+    """guided_diffusion.image_datasets (the oracle package); its mpi4py and blobfile imports are not needed by the
+    resize functions (and not installed: `make test` installs the oracle without its dependencies)."""
+    stubs = {"mpi4py": types.SimpleNamespace(MPI=None), "blobfile": types.SimpleNamespace()}
+    saved = {name: sys.modules.get(name) for name in stubs}
+    sys.modules.update(stubs)
     try:
         from guided_diffusion import image_datasets
     finally:
-        if saved is None:
-            del sys.modules["mpi4py"]
+        for name, module in saved.items():
+            if module is None:
+                del sys.modules[name]
+            else:
+                sys.modules[name] = module
     return image_datasets
 
 
