@@ -27,6 +27,7 @@ from diffusion_pl.lightning.common import (
     reseed_for_epoch,
     reseed_for_step,
 )
+from diffusion_pl.lightning.init_weights import init_network_from
 from diffusion_pl.models import EncoderUNetModel
 from diffusion_pl.utils.device import prepare_device
 
@@ -40,12 +41,15 @@ class NoisyClassifierModule(L.LightningModule):
     rescale_timesteps must match the diffusion model to be guided. t ~ Uniform{t_min, ..., t_max - 1}
     (t_max None = steps). Optimiser: AdamW(lr, betas, weight_decay), linear warm-up, optional linear decay to 0 at
     trainer.max_steps (anneal_lr, as ADM's classifier recipe). Validation noises with fixed per-batch noise.
+    init_from: a NoisyClassifierModule checkpoint or a released OpenAI classifier .pt whose weights initialise the
+    network (weights only; another class count re-initialises the output layer, see lightning/init_weights.py).
     Resuming (``--ckpt_path``) may change the RESUME_CHANGEABLE_HPARAMS (training settings; a changed lr, betas or
     weight_decay is applied to the restored optimizer); the other arguments must equal the checkpoint's.
     """
 
     RESUME_CHANGEABLE_HPARAMS = frozenset({
         "dropout", "use_checkpoint", "t_min", "t_max", "lr", "weight_decay", "betas", "warmup_steps", "anneal_lr",
+        "init_from",
     })  # fmt: skip
 
     def __init__(
@@ -80,6 +84,8 @@ class NoisyClassifierModule(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 0,
         anneal_lr: bool = False,
+        # --- starting point ---
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -113,8 +119,16 @@ class NoisyClassifierModule(L.LightningModule):
             norm_groups=norm_groups,
             pool=pool,
         )
+        if init_from is not None and not self.classifier.input_conv.weight.is_meta:
+            init_network_from(self.classifier, init_from, "NoisyClassifierModule", self.hparams)
         self.t_min, self.t_max = t_min, upper
         self.seed = base_seed()
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> NoisyClassifierModule:
+        """Lightning's load_from_checkpoint without reading ``init_from`` again (the checkpoint has the weights)."""
+        kwargs.setdefault("init_from", None)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Float32 logits [N, out_channels] of x_t at timesteps t as the diffusion model sees them (rescaled if set).

@@ -31,6 +31,7 @@ from diffusion_pl.lightning.common import (
     reseed_for_epoch,
     reseed_for_step,
 )
+from diffusion_pl.lightning.init_weights import init_network_from
 from diffusion_pl.models import UNetModel
 from diffusion_pl.sampling.engine import check_respacing
 from diffusion_pl.utils.device import prepare_device
@@ -54,13 +55,17 @@ class DiffusionModule(L.LightningModule):
     Validation: the loss on the validation split with fixed noise and timesteps per batch (EMA weights when
     EMAWeightAveraging is a callback); with val_bpd_batches > 0, also bits/dim on that many batches with the
     full process (val_bpd_respacing "") or a respaced one (e.g. "100", faster, a looser bound).
+    Starting point: init_from, a DiffusionModule checkpoint or a released OpenAI U-Net .pt whose weights initialise
+    the network (weights only: optimizer, schedule and step count start fresh; lightning/init_weights.py lists the
+    class-embedding adaptations: null class added, other class count, conditional -> unconditional). The file is read
+    when the module is built, so EMAWeightAveraging starts from these weights; load_from_checkpoint does not read it.
     Resuming (``--ckpt_path``) may change the RESUME_CHANGEABLE_HPARAMS (training settings; a changed lr, betas or
     weight_decay is applied to the restored optimizer); the other arguments must equal the checkpoint's.
     """
 
     RESUME_CHANGEABLE_HPARAMS = frozenset({
         "dropout", "use_checkpoint", "p_uncond", "loss_type", "rescale_learned_sigmas", "lr", "weight_decay", "betas",
-        "warmup_steps", "anneal_lr", "val_bpd_batches", "val_bpd_respacing", "val_clip_denoised",
+        "warmup_steps", "anneal_lr", "val_bpd_batches", "val_bpd_respacing", "val_clip_denoised", "init_from",
     })  # fmt: skip
 
     def __init__(
@@ -106,6 +111,8 @@ class DiffusionModule(L.LightningModule):
         val_bpd_batches: int = 0,
         val_bpd_respacing: str = "",
         val_clip_denoised: bool = True,
+        # --- starting point ---
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -155,9 +162,17 @@ class DiffusionModule(L.LightningModule):
             norm_groups=norm_groups,
             learn_sigma=self.diffusion.learns_variance,
         )
+        if init_from is not None and not self.unet.input_conv.weight.is_meta:
+            init_network_from(self.unet, init_from, "DiffusionModule", self.hparams)
         self.seed = base_seed()
         self._last_batch_start: float | None = None
         self._final_raw_state: dict[str, torch.Tensor] | None = None
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> DiffusionModule:
+        """Lightning's load_from_checkpoint without reading ``init_from`` again (the checkpoint has the weights)."""
+        kwargs.setdefault("init_from", None)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     # ------------------------------------------------------------------------------------------------ model
     @property

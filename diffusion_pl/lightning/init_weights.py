@@ -1,0 +1,131 @@
+"""Starting a training run from weights (``init_from``): a diffusion-pl checkpoint or a released OpenAI ``.pt``.
+
+Weights only: the optimizer, the lr schedule and the step count start fresh. Everything must fit exactly (keys,
+shapes and, for diffusion-pl checkpoints, the settings that change what a network with the same shapes computes),
+except the class-dependent tensors, which are adapted and the adaptation logged:
+
+    model                         checkpoint                   class tensor(s)
+    K classes + null class        K classes, no null class     K rows copied, the null row initialised at random
+    K classes, no null class      K classes + null class       K rows copied, the null row dropped
+    K classes                     another class count          initialised at random (warned)
+    unconditional                 class-conditional            the class embedding is not used (warned)
+    class-conditional             unconditional                initialised at random (warned)
+    classifier with K outputs     another output count         the output layer initialised at random (warned)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from diffusion_pl.errors import UserInputError
+from diffusion_pl.lightning.checkpoints import checkpoint_kind, describe_kind, read_checkpoint, state_dict_problems
+from diffusion_pl.models import EncoderUNetModel, UNetModel, export_openai_state_dict, load_openai_state_dict
+from diffusion_pl.models.openai_checkpoint import OpenAICheckpointError, openai_key_map
+
+OPTION = "init_from"
+#: per module kind: (attribute of the network, prefix of its keys in a diffusion-pl checkpoint, OpenAI kind)
+NETWORKS = {"DiffusionModule": ("unet", "unet.", "openai-unet"),
+            "NoisyClassifierModule": ("classifier", "classifier.", "openai-classifier")}  # fmt: skip
+#: settings that change what a network of the same shapes computes (checked for diffusion-pl checkpoints)
+FUNCTION_HPARAMS = ("num_heads", "num_head_channels", "num_heads_upsample", "use_new_attention_order", "norm_groups",
+                    "mean_type", "var_type", "rescale_timesteps", "pool")  # fmt: skip
+
+
+def class_keys(network: torch.nn.Module) -> list[str]:
+    """Our keys of the tensors whose first dimension is the class count: the U-Net's class embedding, or the
+    classifier's output layer."""
+    own = network.state_dict()
+    if isinstance(network, UNetModel):
+        return ["class_embed.weight"] if "class_embed.weight" in own else []
+    head = "head.proj" if "head.proj.weight" in own else "head"
+    return [k for k in (f"{head}.weight", f"{head}.bias") if k in own]
+
+
+def adapt_class_tensors(source: dict[str, torch.Tensor], own: Mapping[str, torch.Tensor], keys: list[str],
+                        model_null: bool, source_null: bool, name: str) -> None:  # fmt: skip
+    """Make the class-dependent tensors ``keys`` of ``source`` fit the model's (``own``, in the same layout), in
+    place, as the module docstring's table says; logs what it did."""
+    if not keys:  # an unconditional U-Net: a class embedding in the checkpoint is not used
+        for k in [k for k in ("class_embed.weight", "label_emb.weight") if k in source]:
+            rank_zero_warn(f"{name}: the model is unconditional; the checkpoint's class embedding {k} "
+                           f"({source.pop(k).shape[0]} rows) is not used")  # fmt: skip
+        return
+    for key in keys:
+        mine = own[key]
+        if key not in source:
+            rank_zero_warn(f"{name}: the checkpoint is unconditional; {key} {tuple(mine.shape)} initialised at random")
+            source[key] = mine.clone()
+            continue
+        found = source[key]
+        if found.shape[1:] != mine.shape[1:]:  # not a class-count difference: the shape check lists it
+            continue
+        rows, want = found.shape[0], mine.shape[0]
+        classes, wanted = rows - int(source_null), want - int(model_null)
+        if classes == wanted and rows < want:
+            source[key] = torch.cat([found.to(mine.dtype), mine[rows:]])
+            rank_zero_info(f"{name}: added the null class (label {rows}) to the checkpoint's {rows} classes; its "
+                           "embedding is initialised at random (fine-tune with p_uncond > 0 for classifier-free "
+                           "guidance)")  # fmt: skip
+        elif classes == wanted and rows > want:
+            source[key] = found[:want]
+            rank_zero_info(f"{name}: the checkpoint's null class (label {want}) is not used")
+        elif rows != want or classes != wanted:
+            source[key] = mine.clone()
+            rank_zero_warn(f"{name}: the checkpoint has {classes} classes in {key}, the model {wanted}: {key} is "
+                           "initialised at random")  # fmt: skip
+
+
+def _check_settings(checkpoint: Mapping, hparams: Mapping, path: str, name: str) -> None:
+    saved = checkpoint.get("hyper_parameters") or {}
+    differing = [f"{k}: checkpoint {saved[k]!r} vs model {hparams[k]!r}" for k in FUNCTION_HPARAMS
+                 if k in saved and k in hparams and saved[k] != hparams[k]]  # fmt: skip
+    if differing:
+        raise UserInputError(
+            f"{name}: {OPTION} {path} was trained with other network settings: {'; '.join(differing)}. "
+            "Use the checkpoint's values (its run's config.yaml)"
+        )
+
+
+def init_network_from(network: UNetModel | EncoderUNetModel, path: str, module_kind: str,
+                      hparams: Mapping) -> None:  # fmt: skip
+    """Load the weights of ``path`` into ``network`` (in place) as the module docstring says, or raise a
+    UserInputError listing what does not fit."""
+    name = f"{module_kind}.{OPTION}"
+    checkpoint = read_checkpoint(path, f"model.init_args.{OPTION}")
+    kind = checkpoint_kind(checkpoint)
+    _, prefix, openai_kind = NETWORKS[module_kind]
+    own = network.state_dict()
+    model_null = bool(hparams.get("null_class", False))
+    if kind == module_kind:
+        _check_settings(checkpoint, hparams, path, name)
+        source = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+        source_null = bool((checkpoint.get("hyper_parameters") or {}).get("null_class", False))
+        adapt_class_tensors(source, own, class_keys(network), model_null, source_null, name)
+        problems = state_dict_problems(source, own)
+        if problems:
+            raise UserInputError(
+                f"{name}: {path} does not fit this {module_kind} (keys and shapes):\n  "
+                + "\n  ".join(problems[:12])
+                + (f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else "")
+                + "\nBuild the model with the checkpoint's settings (its run's config.yaml)"
+            )
+        network.load_state_dict(source)
+    elif kind == openai_kind:
+        source = dict(checkpoint)
+        try:
+            reference_own = export_openai_state_dict(network)  # refuses norm_groups != 32 (the reference's)
+            keys = [openai_key_map(network)[k][0] for k in class_keys(network)]
+            adapt_class_tensors(source, reference_own, keys, model_null, False, name)
+            load_openai_state_dict(network, source, strict=True, max_listed=12)
+        except OpenAICheckpointError as err:
+            raise OpenAICheckpointError(f"{name}: {path}: {err}") from None
+    else:
+        raise UserInputError(
+            f"{name}: {path} is {describe_kind(kind, checkpoint)}; {module_kind}.{OPTION} takes a {module_kind} "
+            f"checkpoint of diffusion-pl or a released OpenAI {openai_kind.split('-')[1]} .pt"
+        )
+    rank_zero_info(f"{module_kind}: network initialised from {path} (weights only; optimizer, schedule and step "
+                   "count start fresh)")  # fmt: skip

@@ -1,0 +1,208 @@
+"""init_from: a network initialised from a released-layout (OpenAI) state dict computes what the reference network
+computes; class-embedding adaptations; mismatches listed; diffusion-pl checkpoints; EMA starts from the loaded
+weights; a fine-tuning run on an image folder, interrupted and resumed, ends where the uninterrupted one ends."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, ModelCheckpoint
+from lit_helpers import TinyDataModule, tiny_classifier_kwargs, tiny_diffusion_kwargs, trainer_kwargs
+from PIL import Image
+
+from diffusion_pl.data import ImageFolderDataModule
+from diffusion_pl.lightning import DiffusionModule, NoisyClassifierModule
+from diffusion_pl.models import export_openai_state_dict
+
+ref_unet = pytest.importorskip("guided_diffusion.unet")
+
+NET = dict(image_size=16, in_channels=3, model_channels=32, num_res_blocks=1, channel_mult=(1, 2),
+           attention_resolutions=(8,), num_heads=2, use_scale_shift_norm=True, resblock_updown=True)  # fmt: skip
+
+
+def _randomize(module, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return module
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """A class-conditional reference U-Net (4 classes, learned sigma) with random weights, saved as a released .pt."""
+    ref = ref_unet.UNetModel(
+        image_size=16, in_channels=3, model_channels=32, out_channels=6, num_res_blocks=1, attention_resolutions=(2,),
+        channel_mult=(1, 2), num_classes=4, num_heads=2, use_scale_shift_norm=True, resblock_updown=True,
+    )  # fmt: skip
+    _randomize(ref).eval()
+    path = tmp_path_factory.mktemp("openai") / "ref.pt"
+    torch.save(ref.state_dict(), path)
+    return ref, str(path)
+
+
+def _module(path, **overrides):
+    kwargs = dict(NET, class_cond=True, num_classes=4, steps=10, init_from=path)
+    kwargs.update(overrides)
+    return DiffusionModule(**kwargs).eval()
+
+
+def test_network_output_equals_the_reference(reference):
+    ref, path = reference
+    module = _module(path)
+    g = torch.Generator().manual_seed(1)
+    x, t, y = torch.randn(3, 3, 16, 16, generator=g), torch.tensor([0, 4, 9]), torch.tensor([0, 3, 1])
+    with torch.no_grad():
+        torch.testing.assert_close(module(x, t, y), ref(x, t, y), rtol=1e-5, atol=1e-5)
+    assert module.hparams.init_from == path
+
+
+def _others_equal(module, ref, skip=("label_emb.weight",)):
+    exported = export_openai_state_dict(module.unet)
+    return all(torch.equal(exported[k], v) for k, v in ref.state_dict().items() if k not in skip)
+
+
+def test_class_embedding_adaptations(reference, caplog):
+    ref, path = reference
+    emb = ref.state_dict()["label_emb.weight"]
+    with caplog.at_level(logging.INFO):
+        null = _module(path, null_class=True, p_uncond=0.1)  # the null class added for classifier-free fine-tuning
+    assert "added the null class (label 4)" in caplog.text
+    assert torch.equal(null.unet.class_embed.weight[:4], emb) and _others_equal(null, ref)
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([2, 7]), torch.tensor([1, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(null(x, t, y), ref(x, t, y), rtol=1e-5, atol=1e-5)
+    with pytest.warns(UserWarning, match=r"has 4 classes in label_emb.weight, the model 7: .* initialised at random"):
+        other = _module(path, num_classes=7)
+    assert other.unet.class_embed.weight.shape == (7, 128) and _others_equal(other, ref)
+    with pytest.warns(UserWarning, match=r"the model is unconditional; .*label_emb.weight \(4 rows\) is not used"):
+        uncond = _module(path, class_cond=False)
+    assert uncond.unet.class_embed is None and _others_equal(uncond, ref)
+    with pytest.warns(UserWarning, match=r"has 4 classes in label_emb.weight, the model 3"):  # 3 + null: 4 rows too
+        fewer = _module(path, num_classes=3, null_class=True)
+    assert not torch.equal(fewer.unet.class_embed.weight, emb) and _others_equal(fewer, ref)
+
+
+def test_a_network_that_does_not_fit_is_listed(reference, tmp_path):
+    _, path = reference
+    with pytest.raises(ValueError, match=r"(?s)init_from: .*ref.pt: .*shape mismatches .*input_blocks.0.0.weight: "
+                                         r"expected \(64, 3, 3, 3\) vs found \(32, 3, 3, 3\)"):  # fmt: skip
+        _module(path, model_channels=64)
+    with pytest.raises(ValueError, match=r"(?s)missing keys .*out.2.weight|shape mismatches .*out.2.weight"):
+        _module(path, var_type="fixed_small", loss_type="simple")  # 3 output channels instead of 6
+    with pytest.raises(FileNotFoundError, match="init_from nope.pt: no such checkpoint file"):
+        _module("nope.pt")
+    classifier = tmp_path / "clf.pt"
+    torch.save(export_openai_state_dict(NoisyClassifierModule(**tiny_classifier_kwargs()).classifier), classifier)
+    with pytest.raises(ValueError, match=r"OpenAI guided-diffusion classifier layout; DiffusionModule.init_from takes"):
+        _module(str(classifier))
+
+
+def _fit_tiny(tmp_path, model, max_steps=2, callbacks=()):
+    checkpoint = ModelCheckpoint(dirpath=str(tmp_path), save_last=True)
+    trainer = L.Trainer(**trainer_kwargs(tmp_path, max_steps=max_steps, enable_checkpointing=True,
+                                         callbacks=[checkpoint, *callbacks]))  # fmt: skip
+    trainer.fit(model, TinyDataModule())
+    return str(tmp_path / "last.ckpt")
+
+
+def test_from_a_diffusion_pl_checkpoint_and_ema_starts_there(tmp_path):
+    L.seed_everything(0)
+    source = _fit_tiny(tmp_path / "a", DiffusionModule(**tiny_diffusion_kwargs()))
+    weights = torch.load(source, weights_only=True)["state_dict"]
+    module = DiffusionModule(**tiny_diffusion_kwargs(init_from=source))
+    assert all(torch.equal(v, weights[k]) for k, v in module.state_dict().items())
+    # EMA from the loaded weights: no EMA update in 2 steps, so the saved EMA weights are the loaded ones
+    finetuned = _fit_tiny(tmp_path / "b", module, callbacks=[EMAWeightAveraging(update_starting_at_step=100)])
+    saved = torch.load(finetuned, weights_only=True)
+    assert saved["global_step"] == 2 and saved["hyper_parameters"]["init_from"] == source
+    assert all(torch.equal(v, weights[k]) for k, v in saved["state_dict"].items())
+    assert any(not torch.equal(v, weights[k]) for k, v in saved["current_model_state"].items())  # it trained
+    # loading the fine-tuned checkpoint never reads init_from again (the file may be gone)
+    (tmp_path / "a" / "last.ckpt").rename(tmp_path / "moved.ckpt")
+    assert DiffusionModule.load_from_checkpoint(finetuned).hparams.init_from is None
+    with pytest.raises(ValueError, match=r"other network settings: num_head_channels: checkpoint 32 vs model -1"):
+        DiffusionModule(**tiny_diffusion_kwargs(init_from=str(tmp_path / "moved.ckpt"), num_head_channels=-1,
+                                                num_heads=1))  # fmt: skip
+
+
+def test_classifier_from_a_released_layout(tmp_path):
+    ref = ref_unet.EncoderUNetModel(
+        image_size=8, in_channels=1, model_channels=32, out_channels=3, num_res_blocks=1, attention_resolutions=(2,),
+        channel_mult=(1, 2), num_head_channels=32, use_scale_shift_norm=True, resblock_updown=True, pool="attention",
+    )  # fmt: skip
+    _randomize(ref).eval()
+    path = tmp_path / "clf.pt"
+    torch.save(ref.state_dict(), path)
+    module = NoisyClassifierModule(**tiny_classifier_kwargs(init_from=str(path))).eval()
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([1, 8])
+    with torch.no_grad():
+        torch.testing.assert_close(module(x, t), ref(x, t), rtol=1e-5, atol=1e-5)
+    with pytest.warns(UserWarning, match=r"has 3 classes in out.2.c_proj.weight, the model 5"):
+        other = NoisyClassifierModule(**tiny_classifier_kwargs(init_from=str(path), out_channels=5))
+    assert torch.equal(other.classifier.input_conv.weight, module.classifier.input_conv.weight)
+
+
+# ------------------------------------------------------------------------------------------------ fine-tune + resume
+class Interrupt(Exception):
+    pass
+
+
+class InterruptAtEpoch(Callback):
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == 1:
+            raise Interrupt
+
+
+def _folder(root):
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        path = root / ("a" if i % 2 else "b") / f"{i}.{'png' if i % 3 else 'jpg'}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, size=(12, 10 + i, 3), dtype=np.uint8)).save(path)
+    return root
+
+
+def _finetune(tmp_path, name, init, data_dir, interrupt=False, ckpt_path=None):
+    L.seed_everything(0)
+    model = DiffusionModule(**tiny_diffusion_kwargs(in_channels=3, num_classes=2, init_from=init, p_uncond=0.2))
+    data = ImageFolderDataModule(data_dir=str(data_dir), image_size=8, batch_size=2, num_workers=0, val_fraction=0.1,
+                                 cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    checkpoint = ModelCheckpoint(dirpath=str(tmp_path / name), save_last=True, every_n_epochs=1,
+                                 save_on_train_epoch_end=True)  # fmt: skip
+    callbacks = [EMAWeightAveraging(decay=0.9), checkpoint] + ([InterruptAtEpoch()] if interrupt else [])
+    trainer = L.Trainer(**trainer_kwargs(tmp_path / name, max_steps=10, enable_checkpointing=True, callbacks=callbacks,
+                                         limit_val_batches=1, check_val_every_n_epoch=1))  # fmt: skip
+    try:
+        trainer.fit(model, data, ckpt_path=ckpt_path)
+    except Interrupt:
+        pass
+    return model, trainer
+
+
+def test_finetuning_on_a_folder_resumed_equals_uninterrupted(tmp_path):
+    """From a released-layout file with 3 classes to a folder of 2 classes plus the null class; resumed from the
+    epoch-end checkpoint (11 training images, batch 2: 5 steps per epoch, with a validation run per epoch).
+    Observed (Lightning 2.6): without a validation run at the end of an epoch, the run resumed from that epoch's
+    checkpoint starts its next epoch with one batch of another shuffle, so the runs differ (a matter of resuming in
+    general, not of init_from)."""
+    data_dir = _folder(tmp_path / "images")
+    source = DiffusionModule(**tiny_diffusion_kwargs(in_channels=3, num_classes=3, null_class=False, p_uncond=0.0))
+    init = tmp_path / "released.pt"
+    torch.save(export_openai_state_dict(_randomize(source.unet)), init)
+    full, full_trainer = _finetune(tmp_path, "full", str(init), data_dir)
+    assert full_trainer.global_step == 10
+    _, cut = _finetune(tmp_path, "cut", str(init), data_dir, interrupt=True)
+    assert cut.global_step == 5
+    resumed, resumed_trainer = _finetune(tmp_path, "resumed", str(init), data_dir,
+                                         ckpt_path=str(tmp_path / "cut" / "last.ckpt"))  # fmt: skip
+    assert resumed_trainer.global_step == 10
+    for key, value in full.state_dict().items():  # the EMA weights, copied in at the end of fit
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=1e-6, msg=key)
+    start = copy.deepcopy(source.unet.state_dict())
+    assert any(not torch.equal(full.unet.state_dict()[k], v) for k, v in start.items() if k != "class_embed.weight")
