@@ -7,13 +7,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader
 
 from diffusion_pl.data.cache import PreparedSplit, atomic_write_json
-from diffusion_pl.data.common import ArrayImageDataset, make_dataloader, use_pin_memory
+from diffusion_pl.data.common import ArrayImageDataset, ImageDataModule
 from diffusion_pl.data.folder import (
     CHANNEL_MODES,
     FolderListing,
@@ -31,7 +29,7 @@ CLASSES_FILE = "classes.json"
 SPLITS = ("train", "val")
 
 
-class ImageFolderDataModule(L.LightningDataModule):
+class ImageFolderDataModule(ImageDataModule):
     """A folder tree of images (png, jpg, jpeg, webp, gif, bmp; nested folders; hidden entries skipped).
 
     class_cond: each first-level sub-folder of data_dir is a class, numbered in sorted name order (num_classes = the
@@ -63,30 +61,27 @@ class ImageFolderDataModule(L.LightningDataModule):
         num_workers: int = 4,
         prepare_data_per_node: bool = True,
     ) -> None:
-        super().__init__()
         if channels not in CHANNEL_MODES:
             raise UserInputError(f"{NAME}: channels must be 1 (greyscale), 3 (RGB) or 4 (RGBA), got {channels}")
         if image_size < 1:
             raise UserInputError(f"{NAME}: image_size must be >= 1, got {image_size}")
         if not 0.0 < val_fraction < 1.0:
             raise UserInputError(f"{NAME}: val_fraction must lie strictly between 0 and 1, got {val_fraction}")
-        self.save_hyperparameters()
-        self.prepare_data_per_node = prepare_data_per_node  # Lightning's attribute
-        self.data_dir, self.image_size, self.in_channels = data_dir, image_size, channels
-        self.class_cond, self.val_fraction, self.split_seed = class_cond, val_fraction, split_seed
-        self.random_flip, self.allow_upscale, self.skip_bad_images = random_flip, allow_upscale, skip_bad_images
-        self.batch_size, self.num_workers = batch_size, num_workers
-        self.cache_root = Path(cache_dir) if cache_dir is not None else Path(data_dir) / ".diffusion_pl_cache"
+        cache_root = Path(cache_dir) if cache_dir is not None else Path(data_dir) / ".diffusion_pl_cache"
         # The classes are known from the folder names alone, before prepare_data (the model checks num_classes).
-        self.class_names = list_class_folders(Path(data_dir), NAME, self.cache_root) if class_cond else None
-        if class_cond and not self.class_names:
+        class_names = list_class_folders(Path(data_dir), NAME, cache_root) if class_cond else None
+        if class_cond and not class_names:
             raise UserInputError(
                 f"{NAME}: class_cond is true but {data_dir} has no sub-folders (one per class); put each class's "
                 "images in its own folder, or set class_cond: false"
             )
-        self.num_classes = len(self.class_names) if self.class_names is not None else 0
-        self.train_dataset: ArrayImageDataset | None = None
-        self.val_dataset: ArrayImageDataset | None = None
+        super().__init__(batch_size, num_workers, random_flip, image_size=image_size, in_channels=channels,
+                         num_classes=len(class_names) if class_names is not None else 0)  # fmt: skip
+        self.save_hyperparameters()
+        self.prepare_data_per_node = prepare_data_per_node  # Lightning's attribute
+        self.data_dir, self.cache_root, self.class_names = data_dir, cache_root, class_names
+        self.class_cond, self.val_fraction, self.split_seed = class_cond, val_fraction, split_seed
+        self.allow_upscale, self.skip_bad_images = allow_upscale, skip_bad_images
 
     # ------------------------------------------------------------------------------------------------ the cache
     def listing(self) -> FolderListing:
@@ -173,21 +168,6 @@ class ImageFolderDataModule(L.LightningDataModule):
             self.train_dataset = self._open(self.split_files(listing, "train"), self.random_flip)
         if self.val_dataset is None:
             self.val_dataset = self._open(self.split_files(listing, "val"), False)
-
-    def _loader(self, dataset: ArrayImageDataset | None, train: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError(f"{NAME}: call prepare_data() and setup() before requesting a dataloader")
-        return make_dataloader(dataset, batch_size=self.batch_size, num_workers=self.num_workers, train=train,
-                               pin_memory=use_pin_memory(self.trainer))  # fmt: skip
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, train=False)
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

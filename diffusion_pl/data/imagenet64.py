@@ -12,15 +12,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
-import lightning as L
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from diffusion_pl.data import folder
 from diffusion_pl.data.cache import PreparedSplit
-from diffusion_pl.data.common import ArrayImageDataset, check_images, make_dataloader, use_pin_memory
+from diffusion_pl.data.common import ArrayImageDataset, ImageDataModule, check_images
 from diffusion_pl.data.imagenet_classes import devkit_to_sorted, devkit_wnids, sorted_wnids
 from diffusion_pl.errors import UserFileNotFoundError, UserInputError
 
@@ -100,7 +98,7 @@ def _read_npz(path: Path, image_size: int, load_data: bool = True) -> tuple[np.n
     return data, labels.astype(np.int64) - 1
 
 
-class ImageNet64DataModule(L.LightningDataModule):
+class ImageNet64DataModule(ImageDataModule):
     """ImageNet at image_size (64): 3 channels, 1000 classes (npz) or one class per train sub-folder (folder).
 
     source="npz": the official downsampled batches (train_data_batch_1..10.npz, val_data.npz), whose 1-based labels
@@ -128,7 +126,6 @@ class ImageNet64DataModule(L.LightningDataModule):
         label_order: Literal["sorted_wnid", "devkit"] = "sorted_wnid",
         prepare_data_per_node: bool = True,
     ) -> None:
-        super().__init__()
         if source not in ("npz", "folder"):
             raise UserInputError(f"ImageNet64DataModule: source must be 'npz' or 'folder', got {source!r}")
         if label_order not in LABEL_ORDERS:
@@ -141,27 +138,17 @@ class ImageNet64DataModule(L.LightningDataModule):
                 "ImageNet64DataModule: label_order 'devkit' applies to source 'npz' only; the folder source numbers "
                 "classes by their sorted folder names (for ImageNet's WordNet-ID folders that is 'sorted_wnid')"
             )
+        if source == "folder":
+            class_names = list_class_folders(Path(data_dir) / "train")
+        else:  # WordNet IDs by label (reading the devkit table also checks it)
+            class_names = list(sorted_wnids() if label_order == "sorted_wnid" else devkit_wnids())
+        num_classes = len(class_names) if class_cond else 0
+        super().__init__(batch_size, num_workers, random_flip, image_size=image_size, in_channels=3,
+                         num_classes=num_classes)  # fmt: skip
         self.save_hyperparameters()
         self.prepare_data_per_node = prepare_data_per_node  # Lightning's attribute
-        self.label_order = label_order
-        self.data_dir = data_dir
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.random_flip = random_flip
-        self.source = source
-        self.cache_dir = cache_dir
-        self.image_size = image_size
-        self.in_channels = 3
-        self.class_cond = class_cond
-        self.class_names: list[str] | None = None
-        if source == "folder":
-            self.class_names = list_class_folders(Path(data_dir) / "train")
-        else:  # WordNet IDs by label (reading the devkit table also checks it)
-            self.class_names = list(sorted_wnids() if label_order == "sorted_wnid" else devkit_wnids())
-        self.dataset_classes = len(self.class_names) if self.class_names is not None else 1000
-        self.num_classes = self.dataset_classes if class_cond else 0
-        self.train_dataset: ArrayImageDataset | None = None
-        self.val_dataset: ArrayImageDataset | None = None
+        self.label_order, self.data_dir, self.source, self.cache_dir = label_order, data_dir, source, cache_dir
+        self.class_cond, self.class_names, self.dataset_classes = class_cond, class_names, len(class_names)
 
     @property
     def prepared_dir(self) -> Path:
@@ -267,23 +254,3 @@ class ImageNet64DataModule(L.LightningDataModule):
             self.train_dataset = self._open("train", self.random_flip)
         if self.val_dataset is None:
             self.val_dataset = self._open("val", False)
-
-    def _loader(self, dataset: ArrayImageDataset | None, train: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("ImageNet64DataModule: call prepare_data() and setup() before requesting a dataloader")
-        return make_dataloader(
-            dataset,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            train=train,
-            pin_memory=use_pin_memory(self.trainer),
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, train=False)

@@ -212,7 +212,7 @@ class DiffusionCLI(LightningCLI):
             raise UserInputError(
                 f"--ckpt_path {ckpt_path} is {describe_kind(kind, checkpoint)}; fit / validate / test take a "
                 "diffusion-pl checkpoint (released OpenAI checkpoints are used with diffusion-pl sample/evaluate "
-                "--openai_ckpt --arch)"
+                "--openai_ckpt --arch; to fine-tune from one, set model.init_args.init_from instead)"
             )
         class_path = str(getattr(model_config, "class_path", "") or "")
         model_class = import_object(class_path)

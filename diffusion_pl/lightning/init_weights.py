@@ -29,6 +29,7 @@ OPTION = "init_from"
 #: per module kind: (attribute of the network, prefix of its keys in a diffusion-pl checkpoint, OpenAI kind)
 NETWORKS = {"DiffusionModule": ("unet", "unet.", "openai-unet"),
             "NoisyClassifierModule": ("classifier", "classifier.", "openai-classifier")}  # fmt: skip
+RELEASED_KIND = {"DiffusionModule": "U-Net", "NoisyClassifierModule": "classifier"}
 #: settings that change what a network of the same shapes computes (checked for diffusion-pl checkpoints)
 FUNCTION_HPARAMS = ("num_heads", "num_head_channels", "num_heads_upsample", "use_new_attention_order", "norm_groups",
                     "mean_type", "var_type", "rescale_timesteps", "pool")  # fmt: skip
@@ -93,8 +94,8 @@ def init_network_from(network: UNetModel | EncoderUNetModel, path: str, module_k
                       hparams: Mapping) -> None:  # fmt: skip
     """Load the weights of ``path`` into ``network`` (in place) as the module docstring says, or raise a
     UserInputError listing what does not fit."""
-    name = f"{module_kind}.{OPTION}"
-    checkpoint = read_checkpoint(path, f"model.init_args.{OPTION}")
+    name = f"model.init_args.{OPTION}"
+    checkpoint = read_checkpoint(path, name)
     kind = checkpoint_kind(checkpoint)
     _, prefix, openai_kind = NETWORKS[module_kind]
     own = network.state_dict()
@@ -124,8 +125,8 @@ def init_network_from(network: UNetModel | EncoderUNetModel, path: str, module_k
             raise OpenAICheckpointError(f"{name}: {path}: {err}") from None
     else:
         raise UserInputError(
-            f"{name}: {path} is {describe_kind(kind, checkpoint)}; {module_kind}.{OPTION} takes a {module_kind} "
-            f"checkpoint of diffusion-pl or a released OpenAI {openai_kind.split('-')[1]} .pt"
+            f"{name}: {path} is {describe_kind(kind, checkpoint)}; a {module_kind} starts from a {module_kind} "
+            f"checkpoint of diffusion-pl or a released OpenAI {RELEASED_KIND[module_kind]} .pt"
         )
     rank_zero_info(f"{module_kind}: network initialised from {path} (weights only; optimizer, schedule and step "
                    "count start fresh)")  # fmt: skip

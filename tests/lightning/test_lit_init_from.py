@@ -99,7 +99,10 @@ def test_a_network_that_does_not_fit_is_listed(reference, tmp_path):
         _module("nope.pt")
     classifier = tmp_path / "clf.pt"
     torch.save(export_openai_state_dict(NoisyClassifierModule(**tiny_classifier_kwargs()).classifier), classifier)
-    with pytest.raises(ValueError, match=r"OpenAI guided-diffusion classifier layout; DiffusionModule.init_from takes"):
+    with pytest.raises(
+        ValueError,
+        match=r"classifier layout; a DiffusionModule starts from .* or a released OpenAI U-Net",
+    ):
         _module(str(classifier))
 
 
@@ -206,3 +209,24 @@ def test_finetuning_on_a_folder_resumed_equals_uninterrupted(tmp_path):
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=1e-6, msg=key)
     start = copy.deepcopy(source.unet.state_dict())
     assert any(not torch.equal(full.unet.state_dict()[k], v) for k, v in start.items() if k != "class_embed.weight")
+
+
+def test_finetune_config_fits_the_released_imagenet64_model():
+    """configs/finetune_imagenet64.yaml builds the network of 64x64_diffusion.pt (the adm_imagenet64 preset): every
+    reference-layout key and shape equal, except the class embedding (2 classes + the null class there)."""
+    from pathlib import Path
+
+    import yaml
+
+    from diffusion_pl.models import build_released
+
+    config = yaml.safe_load((Path(__file__).parents[2] / "configs" / "finetune_imagenet64.yaml").read_text())
+    assert config["model"]["init_args"]["init_from"] == "64x64_diffusion.pt"
+    with torch.device("meta"):
+        module = DiffusionModule(**config["model"]["init_args"])  # built on meta: init_from is not read
+    ours = {k: v.shape for k, v in export_openai_state_dict(module.unet).items()}
+    released = {
+        k: v.shape for k, v in export_openai_state_dict(build_released("adm_imagenet64", device="meta")).items()
+    }
+    assert ours.pop("label_emb.weight") == (3, 768) and released.pop("label_emb.weight") == (1000, 768)
+    assert ours == released
