@@ -462,8 +462,11 @@ class GaussianDiffusion:
         so alpha_bar' equals alpha_bar at the kept steps. The timestep map is composed with this process's map, so
         the model still receives original training indices.
         """
-        kept = space_timesteps(self.num_timesteps, section_counts)
-        kept_t = torch.tensor(kept, dtype=torch.int64)
+        return self.respaced_at(space_timesteps(self.num_timesteps, section_counts))
+
+    def respaced_at(self, kept: Sequence[int]) -> GaussianDiffusion:
+        """:meth:`respaced` keeping the given step indices (ascending, distinct) of this process."""
+        kept_t = torch.tensor(sorted(set(int(k) for k in kept)), dtype=torch.int64)
         kept_alpha_bar = self.alphas_cumprod[kept_t]
         previous = torch.cat([torch.ones(1, dtype=torch.float64), kept_alpha_bar[:-1]])
         return GaussianDiffusion(

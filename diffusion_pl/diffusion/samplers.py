@@ -1,9 +1,11 @@
-"""Samplers as plain functions over a process and a model callable (one function per method).
+"""Sampling entry point: :func:`sample_loop` runs any method of the registry (registry.py) from noise to x_0.
 
-Randomness: each step uses the ``noise`` argument if given, else
-``torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)``; with ``generator=None`` this draws from
-the global RNG exactly like ``torch.randn_like(x)``. Every step draws its noise (even at t = 0, where it is unused),
-so a given generator state always produces the same trajectory.
+The step functions live in discrete.py (ancestral, DDIM) and solvers.py (DPM-Solver++, EDM Heun); this module
+re-exports them with the registry, so ``from diffusion_pl.diffusion.samplers import ...`` keeps working.
+
+Randomness: x_T is ``noise`` if given, else ``torch.randn(shape, generator=generator)``; every stochastic step draws
+``torch.randn(x.shape, generator=generator)`` (or calls ``noise_fn(x)``), so a given generator state always produces
+the same trajectory.
 """
 
 from __future__ import annotations
@@ -13,91 +15,48 @@ from collections.abc import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from diffusion_pl.errors import UserInputError
-
+from .continuous import DiscreteTimeDenoiser
+from .discrete import ddim_step, p_sample
 from .process import GaussianDiffusion
+from .registry import SAMPLERS, SAMPLING_METHODS, SamplerSpec, check_eta, check_steps, get_sampler, resolve_eta
+from .step_schedules import discrete_steps, schedule_sigmas
 
-SAMPLING_METHODS = ("ddpm", "ddim")
-
-
-def check_eta(method: str, eta: float, option: str = "eta") -> None:
-    """Raise UserInputError (a ValueError) naming ``option`` unless ``eta`` fits ``method``: DDIM only, >= 0."""
-    if method == "ddpm" and eta != 0.0:
-        raise UserInputError(f"{option} {eta} only applies to method ddim; ancestral (ddpm) sampling has no eta")
-    if eta < 0:
-        raise UserInputError(f"{option} must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise), got {eta}")
+__all__ = ["SAMPLERS", "SAMPLING_METHODS", "SamplerSpec", "check_eta", "check_steps", "ddim_step", "get_sampler",
+           "p_sample", "resolve_eta", "sample_loop", "schedule_process", "solve"]  # fmt: skip
 
 
-def _step_noise(x: torch.Tensor, noise: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
-    if noise is not None:
-        if noise.shape != x.shape:
-            raise ValueError(f"noise has shape {tuple(noise.shape)} but x has shape {tuple(x.shape)}")
-        return noise
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+def trained_sigmas(process: GaussianDiffusion) -> torch.Tensor:
+    """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) of every step of ``process`` (float64, increasing)."""
+    return ((1.0 - process.alphas_cumprod) / process.alphas_cumprod).sqrt()
 
 
-def _nonzero_mask(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """1 where t > 0 and 0 where t == 0 (the last step adds no noise), shaped [N, 1, ...]."""
-    return (t != 0).to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+def schedule_process(process: GaussianDiffusion, steps: str | int | None) -> GaussianDiffusion:
+    """The process a discrete method (ddpm, ddim) runs for ``steps`` (step_schedules.py): ``process`` itself for
+    None / "" / all steps, else ``process`` respaced at the schedule's trained steps."""
+    if steps is None or str(steps).strip() in ("", "0"):
+        return process
+    kept = discrete_steps(trained_sigmas(process), steps)
+    return process if len(kept) == process.num_timesteps else process.respaced_at(kept)
 
 
-def p_sample(
-    process: GaussianDiffusion,
-    model: Callable[..., torch.Tensor],
-    x: torch.Tensor,
-    t: torch.Tensor,
-    clip_denoised: bool = True,
-    model_kwargs: dict | None = None,
-    cond_fn: Callable[..., torch.Tensor] | None = None,
-    noise: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-) -> dict[str, torch.Tensor]:
-    """One ancestral (DDPM) step: x_{t-1} = mu + exp(0.5 log sigma^2) z, z ~ N(0, I), no noise at t = 0.
-
-    With ``cond_fn`` (classifier guidance) mu <- mu + sigma^2 * cond_fn(x_t, t_model, **model_kwargs).
-    Returns dict(sample, pred_xstart).
-    """
-    model_kwargs = model_kwargs or {}
-    out = process.p_mean_variance(model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
-    z = _step_noise(x, noise, generator)
-    mean = out["mean"]
-    if cond_fn is not None:
-        mean = process.condition_mean(cond_fn, out, x, t, model_kwargs=model_kwargs)
-    sample = mean + _nonzero_mask(t, x) * torch.exp(0.5 * out["log_variance"]) * z
-    return {"sample": sample, "pred_xstart": out["pred_xstart"]}
-
-
-def ddim_step(
-    process: GaussianDiffusion,
-    model: Callable[..., torch.Tensor],
-    x: torch.Tensor,
-    t: torch.Tensor,
+def solve(
+    spec: SamplerSpec,
+    denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x_start: torch.Tensor,
+    sigmas: torch.Tensor,
     eta: float = 0.0,
-    clip_denoised: bool = True,
-    model_kwargs: dict | None = None,
-    cond_fn: Callable[..., torch.Tensor] | None = None,
-    noise: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-) -> dict[str, torch.Tensor]:
-    """One DDIM step (Song et al. 2021, eq. 12) from index t to t - 1 of ``process`` (respaced or not).
+    noise_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    callback: Callable[[int, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Run the continuous method ``spec`` from ``x_start`` ~ N(0, I) (the noisy image at the first level in the
+    model's own scaling, x_t = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps) through ``sigmas`` to x_0.
 
-    sigma = eta * sqrt((1 - ab_prev)/(1 - ab)) * sqrt(1 - ab/ab_prev);
-    x_{t-1} = x0_hat sqrt(ab_prev) + sqrt(1 - ab_prev - sigma^2) eps + sigma z (no noise at t = 0),
-    where eps is re-derived from the (clipped) x0_hat. eta = 0 is deterministic; eta = 1 on the full process has the
-    DDPM posterior variance. With ``cond_fn``, eps is guided first (:meth:`GaussianDiffusion.condition_score`).
-    Returns dict(sample, pred_xstart) with the x_0 prediction the step used.
+    The solvers' variable is x = x_t / sqrt(alpha_bar) = x_start * sqrt(1 + sigma_0^2) (continuous.py); so the same
+    x_start gives the same start point as the discrete samplers' x_T at that level.
     """
-    model_kwargs = model_kwargs or {}
-    out = process.p_mean_variance(model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
-    if cond_fn is not None:
-        out = process.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
-    alpha_bar = process.gather(process.alphas_cumprod, t, x)
-    alpha_bar_prev = process.gather(process.alphas_cumprod_prev, t, x)
-    sigma = eta * torch.sqrt((1.0 - alpha_bar_prev) / (1.0 - alpha_bar)) * torch.sqrt(1.0 - alpha_bar / alpha_bar_prev)
-    z = _step_noise(x, noise, generator)
-    mean = out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1.0 - alpha_bar_prev - sigma**2) * out["eps"]
-    sample = mean + _nonzero_mask(t, x) * sigma * z
-    return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+    x = x_start * float((1.0 + sigmas[0] ** 2).sqrt())
+    extra = {"eta": eta, "noise": noise_fn} if spec.eta is not None else {}
+    return spec.function(denoiser, x, sigmas, callback=callback, **extra)
 
 
 def sample_loop(
@@ -106,7 +65,7 @@ def sample_loop(
     shape: Sequence[int] | None = None,
     noise: torch.Tensor | None = None,
     method: str = "ddpm",
-    eta: float = 0.0,
+    eta: float | None = None,
     clip_denoised: bool = True,
     model_kwargs: dict | None = None,
     cond_fn: Callable[..., torch.Tensor] | None = None,
@@ -114,42 +73,71 @@ def sample_loop(
     progress: bool = False,
     return_intermediates: bool = False,
     device: torch.device | str | None = None,
+    steps: str | int | None = None,
+    timestep_mode: str = "interpolate",
 ):
-    """Sample x_0 by running ``method`` ("ddpm" ancestral or "ddim") from x_{T-1} down to index 0 of ``process``.
+    """Sample x_0 with ``method`` (any name of the registry) over the step schedule ``steps`` of ``process``.
 
-    The start x_T is ``noise`` if given, else torch.randn(shape, generator=generator) on ``device`` (default: the
-    generator's device, else the device of the model's first parameter, else CPU). Runs under ``torch.no_grad()``
-    (a cond_fn may enable grad locally). Returns the final sample, or (sample, steps) with
-    ``return_intermediates``, where steps is the list of per-step dicts(sample, pred_xstart), first step first.
+    ``steps`` (step_schedules.py: "250", "10,10,20", "ddim50", "uniform20", "logsnr20", "karras20"; None = every
+    step of ``process``, which may already be respaced). ``eta``: None = the method's default. The start x_T is
+    ``noise`` if given, else torch.randn(shape, generator=generator) on ``device`` (default: the generator's device,
+    else the device of the model's first parameter, else CPU). Runs under ``torch.no_grad()`` (a cond_fn may enable
+    grad locally). Returns the sample, or (sample, steps) with ``return_intermediates``: the per-step dicts (sample,
+    pred_xstart) of a discrete method, dicts (pred_xstart) of a solver, first step first.
     """
-    if method not in SAMPLING_METHODS:
-        raise ValueError(f"unknown sampling method {method!r}; allowed: {', '.join(SAMPLING_METHODS)}")
-    check_eta(method, eta)
-    if noise is None:
-        if shape is None:
-            raise ValueError("sample_loop needs either shape or an initial noise tensor")
-        if device is None:
-            if generator is not None:
-                device = generator.device
-            else:
-                params = getattr(model, "parameters", None)
-                first = next(iter(params()), None) if callable(params) else None
-                device = first.device if first is not None else torch.device("cpu")
-        x = torch.randn(tuple(shape), generator=generator, device=device)
-    else:
+    spec = get_sampler(method)
+    eta = resolve_eta(method, eta)
+    check_steps(method, process.num_timesteps, steps, "steps")
+    x = _initial_noise(model, shape, noise, generator, device)
+    record: list[dict] = []
+    with torch.no_grad():
+        if spec.kind == "discrete":
+            x = _discrete_loop(spec, schedule_process(process, steps), model, x, eta, clip_denoised, model_kwargs,
+                               cond_fn, generator, progress, record if return_intermediates else None)  # fmt: skip
+        else:
+            denoiser = DiscreteTimeDenoiser(process, model, model_kwargs, cond_fn, clip_denoised, timestep_mode)
+            sigmas = schedule_sigmas(denoiser, steps)
+            bar = tqdm(total=len(sigmas) - 1, disable=not progress, desc=f"{method} sampling")
+
+            def callback(i: int, denoised: torch.Tensor) -> None:
+                bar.update(1)
+                if return_intermediates:
+                    record.append({"pred_xstart": denoised})
+
+            def noise_fn(like: torch.Tensor) -> torch.Tensor:
+                return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+
+            x = solve(spec, denoiser, x, sigmas, eta, noise_fn, callback)
+            bar.close()
+    return (x, record) if return_intermediates else x
+
+
+def _initial_noise(model, shape, noise, generator, device) -> torch.Tensor:
+    if noise is not None:
         if shape is not None and tuple(shape) != tuple(noise.shape):
             raise ValueError(f"shape {tuple(shape)} does not match the initial noise {tuple(noise.shape)}")
-        x = noise
+        return noise
+    if shape is None:
+        raise ValueError("sample_loop needs either shape or an initial noise tensor")
+    if device is None:
+        if generator is not None:
+            device = generator.device
+        else:
+            params = getattr(model, "parameters", None)
+            first = next(iter(params()), None) if callable(params) else None
+            device = first.device if first is not None else torch.device("cpu")
+    return torch.randn(tuple(shape), generator=generator, device=device)
+
+
+def _discrete_loop(spec, process, model, x, eta, clip_denoised, model_kwargs, cond_fn, generator, progress, record):
+    """Steps T-1 .. 0 of ``process`` with the ddpm / ddim step function; appends each step's dict to ``record``."""
+    extra = {"eta": eta} if spec.eta is not None else {}
     timesteps = torch.arange(process.num_timesteps - 1, -1, -1, device=x.device)
-    steps = []
-    with torch.no_grad():
-        for step in tqdm(timesteps, disable=not progress, desc=f"{method} sampling"):
-            t = step.expand(x.shape[0])
-            if method == "ddpm":
-                out = p_sample(process, model, x, t, clip_denoised, model_kwargs, cond_fn, generator=generator)
-            else:
-                out = ddim_step(process, model, x, t, eta, clip_denoised, model_kwargs, cond_fn, generator=generator)
-            x = out["sample"]
-            if return_intermediates:
-                steps.append(out)
-    return (x, steps) if return_intermediates else x
+    for step in tqdm(timesteps, disable=not progress, desc=f"{spec.name} sampling"):
+        t = step.expand(x.shape[0])
+        out = spec.function(process, model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs,
+                            cond_fn=cond_fn, generator=generator, **extra)  # fmt: skip
+        x = out["sample"]
+        if record is not None:
+            record.append(out)
+    return x

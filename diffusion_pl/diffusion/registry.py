@@ -1,0 +1,119 @@
+"""The one registry of sampling methods: name -> :class:`SamplerSpec`. Choices, defaults and help text of every
+``--method`` option, SampleEngine, sample_loop and the callbacks come from here; adding a sampler is one function and
+one entry in :data:`SAMPLERS`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from diffusion_pl.errors import UserInputError
+
+from .discrete import ddim_step, p_sample
+from .solvers import dpm_solver_pp_2m, dpm_solver_pp_2m_sde, edm_heun
+from .step_schedules import count_steps
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A sampling method.
+
+    ``kind`` is "discrete" (``function`` is one step of a respaced GaussianDiffusion: ddpm, ddim) or "continuous"
+    (``function(denoiser, x, sigmas, ...)`` solves from the first noise level to 0). ``order``: convergence order of
+    the deterministic method. ``eta``: the allowed range (low, high) of the stochasticity eta, or None when the method
+    has none; ``default_eta`` is used when none is given. ``stochastic``: always draws noise (ddpm), else only when
+    eta > 0. ``evals_per_step`` / ``min_steps``: see :meth:`nfe` and the registry entries.
+    """
+
+    name: str
+    function: Callable
+    kind: str
+    order: int
+    help: str
+    eta: tuple[float, float] | None = None
+    default_eta: float = 0.0
+    stochastic: bool = False
+    evals_per_step: int = 1
+    min_steps: int = 1
+
+    def draws_noise(self, eta: float) -> bool:
+        return self.stochastic or eta > 0.0
+
+    def nfe(self, steps: int) -> int:
+        """Network evaluations for ``steps`` noise levels (a 2-evaluation step does one at its final level 0)."""
+        return self.evals_per_step * steps - (self.evals_per_step - 1)
+
+
+SAMPLERS: dict[str, SamplerSpec] = {
+    spec.name: spec
+    for spec in (
+        SamplerSpec("ddpm", p_sample, "discrete", 1, stochastic=True,
+                    help="ancestral sampling (DDPM; the reference's default, 250 steps for ADM)"),
+        SamplerSpec("ddim", ddim_step, "discrete", 1, eta=(0.0, float("inf")), default_eta=0.0,
+                    help="DDIM (Song et al. 2021); eta 0 deterministic, 1 DDPM-like noise"),
+        SamplerSpec("dpmpp_2m", dpm_solver_pp_2m, "continuous", 2, min_steps=3,
+                    help="DPM-Solver++(2M) (Lu et al. 2022), 2nd-order multistep ODE solver; 10-25 steps"),
+        SamplerSpec("dpmpp_2m_sde", dpm_solver_pp_2m_sde, "continuous", 2, eta=(0.0, 1.0), default_eta=1.0,
+                    min_steps=3, help="DPM-Solver++(2M) SDE, stochastic (eta in [0, 1], default 1; 0 = dpmpp_2m)"),
+        SamplerSpec("heun", edm_heun, "continuous", 2, evals_per_step=2, min_steps=2,
+                    help="EDM's deterministic Heun sampler (Karras et al. 2022, Alg. 1); 2 evaluations per step"),
+    )
+}  # fmt: skip
+
+#: Method names, for existing callers (choices of ``--method``).
+SAMPLING_METHODS = tuple(SAMPLERS)
+DEFAULT_METHOD = "ddpm"
+
+
+def methods_help() -> str:
+    """One line per method: ``name: help``."""
+    return "; ".join(f"{spec.name}: {spec.help}" for spec in SAMPLERS.values())
+
+
+def get_sampler(method: str, option: str = "method") -> SamplerSpec:
+    """The registry entry of ``method``; UserInputError naming the registry's methods otherwise."""
+    spec = SAMPLERS.get(method)
+    if spec is None:
+        raise UserInputError(f"unknown {option} {method!r}; choose from {', '.join(SAMPLERS)} ({methods_help()})")
+    return spec
+
+
+def resolve_eta(method: str, eta: float | None, option: str = "eta") -> float:
+    """``eta`` checked against the method's range (UserInputError naming ``option``), or its default when None."""
+    spec = get_sampler(method)
+    if eta is None:
+        return spec.default_eta
+    if spec.eta is None:
+        if eta != 0.0:
+            with_eta = " or ".join(s.name for s in SAMPLERS.values() if s.eta is not None)
+            raise UserInputError(f"{option} {eta} only applies to method {with_eta}; {method} sampling has no eta")
+        return 0.0
+    low, high = spec.eta
+    if not low <= eta <= high:
+        bounds = f"in [{low}, {high}]" if high != float("inf") else f">= {low}"
+        raise UserInputError(f"{option} must be {bounds} for method {method} ({spec.help}), got {eta}")
+    return float(eta)
+
+
+def check_eta(method: str, eta: float | None, option: str = "eta") -> None:
+    """Raise UserInputError (a ValueError) naming ``option`` unless ``eta`` fits ``method`` (see :func:`resolve_eta`)."""
+    resolve_eta(method, eta, option)
+
+
+def check_steps(method: str, num_timesteps: int, steps: str | int | None, option: str = "--steps") -> int:
+    """The number of noise levels ``steps`` gives on a T-step process; UserInputError naming ``option`` if the
+    schedule does not parse or is too short for ``method`` (with the smallest valid value)."""
+    spec = get_sampler(method)
+    try:
+        n = count_steps(num_timesteps, steps)
+    except ValueError as e:
+        raise UserInputError(f"{option} {steps!r}: {e}") from e
+    if n < spec.min_steps:
+        text = str(steps).strip()
+        smallest = text.rstrip("0123456789") + str(spec.min_steps) if text[-1:].isdigit() and "," not in text else (
+            str(spec.min_steps))
+        raise UserInputError(
+            f"{option} {steps!r} gives {n} step(s), but method {method} needs at least {spec.min_steps} "
+            f"(order {spec.order}: its first and last steps are first order); use e.g. {option} {smallest}"
+        )
+    return n

@@ -1,0 +1,121 @@
+"""Step schedules: which noise levels a sampler visits, all named in one ``--steps`` string.
+
+Respacings of the trained T-step process (the reference's; :func:`space_timesteps`):
+    ""            all T trained steps
+    "250"         250 steps, evenly strided over the T steps (includes the first and the last)
+    "10,10,20"    per-section counts over equal sections of the T steps
+    "ddim50"      range(0, T, k) with the integer stride k giving 50 steps (DDIM paper)
+Noise-level schedules for the ODE / SDE solvers (N noise levels; see continuous.py for sigma_t):
+    "uniformN"    time-uniform: N step indices evenly spaced from T - 1 to 0, sigma interpolated in log sigma between
+                  trained steps (k-diffusion's DiscreteSchedule.get_sigmas)
+    "logsnrN"     logSNR-uniform: log sigma evenly spaced from s_max to s_min (logSNR = -2 log sigma; DPM-Solver's
+                  "logSNR" steps)
+    "karrasN"     Karras et al. 2022, eq. 5 with rho = 7: sigma_i = (s_max^(1/rho) + i/(N-1) (s_min^(1/rho) -
+                  s_max^(1/rho)))^rho
+    with s_min = sigma_0 (the smallest trained level) and s_max = min(sigma_{T-1}, 80) (EDM's sigma_max = 80). The cap
+    matters: the cosine schedule's last beta is clipped to 0.999, so sigma_{T-1} (2e4 at T = 1000) is ~30x
+    sigma_{T-2}; without it ~40 % of a Karras schedule's levels would lie above sigma_{T-2}, where x is pure noise.
+The solvers step through the N levels and then to sigma = 0 (the final denoising step). The discrete samplers (ddpm,
+ddim) step through trained steps only: a noise-level schedule is mapped to the nearest trained steps (each level to
+its own step; a schedule that would visit a step twice is refused).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+
+from .respace import space_timesteps
+
+LEVEL_SCHEDULES = ("uniform", "logsnr", "karras")
+KARRAS_RHO = 7.0
+SIGMA_MAX = 80.0  # EDM's sigma_max: the largest level of "logsnrN" / "karrasN" (when the process reaches it)
+_LEVEL_PATTERN = re.compile(r"^(uniform|logsnr|karras)(\d+)$")
+
+
+def parse_level_schedule(spec: str) -> tuple[str, int] | None:
+    """("karras", 20) for "karras20", ...; None when ``spec`` is not a noise-level schedule (it is a respacing)."""
+    match = _LEVEL_PATTERN.match(str(spec).strip())
+    if match is None:
+        if any(str(spec).strip().startswith(name) for name in LEVEL_SCHEDULES):
+            raise ValueError(f"bad step schedule {spec!r}: write the count right after the name, e.g. 'karras20'")
+        return None
+    return match.group(1), int(match.group(2))
+
+
+def count_steps(num_timesteps: int, spec: str | int | None) -> int:
+    """How many noise levels (steps) ``spec`` visits on a T-step process; raises ValueError if it does not fit."""
+    if spec is None or str(spec).strip() in ("", "0"):
+        return num_timesteps
+    level = parse_level_schedule(str(spec))
+    if level is None:
+        return len(space_timesteps(num_timesteps, str(spec).strip()))
+    name, n = level
+    if not 1 <= n <= num_timesteps:
+        raise ValueError(f"{name}{n} asks for {n} noise levels; the T = {num_timesteps} process allows 1..{num_timesteps}")
+    return n
+
+
+def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = KARRAS_RHO) -> torch.Tensor:
+    """EDM eq. 5: n levels from sigma_max to sigma_min, evenly spaced in sigma^(1/rho) (float64)."""
+    ramp = torch.linspace(0.0, 1.0, n, dtype=torch.float64)
+    low, high = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
+    return (high + ramp * (low - high)) ** rho
+
+
+def logsnr_sigmas(n: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """n levels from sigma_max to sigma_min, evenly spaced in log sigma (= -logSNR / 2) (float64)."""
+    return torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp()
+
+
+def _level_sigmas(name: str, n: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """The "logsnrN" / "karrasN" levels between the trained sigma_min and min(trained sigma_max, SIGMA_MAX)."""
+    top = min(sigma_max, SIGMA_MAX)
+    return logsnr_sigmas(n, sigma_min, top) if name == "logsnr" else karras_sigmas(n, sigma_min, top)
+
+
+def schedule_sigmas(denoiser, spec: str | int | None) -> torch.Tensor:
+    """The noise levels a solver visits, descending, followed by 0 (float64, length N + 1).
+
+    ``denoiser`` is a :class:`~diffusion_pl.diffusion.continuous.DiscreteTimeDenoiser` (its trained levels); a respacing
+    visits the levels of its kept steps, a noise-level schedule those of the module doc.
+    """
+    T = denoiser.sigmas.numel()
+    count_steps(T, spec)  # validates
+    level = parse_level_schedule(str(spec)) if spec not in (None, "", 0) else None
+    if level is None:
+        kept = list(range(T)) if spec in (None, "", 0, "0") else space_timesteps(T, str(spec).strip())
+        sigmas = denoiser.sigmas[torch.tensor(kept[::-1])]
+    else:
+        name, n = level
+        if name == "uniform":
+            sigmas = denoiser.index_to_sigma(torch.linspace(T - 1, 0, n, dtype=torch.float64))
+        else:
+            sigmas = _level_sigmas(name, n, denoiser.sigma_min, denoiser.sigma_max)
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def discrete_steps(sigmas: torch.Tensor, spec: str | int | None) -> list[int]:
+    """The trained step indices (ascending) a discrete sampler visits for ``spec`` on a process with trained levels
+    ``sigmas`` (increasing): a respacing's kept steps, else each level of the noise-level schedule mapped to its
+    nearest trained step in log sigma ("uniformN": the rounded indices). Raises ValueError if two levels share a step.
+    """
+    T = sigmas.numel()
+    count_steps(T, spec)
+    level = parse_level_schedule(str(spec)) if spec not in (None, "", 0) else None
+    if level is None:
+        return list(range(T)) if spec in (None, "", 0, "0") else space_timesteps(T, str(spec).strip())
+    name, n = level
+    if name == "uniform":
+        steps = torch.linspace(T - 1, 0, n, dtype=torch.float64).round().long().tolist()
+    else:
+        levels = _level_sigmas(name, n, float(sigmas[0]), float(sigmas[-1]))
+        steps = (levels.log()[:, None] - sigmas.log()[None]).abs().argmin(dim=1).tolist()
+    if len(set(steps)) != len(steps):
+        raise ValueError(
+            f"{spec} puts two of its {n} noise levels on the same trained step of the T = {T} process; "
+            f"methods ddpm / ddim need distinct trained steps: use fewer steps or a respacing such as '{n}'"
+        )
+    return sorted(steps)

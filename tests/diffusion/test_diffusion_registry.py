@@ -1,0 +1,150 @@
+"""The sampler registry, step schedules, the continuous view's guidance and bad input."""
+
+import pytest
+import torch
+from test_diffusion_solvers import TanhEps
+
+from diffusion_pl.diffusion import (
+    SAMPLERS,
+    SAMPLING_METHODS,
+    DiscreteTimeDenoiser,
+    check_eta,
+    check_steps,
+    classifier_free_model,
+    create_diffusion,
+    discrete_steps,
+    get_sampler,
+    resolve_eta,
+    sample_loop,
+    schedule_process,
+    schedule_sigmas,
+)
+from diffusion_pl.errors import UserInputError
+
+
+def test_registry_is_the_list_of_methods():
+    assert SAMPLING_METHODS == tuple(SAMPLERS) == ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "heun")
+    assert get_sampler("heun").nfe(10) == 19 and get_sampler("dpmpp_2m").nfe(10) == 10
+    assert get_sampler("ddpm").draws_noise(0.0) and not get_sampler("ddim").draws_noise(0.0)
+    assert get_sampler("dpmpp_2m_sde").draws_noise(resolve_eta("dpmpp_2m_sde", None))
+
+
+def test_unknown_method_names_the_registry():
+    with pytest.raises(UserInputError, match=r"unknown --method 'dpm'; choose from ddpm, ddim, dpmpp_2m, dpmpp_2m_sde, heun"):
+        get_sampler("dpm", "--method")
+    with pytest.raises(UserInputError, match="unknown method 'euler'"):
+        sample_loop(create_diffusion(10), TanhEps(), shape=(1, 2, 2, 2), method="euler")
+
+
+@pytest.mark.parametrize(
+    "method, steps, message",
+    [
+        ("dpmpp_2m", "2", r"--steps '2' gives 2 step\(s\), but method dpmpp_2m needs at least 3.*--steps 3"),
+        ("heun", "karras1", r"method heun needs at least 2.*--steps karras2"),
+        ("dpmpp_2m_sde", "ddim2", r"needs at least 3"),
+        ("ddim", "karras0", r"karras0 asks for 0 noise levels; the T = 100 process allows 1..100"),
+        ("ddim", "karras", r"write the count right after the name, e.g. 'karras20'"),
+        ("ddpm", "ddim45", r"cannot take exactly 45 steps"),
+    ],
+)
+def test_too_short_or_bad_schedules_are_refused(method, steps, message):
+    with pytest.raises(UserInputError, match=message):
+        check_steps(method, 100, steps, "--steps")
+
+
+def test_smallest_schedules_are_accepted():
+    assert check_steps("dpmpp_2m", 100, "3") == 3 and check_steps("heun", 100, "karras2") == 2
+    assert check_steps("ddpm", 100, "") == 100 and check_steps("ddim", 100, "logsnr1") == 1
+
+
+@pytest.mark.parametrize(
+    "method, eta, message",
+    [
+        ("ddpm", 0.5, r"--eta 0.5 only applies to method ddim or dpmpp_2m_sde; ddpm sampling has no eta"),
+        ("heun", 0.1, r"only applies to method ddim or dpmpp_2m_sde; heun"),
+        ("ddim", -0.1, r"--eta must be >= 0.0 for method ddim"),
+        ("dpmpp_2m_sde", 1.5, r"--eta must be in \[0.0, 1.0\] for method dpmpp_2m_sde"),
+    ],
+)
+def test_eta_out_of_range_is_refused(method, eta, message):
+    with pytest.raises(UserInputError, match=message):
+        check_eta(method, eta, "--eta")
+
+
+def test_eta_defaults_come_from_the_registry():
+    assert resolve_eta("ddim", None) == 0.0 and resolve_eta("dpmpp_2m_sde", None) == 1.0
+    assert resolve_eta("heun", None) == 0.0 and resolve_eta("dpmpp_2m_sde", 0.3) == 0.3
+
+
+def test_discrete_methods_map_level_schedules_to_trained_steps():
+    process = create_diffusion(100, "cosine", var_type="fixed_small", loss_type="simple")
+    sigmas = ((1 - process.alphas_cumprod) / process.alphas_cumprod).sqrt()
+    assert discrete_steps(sigmas, "uniform5") == [0, 25, 50, 74, 99]  # round(linspace(99, 0, 5))
+    assert discrete_steps(sigmas, "ddim4") == [0, 25, 50, 75]
+    karras = discrete_steps(sigmas, "karras6")
+    levels = schedule_sigmas(DiscreteTimeDenoiser(process, None), "karras6")[:-1]
+    # each level went to its nearest trained step in log sigma
+    assert karras == sorted((levels.log()[:, None] - sigmas.log()).abs().argmin(1).tolist())
+    assert karras == [0, 18, 69, 91, 97, 98]  # sigma_max capped at 80 (sigma_98 = 64, sigma_99 = 2029)
+    respaced = schedule_process(process, "karras6")
+    assert respaced.timestep_map.tolist() == karras
+    with pytest.raises(ValueError, match="puts two of its 90 noise levels on the same trained step"):
+        discrete_steps(sigmas, "karras90")
+
+
+def test_continuous_view_guidance_uses_original_steps_and_score_form():
+    """Classifier guidance eps' = eps - sqrt(1 - alpha_bar) g at x_t with the ORIGINAL index; classifier-free guidance
+    through the model wrapper; both at once; with a learned variance only the mean channels count."""
+    full = create_diffusion(100, "cosine", var_type="learned_range", loss_type="hybrid")
+    process = full.respaced("10")
+    model = TanhEps(out_channels=4)  # [eps | variance]
+    y = torch.tensor([1, 3])
+    seen = []
+    g = torch.randn(2, 2, 3, 3, dtype=torch.float64)
+
+    def cond_fn(x_t, t, y=None):
+        seen.append((x_t.clone(), t.clone()))
+        return g
+
+    x = torch.randn(2, 2, 3, 3, dtype=torch.float64)
+    step = 4  # the 5th kept step = original index 44
+    sigma = ((1 - process.alphas_cumprod[step]) / process.alphas_cumprod[step]).sqrt()
+    cfg = classifier_free_model(model, 3.0, null_class=10)
+    both = DiscreteTimeDenoiser(process, cfg, {"y": y}, cond_fn, timestep_mode="nearest")(x, sigma)
+    x_t = x / (1 + sigma**2).sqrt()
+    t = torch.full((2,), int(process.timestep_map[step]))
+    assert int(t[0]) == 44 and torch.equal(seen[0][1], t) and torch.allclose(seen[0][0], x_t)
+    eps = 4.0 * model(x_t, t, y)[:, :2] - 3.0 * model(x_t, t, torch.full_like(y, 10))[:, :2]
+    ab = process.alphas_cumprod[step]
+    expected = (x_t - (1 - ab).sqrt() * (eps - (1 - ab).sqrt() * g)) / ab.sqrt()
+    assert torch.allclose(both, expected, atol=1e-12)
+    plain = DiscreteTimeDenoiser(process, model, {"y": y}, timestep_mode="nearest")(x, sigma)
+    assert torch.allclose(plain, (x_t - (1 - ab).sqrt() * model(x_t, t, y)[:, :2]) / ab.sqrt(), atol=1e-12)
+    # Between trained steps the model gets the interpolated original index (between 44 and 55).
+    view = DiscreteTimeDenoiser(process, model, {"y": y})
+    between = view.model_timestep((view.sigmas[step] * view.sigmas[step + 1]).sqrt())  # halfway in log sigma
+    assert float(between) == pytest.approx(49.5)
+
+
+def test_start_x_models_and_clipping():
+    process = create_diffusion(50, "linear", mean_type="start_x", var_type="fixed_small", loss_type="simple")
+    x = 3 * torch.randn(2, 2, 2, 2, dtype=torch.float64)
+    model = TanhEps()
+    view = DiscreteTimeDenoiser(process, lambda x_t, t: 2 * model(x_t, t), clip_denoised=True)
+    out = view(x, 0.7)
+    assert out.abs().max() <= 1.0 and (out.abs() == 1.0).any()
+    with pytest.raises(ValueError, match="previous_x"):
+        DiscreteTimeDenoiser(create_diffusion(50, mean_type="previous_x", var_type="fixed_small",
+                                              loss_type="simple"), model)  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["dpmpp_2m", "heun", "dpmpp_2m_sde"])
+def test_sample_loop_runs_every_solver_with_a_classifier(method):
+    process = create_diffusion(100, "cosine", var_type="fixed_small", loss_type="simple")
+    gen = torch.Generator().manual_seed(0)
+    cond_fn = lambda x_t, t, y=None: 0.1 * torch.ones_like(x_t)  # noqa: E731
+    run = lambda: sample_loop(process, TanhEps(), shape=(2, 2, 3, 3), method=method, steps="karras6",  # noqa: E731
+                              model_kwargs={"y": torch.tensor([0, 1])}, cond_fn=cond_fn, generator=gen.manual_seed(0),
+                              return_intermediates=True)  # fmt: skip
+    (a, steps_a), (b, _) = run(), run()
+    assert torch.equal(a, b) and len(steps_a) == 6 and a.abs().max() <= 1.0
