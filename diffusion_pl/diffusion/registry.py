@@ -21,7 +21,7 @@ class SamplerSpec:
     ``kind`` is "discrete" (``function`` is one step of a respaced GaussianDiffusion: ddpm, ddim) or "continuous"
     (``function(denoiser, x, sigmas, ...)`` solves from the first noise level to 0). ``order``: convergence order of
     the deterministic method. ``eta``: the allowed range (low, high) of the stochasticity eta, or None when the method
-    has none; ``default_eta`` is used when none is given. ``stochastic``: always draws noise (ddpm), else only when
+    has none (``eta_help`` says what its ends mean); ``default_eta`` is used when none is given. ``stochastic``: always draws noise (ddpm), else only when
     eta > 0. ``evals_per_step`` / ``min_steps``: see :meth:`nfe` and the registry entries.
     """
 
@@ -31,6 +31,7 @@ class SamplerSpec:
     order: int
     help: str
     eta: tuple[float, float] | None = None
+    eta_help: str = ""
     default_eta: float = 0.0
     stochastic: bool = False
     evals_per_step: int = 1
@@ -50,10 +51,12 @@ SAMPLERS: dict[str, SamplerSpec] = {
         SamplerSpec("ddpm", p_sample, "discrete", 1, stochastic=True,
                     help="ancestral sampling (DDPM; the reference's default, 250 steps for ADM)"),
         SamplerSpec("ddim", ddim_step, "discrete", 1, eta=(0.0, float("inf")), default_eta=0.0,
+                    eta_help="0: deterministic DDIM, 1: DDPM-like noise",
                     help="DDIM (Song et al. 2021); eta 0 deterministic, 1 DDPM-like noise"),
         SamplerSpec("dpmpp_2m", dpm_solver_pp_2m, "continuous", 2, min_steps=3,
                     help="DPM-Solver++(2M) (Lu et al. 2022), 2nd-order multistep ODE solver; 10-25 steps"),
         SamplerSpec("dpmpp_2m_sde", dpm_solver_pp_2m_sde, "continuous", 2, eta=(0.0, 1.0), default_eta=1.0,
+                    eta_help="0: the deterministic dpmpp_2m, 1: the full SDE",
                     min_steps=3, help="DPM-Solver++(2M) SDE, stochastic (eta in [0, 1], default 1; 0 = dpmpp_2m)"),
         SamplerSpec("heun", edm_heun, "continuous", 2, evals_per_step=2, min_steps=2,
                     help="EDM's deterministic Heun sampler (Karras et al. 2022, Alg. 1); 2 evaluations per step"),
@@ -90,13 +93,13 @@ def resolve_eta(method: str, eta: float | None, option: str = "eta") -> float:
         return 0.0
     low, high = spec.eta
     if not low <= eta <= high:
-        bounds = f"in [{low}, {high}]" if high != float("inf") else f">= {low}"
-        raise UserInputError(f"{option} must be {bounds} for method {method} ({spec.help}), got {eta}")
+        bounds = f"in [{low:g}, {high:g}]" if high != float("inf") else f">= {low:g}"
+        raise UserInputError(f"{option} must be {bounds} ({spec.eta_help}), got {eta}")
     return float(eta)
 
 
 def check_eta(method: str, eta: float | None, option: str = "eta") -> None:
-    """Raise UserInputError (a ValueError) naming ``option`` unless ``eta`` fits ``method`` (see :func:`resolve_eta`)."""
+    """Raise UserInputError (a ValueError) naming ``option`` unless ``eta`` fits ``method`` (:func:`resolve_eta`)."""
     resolve_eta(method, eta, option)
 
 
@@ -110,10 +113,10 @@ def check_steps(method: str, num_timesteps: int, steps: str | int | None, option
         raise UserInputError(f"{option} {steps!r}: {e}") from e
     if n < spec.min_steps:
         text = str(steps).strip()
-        smallest = text.rstrip("0123456789") + str(spec.min_steps) if text[-1:].isdigit() and "," not in text else (
-            str(spec.min_steps))
+        named = text.rstrip("0123456789") if text[-1:].isdigit() and "," not in text else ""
+        named = "" if named == "ddim" else named  # ddimN exists only for some N: suggest the plain count
         raise UserInputError(
-            f"{option} {steps!r} gives {n} step(s), but method {method} needs at least {spec.min_steps} "
-            f"(order {spec.order}: its first and last steps are first order); use e.g. {option} {smallest}"
+            f"{option} {steps!r} gives {n} step(s), but method {method} needs at least {spec.min_steps} (with fewer "
+            f"it takes no order-{spec.order} step); use e.g. {option} {named}{spec.min_steps}"
         )
     return n

@@ -54,7 +54,9 @@ def count_steps(num_timesteps: int, spec: str | int | None) -> int:
         return len(space_timesteps(num_timesteps, str(spec).strip()))
     name, n = level
     if not 1 <= n <= num_timesteps:
-        raise ValueError(f"{name}{n} asks for {n} noise levels; the T = {num_timesteps} process allows 1..{num_timesteps}")
+        raise ValueError(
+            f"{name}{n} asks for {n} noise levels; the T = {num_timesteps} process allows 1..{num_timesteps}"
+        )
     return n
 
 

@@ -30,7 +30,8 @@ def test_registry_is_the_list_of_methods():
 
 
 def test_unknown_method_names_the_registry():
-    with pytest.raises(UserInputError, match=r"unknown --method 'dpm'; choose from ddpm, ddim, dpmpp_2m, dpmpp_2m_sde, heun"):
+    names = "ddpm, ddim, dpmpp_2m, dpmpp_2m_sde, heun"
+    with pytest.raises(UserInputError, match=rf"unknown --method 'dpm'; choose from {names} \(ddpm: ancestral"):
         get_sampler("dpm", "--method")
     with pytest.raises(UserInputError, match="unknown method 'euler'"):
         sample_loop(create_diffusion(10), TanhEps(), shape=(1, 2, 2, 2), method="euler")
@@ -62,8 +63,8 @@ def test_smallest_schedules_are_accepted():
     [
         ("ddpm", 0.5, r"--eta 0.5 only applies to method ddim or dpmpp_2m_sde; ddpm sampling has no eta"),
         ("heun", 0.1, r"only applies to method ddim or dpmpp_2m_sde; heun"),
-        ("ddim", -0.1, r"--eta must be >= 0.0 for method ddim"),
-        ("dpmpp_2m_sde", 1.5, r"--eta must be in \[0.0, 1.0\] for method dpmpp_2m_sde"),
+        ("ddim", -0.1, r"--eta must be >= 0 \(0: deterministic DDIM, 1: DDPM-like noise\), got -0.1"),
+        ("dpmpp_2m_sde", 1.5, r"--eta must be in \[0, 1\] \(0: the deterministic dpmpp_2m, 1: the full SDE\), got 1.5"),
     ],
 )
 def test_eta_out_of_range_is_refused(method, eta, message):

@@ -105,7 +105,12 @@ def test_denoiser_matches_kdiffusion_discrete_eps_ddpm_denoiser(quantize):
     _, ours, theirs = _setup(quantize=quantize)
     x = torch.randn(5, 2, 3, 3, dtype=torch.float64)
     # Trained levels, levels between them, and levels outside [sigma_min, sigma_max] (clamped to the end steps).
-    sigma = torch.cat([ours.sigmas[[0, 7, 99]], torch.tensor([0.05, 3.3]), ]).to(torch.float64)
+    sigma = torch.cat(
+        [
+            ours.sigmas[[0, 7, 99]],
+            torch.tensor([0.05, 3.3]),
+        ]
+    ).to(torch.float64)
     sigma[-1] = ours.sigma_max * 2 if quantize else sigma[-1]
     assert torch.allclose(ours(x, sigma), theirs(x, sigma), rtol=0, atol=1e-12)
     assert torch.allclose(ours.model_timestep(sigma).double(), theirs.sigma_to_t(sigma).double(), atol=1e-12)
@@ -123,9 +128,12 @@ def test_schedules_match_kdiffusion():
                           sampling.get_sigmas_exponential(12, s_min, s_max).double(), rtol=1e-5)  # fmt: skip
     assert torch.allclose(schedule_sigmas(ours, "uniform12"), theirs.get_sigmas(12).double(), rtol=1e-5)
     assert torch.allclose(schedule_sigmas(ours, ""), theirs.get_sigmas().double(), rtol=1e-5)
-    assert torch.allclose(karras_sigmas(5, 0.1, 10.0), sampling.get_sigmas_karras(5, 0.1, 10.0)[:-1].double(), rtol=1e-5)
-    assert torch.allclose(logsnr_sigmas(5, 0.1, 10.0), sampling.get_sigmas_exponential(5, 0.1, 10.0)[:-1].double(),
-                          rtol=1e-5)
+    assert torch.allclose(
+        karras_sigmas(5, 0.1, 10.0), sampling.get_sigmas_karras(5, 0.1, 10.0)[:-1].double(), rtol=1e-5
+    )
+    assert torch.allclose(
+        logsnr_sigmas(5, 0.1, 10.0), sampling.get_sigmas_exponential(5, 0.1, 10.0)[:-1].double(), rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("schedule", ["karras8", "logsnr5", "uniform10", "ddim4"])
