@@ -231,11 +231,12 @@ Chunks = Iterator[tuple[np.ndarray, np.ndarray]]
 
 
 def decoded_chunks(paths: Sequence[str], labels: np.ndarray, image_size: int, channels: int, *, name: str,
-                   num_workers: int, desc: str, skipped: list[str] | None = None) -> Chunks:  # fmt: skip
-    """(uint8 (1, S, S, C), label (1,)) per file by :func:`decode_center`, for PreparedSplit.write. A file that fails
-    to decode (e.g. truncated) is appended to ``skipped`` when a list is given, else refused by name."""
+                   num_workers: int, desc: str, skipped: list[str] | None = None,
+                   decode: Callable = decode_center) -> Chunks:  # fmt: skip
+    """(uint8 (1, S, S, C), label (1,)) per file by ``decode`` (:func:`decode_center`), for PreparedSplit.write. A
+    file that fails to decode (e.g. truncated) is appended to ``skipped`` when a list is given, else refused by name."""
     jobs = [(p, image_size, channels) for p in paths]
-    for i, arr in enumerate(parallel_map(decode_center, jobs, num_workers, desc)):
+    for i, arr in enumerate(parallel_map(decode, jobs, num_workers, desc)):
         if isinstance(arr, str):
             if skipped is None:
                 raise UserInputError(

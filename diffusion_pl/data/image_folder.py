@@ -16,11 +16,13 @@ from diffusion_pl.data.folder import (
     CHANNEL_MODES,
     FolderListing,
     check_files,
+    decode_center,
     decoded_chunks,
     empty_classes,
     list_class_folders,
     list_images,
 )
+from diffusion_pl.data.random_crop import RaggedSplit, RandomCropDataset, decode_reduced
 from diffusion_pl.errors import UserInputError
 
 NAME = "ImageFolderDataModule"
@@ -38,7 +40,9 @@ class ImageFolderDataModule(ImageDataModule):
     halving while the short side >= 2 * image_size, BICUBIC to image_size, centre crop. Images whose short side is
     below image_size are refused unless allow_upscale; unreadable or damaged files are refused by name unless
     skip_bad_images (then left out and counted). A seeded val_fraction of the files (split_seed) is the validation
-    split (val = test); random_flip flips training images horizontally.
+    split (val = test); random_flip flips training images horizontally; random_crop replaces the training images
+    centre crop by ADM's random crop (a random short side in [S, ceil(S / 0.8)], then a random S x S window; the cache
+    then holds each training image reduced only as far as every such crop allows: several times the size).
     prepare_data decodes everything once into cache_dir (default data_dir/.diffusion_pl_cache), in a sub-folder keyed
     by the file listing (names, sizes, mtimes) and these settings: a changed file or setting prepares a new cache.
     The class mapping is saved there (classes.json) and in checkpoints (this DataModule's state). Lightning runs
@@ -54,6 +58,7 @@ class ImageFolderDataModule(ImageDataModule):
         val_fraction: float = 0.05,
         split_seed: int = 0,
         random_flip: bool = True,
+        random_crop: bool = False,
         allow_upscale: bool = False,
         skip_bad_images: bool = False,
         cache_dir: str | None = None,
@@ -81,7 +86,7 @@ class ImageFolderDataModule(ImageDataModule):
         self.prepare_data_per_node = prepare_data_per_node  # Lightning's attribute
         self.data_dir, self.cache_root, self.class_names = data_dir, cache_root, class_names
         self.class_cond, self.val_fraction, self.split_seed = class_cond, val_fraction, split_seed
-        self.allow_upscale, self.skip_bad_images = allow_upscale, skip_bad_images
+        self.allow_upscale, self.skip_bad_images, self.random_crop = allow_upscale, skip_bad_images, random_crop
 
     # ------------------------------------------------------------------------------------------------ the cache
     def listing(self) -> FolderListing:
@@ -101,14 +106,18 @@ class ImageFolderDataModule(ImageDataModule):
         """sha1 of the listing's fingerprint and every setting that changes the prepared arrays."""
         settings = dict(version=CACHE_VERSION, image_size=self.image_size, channels=self.in_channels,
                         class_cond=self.class_cond, val_fraction=self.val_fraction, split_seed=self.split_seed,
-                        allow_upscale=self.allow_upscale, skip_bad_images=self.skip_bad_images)  # fmt: skip
+                        allow_upscale=self.allow_upscale, skip_bad_images=self.skip_bad_images,
+                        random_crop=self.random_crop)  # fmt: skip
         text = json.dumps(settings, sort_keys=True) + listing.fingerprint
         return hashlib.sha1(text.encode()).hexdigest()
 
     def cache_dir(self, listing: FolderListing) -> Path:
         return self.cache_root / f"{self.image_size}px_{self.in_channels}ch_{self.cache_key(listing)[:16]}"
 
-    def split_files(self, listing: FolderListing, split: str) -> PreparedSplit:
+    def split_files(self, listing: FolderListing, split: str) -> PreparedSplit | RaggedSplit:
+        """The cache files of a split: centre crops, or (random_crop, train) the reduced images to crop from."""
+        if self.random_crop and split == "train":
+            return RaggedSplit(self.cache_dir(listing), f"folder{self.image_size}_reduced_{split}", self.in_channels)
         return PreparedSplit(self.cache_dir(listing), "folder", split, self.image_size, self.in_channels)
 
     def split_indices(self, count: int) -> dict[str, np.ndarray]:
@@ -137,29 +146,37 @@ class ImageFolderDataModule(ImageDataModule):
         for split, indices in self.split_indices(len(paths)).items():
             skipped = [paths[i] for i in indices if paths[i] in bad]  # the manifest lists the final list
             good = [i for i in indices if paths[i] not in bad]
+            files = self.split_files(listing, split)
+            decode = decode_reduced if isinstance(files, RaggedSplit) else decode_center
             chunks = decoded_chunks([paths[i] for i in good], listing.labels[good], self.image_size,
                                     self.in_channels, name=NAME, num_workers=self.num_workers,
                                     desc=f"{NAME}: {split} images -> cache",
-                                    skipped=skipped if self.skip_bad_images else None)  # fmt: skip
+                                    skipped=skipped if self.skip_bad_images else None,
+                                    decode=decode)  # fmt: skip
             info = {"data_dir": str(Path(self.data_dir).resolve()), "class_names": listing.class_names,
                     "skipped": skipped}  # fmt: skip
-            kept = self.split_files(listing, split).write(len(good), chunks, info, allow_fewer=self.skip_bad_images)
+            if isinstance(files, RaggedSplit):
+                kept = files.write(chunks, info)
+            else:
+                kept = files.write(len(good), chunks, info, allow_fewer=self.skip_bad_images)
             if kept == 0:
-                self.split_files(listing, split).manifest.unlink(missing_ok=True)  # not a usable cache
+                files.manifest.unlink(missing_ok=True)  # not a usable cache
                 raise UserInputError(f"{NAME}: no readable image left in the {split} split of {self.data_dir}")
 
     # ------------------------------------------------------------------------------------------------ loading
-    def _open(self, files: PreparedSplit, random_flip: bool) -> ArrayImageDataset:
+    def _open(self, files: PreparedSplit | RaggedSplit, random_flip: bool) -> ArrayImageDataset | RandomCropDataset:
         manifest = files.read_manifest()
         if manifest is None:
             raise RuntimeError(
                 f"{NAME}: no complete prepared {files.split} split for the current files and settings in "
-                f"{files.images.parent}. Call prepare_data() first (the Trainer does this before setup)."
+                f"{files.manifest.parent}. Call prepare_data() first (the Trainer does this before setup)."
             )
         skipped = manifest.get("skipped") or []
         if skipped:
             rank_zero_warn(f"{NAME}: {len(skipped)} unreadable or damaged files of the {files.split} split are left "
                            f"out (skip_bad_images), e.g. {', '.join(skipped[:3])}")  # fmt: skip
+        if isinstance(files, RaggedSplit):
+            return RandomCropDataset(files, self.image_size, random_flip=random_flip)
         return ArrayImageDataset(files.images, files.labels, random_flip=random_flip)
 
     def setup(self, stage: str | None = None) -> None:

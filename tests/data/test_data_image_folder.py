@@ -278,3 +278,33 @@ def test_label_count_must_match_the_model(tmp_path):
     trainer = L.Trainer(fast_dev_run=1, accelerator="cpu", logger=False, enable_progress_bar=False)
     with pytest.raises(ValueError, match=r"data.num_classes = 2 \(ImageFolderDataModule\) .*num_classes = 5"):
         trainer.fit(model, datamodule=_dm(root))
+
+
+def test_random_crop_equals_guided_diffusion(tmp_path, reference):
+    """random_crop: each training item is the reference's random_crop_arr of the original file, for the draws the
+    item takes from torch's RNG; the cache holds the images reduced by the halvings every draw shares."""
+    data = _write(tmp_path / "images", {"a/big.png": (517, 260, "RGB"), "a/tall.jpg": (70, 300, "RGB"),
+                                        "b/grey.png": (64, 90, "L"), "b/sq.png": (40, 40, "RGB"),
+                                        "b/wide.webp": (1000, 330, "RGB")})  # fmt: skip
+    dm = _ready(_dm(data, image_size=16, random_crop=True, val_fraction=0.2))
+    listing = dm.listing()
+    train = [listing.files[i] for i in dm.split_indices(len(listing.files))["train"]]
+    assert len(dm.train_dataset) == len(train) == 4 and not hasattr(dm.val_dataset, "index")
+    assert type(dm.train_dataset).__name__ == "RandomCropDataset"
+    crops = {tuple(to_uint8(dm.train_dataset[0][0][None]).flatten()[:64].tolist()) for _ in range(4)}
+    assert len(crops) > 1  # random: another crop each time
+    for i, rel in enumerate(train):
+        for draw in range(3):
+            torch.manual_seed(draw)
+            x, y = dm.train_dataset[i]
+            torch.manual_seed(draw)
+            random.seed(int(torch.randint(0, 2**62, ())))
+            with Image.open(data / rel) as image:
+                expected = reference.random_crop_arr(image.convert("RGB"), 16)
+            assert np.array_equal(to_uint8(x[None])[0].permute(1, 2, 0).numpy(), expected), (rel, draw)
+            assert y.item() == dm.class_names.index(rel.split("/")[0])
+    # another setting, another cache; the reduced images are stored smaller than the files
+    (cache,) = [p for p in (data / ".diffusion_pl_cache").iterdir()]
+    assert (cache / "folder16_reduced_train_pixels.bin").stat().st_size < 517 * 260 * 3
+    _ready(_dm(data, image_size=16, val_fraction=0.2))
+    assert len(list((data / ".diffusion_pl_cache").iterdir())) == 2
