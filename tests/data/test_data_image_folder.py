@@ -308,3 +308,20 @@ def test_random_crop_equals_guided_diffusion(tmp_path, reference):
     assert (cache / "folder16_reduced_train_pixels.bin").stat().st_size < 517 * 260 * 3
     _ready(_dm(data, image_size=16, val_fraction=0.2))
     assert len(list((data / ".diffusion_pl_cache").iterdir())) == 2
+
+
+@pytest.mark.ddp
+def test_ddp_prepares_once_and_every_rank_reads_the_cache(tmp_path):
+    """2 processes: prepare_data runs on one (Lightning's per-node rule), both ranks read the same prepared cache."""
+    data = _write(tmp_path / "images", {f"{c}/{i}.png": (20, 16, "RGB") for c in ("a", "b") for i in range(5)})
+    (tmp_path / "log").mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    script = Path(__file__).with_name("ddp_folder_script.py")
+    result = subprocess.run([sys.executable, str(script), str(data), str(tmp_path / "log")], capture_output=True,
+                            text=True, timeout=240, env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    prepared = [p.read_text() for p in (tmp_path / "log").glob("prepare_*")]
+    assert prepared == ["0"]
+    setups = {p.name: p.read_text() for p in (tmp_path / "log").glob("setup_*")}
+    assert sorted(setups) == ["setup_0", "setup_1"] and setups["setup_0"] == setups["setup_1"]
+    assert setups["setup_0"].startswith("8 ") and ".diffusion_pl_cache" in setups["setup_0"]
