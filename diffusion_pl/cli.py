@@ -27,7 +27,7 @@ from diffusion_pl.errors import (
 
 __all__ = ["DEBUG_ENV", "debug_requested", "main", "run_command"]
 
-# name -> "module:function"; each function's typed signature is its command line (jsonargparse.CLI).
+# name -> "module:function"; each function's typed signature is its command line (diffusion_pl.commands.parser).
 EXTRA_COMMANDS: dict[str, str] = {
     "sample": "diffusion_pl.commands.sample:sample",
     "evaluate": "diffusion_pl.commands.evaluate:evaluate",
@@ -67,15 +67,12 @@ def run_command(command: str, args: list[str]) -> None:
 
     flush_denormals()  # CPU arithmetic on denormal floats is orders of magnitude slower (see utils/device.py)
     if command in EXTRA_COMMANDS:
-        from jsonargparse import CLI
-
+        from diffusion_pl.commands.parser import call_with_args
         from diffusion_pl.parse_errors import ConciseArgumentParser
 
         module_name, function_name = EXTRA_COMMANDS[command].split(":")
         function = getattr(importlib.import_module(module_name), function_name)
-        # A short usage line above parse errors (the full option list is in --help).
-        CLI(function, args=args[1:], prog=f"diffusion-pl {command}", usage=f"diffusion-pl {command} [options]",
-            parser_class=ConciseArgumentParser)  # fmt: skip
+        call_with_args(function, args[1:], f"diffusion-pl {command}", parser_class=ConciseArgumentParser)
     else:
         run_lightning_cli(args)
 

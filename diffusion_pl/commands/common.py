@@ -12,6 +12,7 @@ import torch
 import yaml
 from torch import nn
 
+from diffusion_pl.commands.options import ClassifierSource, Guidance, ModelSource, SamplingOptions
 from diffusion_pl.diffusion import GaussianDiffusion, create_diffusion
 from diffusion_pl.errors import UserFileNotFoundError, UserInputError
 from diffusion_pl.models import (
@@ -46,6 +47,8 @@ class LoadedModel:
     num_classes: int | None
     null_class: int | None
     info: dict[str, Any] = field(default_factory=dict)  # hparams-like, for check_classifier_compatible
+    # The training process as ModelSource names it (diffusion_steps = the model's real T), for settings.json.
+    process: dict[str, Any] = field(default_factory=dict)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -131,16 +134,9 @@ def load_openai_file(cls: type, kwargs: dict[str, Any], path: str, option: str, 
     return model
 
 
-def load_model(
-    ckpt: str | None = None,
-    openai_ckpt: str | None = None,
-    arch: str | None = None,
-    diffusion_steps: int = 1000,
-    noise_schedule: str = "cosine",
-    var_type: str = "auto",
-    rescale_timesteps: bool = False,
-) -> LoadedModel:
+def load_model(source: ModelSource) -> LoadedModel:
     """A diffusion-pl checkpoint (it carries its config) or a released OpenAI checkpoint + arch + process settings."""
+    ckpt, openai_ckpt, arch = source.ckpt, source.openai_ckpt, source.arch
     if (ckpt is None) == (openai_ckpt is None):
         raise UserInputError("give exactly one of --ckpt (a diffusion-pl checkpoint) or --openai_ckpt (with --arch)")
     if ckpt is not None:
@@ -158,12 +154,16 @@ def load_model(
             num_classes=int(hp["num_classes"]) if hp["class_cond"] else None,
             null_class=module.null_label,
             info=hp,
+            process=dict(diffusion_steps=int(hp["steps"]), noise_schedule=hp["noise_schedule"],
+                         var_type=hp["var_type"], rescale_timesteps=bool(hp["rescale_timesteps"])),  # fmt: skip
         )
     if arch is None:
         raise UserInputError("--openai_ckpt needs --arch: a released preset name or a YAML file of UNetModel arguments")
     kwargs = resolve_arch(arch, UNetModel, "arch")
     net = load_openai_file(UNetModel, kwargs, openai_ckpt, "--openai_ckpt", "openai-unet", f"--arch {arch}").eval()
     learn_sigma = bool(kwargs.get("learn_sigma", False))
+    diffusion_steps, noise_schedule, var_type = source.diffusion_steps, source.noise_schedule, source.var_type
+    rescale_timesteps = source.rescale_timesteps
     if var_type == "auto":  # guided-diffusion: learn_sigma -> learned range, else fixed large (sigma_small False)
         var_type = "learned_range" if learn_sigma else "fixed_large"
     diffusion = create_diffusion(
@@ -187,17 +187,17 @@ def load_model(
         num_classes=int(num_classes) if num_classes is not None else None,
         null_class=int(num_classes) if kwargs.get("null_class") and num_classes is not None else None,
         info=info,
+        process=dict(diffusion_steps=diffusion_steps, noise_schedule=noise_schedule, var_type=var_type,
+                     rescale_timesteps=rescale_timesteps),  # fmt: skip
     )
 
 
-def load_classifier(
-    model: LoadedModel,
-    classifier_ckpt: str | None = None,
-    classifier_openai_ckpt: str | None = None,
-    classifier_arch: str | None = None,
-) -> LoadedClassifier | None:
+def load_classifier(model: LoadedModel, source: ClassifierSource) -> LoadedClassifier | None:
     """A NoisyClassifierModule checkpoint or a released OpenAI classifier, checked against the diffusion model."""
     from diffusion_pl.lightning.callbacks import check_classifier_compatible
+
+    classifier_ckpt, classifier_openai_ckpt = source.classifier_ckpt, source.classifier_openai_ckpt
+    classifier_arch = source.classifier_arch
 
     if classifier_ckpt is not None and classifier_openai_ckpt is not None:
         raise UserInputError("give at most one of --classifier_ckpt and --classifier_openai_ckpt")
@@ -227,29 +227,20 @@ def load_classifier(
     return LoadedClassifier(net=net, num_classes=int(info["out_channels"]), info=info, source=source)
 
 
-def engine_options(
-    model: LoadedModel,
-    classifier: LoadedClassifier | None,
-    steps: str,
-    method: str,
-    eta: float,
-    clip_denoised: bool,
-    classifier_scale: float,
-    cfg_scale: float,
-    label_mode: str,
-    seed: int,
-    precision: str,
-) -> dict[str, Any]:
+def engine_options(model: LoadedModel, classifier: LoadedClassifier | None, sampling: SamplingOptions,
+                   guidance: Guidance) -> dict[str, Any]:  # fmt: skip
     """Keyword arguments of SampleEngine (minus model/diffusion/classifier/device), after checking the options against
     the model and classifier (guidance, --steps against T, --eta), before anything is written."""
-    check_guidance(model.class_cond, model.null_class, classifier is not None, classifier_scale, cfg_scale)
-    check_respacing(model.diffusion, steps, "--steps")
-    check_eta(method, eta, "--eta")
+    check_guidance(model.class_cond, model.null_class, classifier is not None, guidance.classifier_scale,
+                   guidance.cfg_scale)  # fmt: skip
+    check_respacing(model.diffusion, sampling.steps, "--steps")
+    check_eta(sampling.method, sampling.eta, "--eta")
     num_classes = model.num_classes if model.class_cond else (classifier.num_classes if classifier else None)
     return dict(
-        image_shape=model.image_shape, respacing=steps, method=method, eta=eta, clip_denoised=clip_denoised,
-        class_cond=model.class_cond, num_classes=num_classes, null_class=model.null_class,
-        classifier_scale=classifier_scale, cfg_scale=cfg_scale, label_mode=label_mode, seed=seed, precision=precision,
+        image_shape=model.image_shape, respacing=sampling.steps, method=sampling.method, eta=sampling.eta,
+        clip_denoised=sampling.clip_denoised, class_cond=model.class_cond, num_classes=num_classes,
+        null_class=model.null_class, classifier_scale=guidance.classifier_scale, cfg_scale=guidance.cfg_scale,
+        label_mode=sampling.label_mode, seed=sampling.seed, precision=sampling.precision,
     )  # fmt: skip
 
 
@@ -296,13 +287,6 @@ def check_out_dir(out_dir: str, option: str = "--out_dir") -> None:
         raise UserInputError(f"{option} {out_dir} {which}, not a directory: choose another {option}")
     if not os.access(path, os.W_OK | os.X_OK):
         raise UserInputError(f"{option} {out_dir}: {path} is not writable: choose another {option}")
-
-
-def check_devices(devices: int, num_nodes: int) -> None:
-    """--devices (processes per node) and --num_nodes are positive (checked before anything is launched)."""
-    for option, value in (("--devices", devices), ("--num_nodes", num_nodes)):
-        if value < 1:
-            raise UserInputError(f"{option} must be >= 1, got {value}")
 
 
 def check_file(path: str | None, option: str, what: str = "file") -> None:

@@ -222,7 +222,7 @@ def demo(
     num_samples = 10 * samples_per_class
     common = [
         "--ckpt", model_ckpt, "--num_samples", str(num_samples), "--label_mode", "balanced", "--steps", steps,
-        "--batch_size", str(num_samples), "--precision", precision, "--accelerator", accelerator, "--seed", "0",
+        "--sample_batch_size", str(num_samples), "--precision", precision, "--accelerator", accelerator, "--seed", "0",
     ]  # fmt: skip
     guidance = {
         "unguided": [],

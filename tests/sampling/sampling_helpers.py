@@ -80,3 +80,10 @@ class TinyDataModule(L.LightningDataModule):
 
     def val_dataloader(self):
         return torch.utils.data.DataLoader(self.val_set, batch_size=self.batch_size)
+
+
+def run_command(command, **options):
+    """Call a command function (sample / evaluate / sweep) with flat options named as on its command line."""
+    from diffusion_pl.commands.parser import grouped
+
+    return command(**grouped(command, options))

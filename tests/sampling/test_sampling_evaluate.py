@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch_fidelity
 from PIL import Image
+from sampling_helpers import run_command
 
 from diffusion_pl.commands.evaluate import evaluate
 from diffusion_pl.evaluation import save_samples_npz
@@ -37,9 +38,9 @@ def test_metrics_equal_torch_fidelity(tmp_path, random_inception_weights, monkey
     gen = np.concatenate([smooth(N // 2, 1, 20.0), smooth(N // 2, 3, -50.0)])
     npz = save_samples_npz(str(tmp_path / "gen.npz"), gen, np.arange(N) % 3)
     real_dir = write_folder(tmp_path / "real", smooth(N, 2))
-    ours = evaluate(samples=npz, reference=real_dir, inception_weights=random_inception_weights,
+    ours = run_command(evaluate, samples=npz, reference=real_dir, inception_weights=random_inception_weights,
                     kid_subset_size=KID_SUBSET, isc_splits=ISC_SPLITS, out_dir=str(tmp_path / "ev"),
-                    accelerator="cpu", batch_size=10)  # fmt: skip
+                    accelerator="cpu", inception_batch_size=10)  # fmt: skip
     theirs = torch_fidelity.calculate_metrics(
         input1=write_folder(tmp_path / "gen", gen), input2=real_dir, cuda=False, fid=True, isc=True, prc=True,
         kid=True, kid_subset_size=KID_SUBSET, isc_splits=ISC_SPLITS, feature_extractor="inception-v3-compat",
@@ -58,17 +59,17 @@ def test_metrics_equal_torch_fidelity(tmp_path, random_inception_weights, monkey
 
     # a reference of another resolution: the metrics are still computed, with a warning naming both shapes
     small = write_folder(tmp_path / "real8", smooth(N, 2)[:, ::2, ::2])
-    evaluate(samples=npz, reference=small, inception_weights=random_inception_weights, metrics=["fid"],
-             out_dir=str(tmp_path / "ev8"), accelerator="cpu", batch_size=10)  # fmt: skip
+    run_command(evaluate, samples=npz, reference=small, inception_weights=random_inception_weights, metrics=["fid"],
+             out_dir=str(tmp_path / "ev8"), accelerator="cpu", inception_batch_size=10)  # fmt: skip
     assert ("diffusion-pl: warning: the samples are 16x16 with 3 channel(s) but the reference images are 8x8 with 3"
             in capsys.readouterr().err)  # fmt: skip
     with pytest.raises(FileExistsError, match="pass --overwrite"):
-        evaluate(samples=npz, reference=real_dir, inception_weights=random_inception_weights,
+        run_command(evaluate, samples=npz, reference=real_dir, inception_weights=random_inception_weights,
                  out_dir=str(tmp_path / "ev"), accelerator="cpu")  # fmt: skip
 
 
 def test_nll_bits_per_dim(ckpts, tmp_path):
-    out = evaluate(ckpt=ckpts["cond"], nll=True, data_class="sampling_helpers.TinyDataModule", split="val",
+    out = run_command(evaluate, ckpt=ckpts["cond"], nll=True, data_class="sampling_helpers.TinyDataModule", split="val",
                    out_dir=str(tmp_path), accelerator="cpu")  # fmt: skip
     assert out["num_images"] == 6
     assert np.isfinite(out["total_bpd"]) and out["total_bpd"] > 0

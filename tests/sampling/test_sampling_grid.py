@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 from PIL import Image
+from sampling_helpers import run_command
 
 from diffusion_pl.commands.sample import sample
 from diffusion_pl.evaluation import load_samples_npz
@@ -93,8 +94,8 @@ def test_grid_png_blocks_match_the_samples(tmp_path):
 @pytest.mark.slow
 def test_sample_command_grid_rows_are_classes(ckpts, tmp_path):
     out = str(tmp_path / "balanced")
-    sample(out_dir=out, ckpt=ckpts["cond"], num_samples=9, batch_size=9, steps="2", label_mode="balanced",
-           accelerator="cpu")  # fmt: skip
+    run_command(sample, out_dir=out, ckpt=ckpts["cond"], num_samples=9, sample_batch_size=9, steps="2",
+                label_mode="balanced", accelerator="cpu")  # fmt: skip
     images, labels = load_samples_npz(os.path.join(out, "samples.npz"))
     assert labels.tolist() == [0, 1, 2] * 3
     blocks, rows, cols = read_blocks(os.path.join(out, "grid.png"), 8)

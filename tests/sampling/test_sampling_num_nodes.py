@@ -1,5 +1,5 @@
-"""--num_nodes of `diffusion-pl sample / evaluate / sweep` reaches the Lightning Trainer / Fabric that starts the
-processes (recorded by a stand-in: no multi-node run here), through the real command line."""
+"""--num_nodes of `diffusion-pl sample / evaluate / sweep` reaches the Lightning Fabric that starts the processes
+ (recorded by a stand-in: no multi-node run here), through the real command line."""
 
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ def recorder(calls: list[dict]):
     return Recorder
 
 
-def test_sample_passes_num_nodes_to_the_trainer(ckpts, tmp_path, monkeypatch):
+def test_sample_passes_num_nodes_to_fabric(ckpts, tmp_path, monkeypatch):
     calls: list[dict] = []
-    monkeypatch.setattr(lightning, "Trainer", recorder(calls))
+    monkeypatch.setattr(lightning.fabric, "Fabric", recorder(calls))
     with pytest.raises(Launched):
         main(["sample", "--ckpt", ckpts["cond"], "--out_dir", str(tmp_path / "s"), "--num_samples", "4",
               "--steps", "2", "--accelerator", "cpu", "--devices", "8", "--num_nodes", "4"])  # fmt: skip
@@ -37,7 +37,7 @@ def test_sample_passes_num_nodes_to_the_trainer(ckpts, tmp_path, monkeypatch):
 
 def test_sample_one_device_per_node_on_two_nodes_is_ddp(ckpts, tmp_path, monkeypatch):
     calls: list[dict] = []
-    monkeypatch.setattr(lightning, "Trainer", recorder(calls))
+    monkeypatch.setattr(lightning.fabric, "Fabric", recorder(calls))
     with pytest.raises(Launched):
         main(["sample", "--ckpt", ckpts["cond"], "--out_dir", str(tmp_path / "s"), "--num_samples", "4",
               "--steps", "2", "--accelerator", "cpu", "--num_nodes", "2"])  # fmt: skip

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion_pl.commands.evaluate import datamodule_reference
+from diffusion_pl.commands.metrics import datamodule_reference
 from diffusion_pl.data import MNIST5kDataModule
 from diffusion_pl.data.common import evaluation_dataloader
 from diffusion_pl.lightning.evaluation_callback import SampleQualityEvaluation

@@ -11,20 +11,22 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
+from sampling_helpers import run_command
 
-import diffusion_pl.commands.sample as sample_cmd
+import diffusion_pl.commands.generate as generate_cmd
 from diffusion_pl.commands.sample import sample
 from diffusion_pl.evaluation import load_samples_npz
 from diffusion_pl.sampling import GuidanceConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-COMMON = dict(num_samples=6, batch_size=2, shard_size=2, steps="3", accelerator="cpu")
+COMMON = dict(num_samples=6, sample_batch_size=2, shard_size=2, steps="3", accelerator="cpu")
 
 
 @pytest.fixture(scope="module")
 def reference_run(ckpts, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ref") / "out")
-    sample(out_dir=out, ckpt=ckpts["cond"], classifier_ckpt=ckpts["classifier"], classifier_scale=1.0, **COMMON)
+    run_command(sample, out_dir=out, ckpt=ckpts["cond"], classifier_ckpt=ckpts["classifier"], classifier_scale=1.0,
+                **COMMON)  # fmt: skip
     return out
 
 
@@ -45,14 +47,14 @@ def test_npz_grid_settings(reference_run, ckpts):
 
 def test_refuses_to_overwrite(reference_run, ckpts):
     with pytest.raises(FileExistsError, match="already exists; pass --overwrite"):
-        sample(out_dir=reference_run, ckpt=ckpts["cond"], classifier_ckpt=ckpts["classifier"], classifier_scale=1.0,
-               **COMMON)  # fmt: skip
+        run_command(sample, out_dir=reference_run, ckpt=ckpts["cond"], classifier_ckpt=ckpts["classifier"],
+                    classifier_scale=1.0, **COMMON)  # fmt: skip
 
 
 def test_resume_after_interruption(reference_run, ckpts, tmp_path, monkeypatch):
     out = str(tmp_path / "out")
     kwargs = dict(out_dir=out, ckpt=ckpts["cond"], classifier_ckpt=ckpts["classifier"], classifier_scale=1.0, **COMMON)
-    real_run_shards = sample_cmd.run_shards
+    real_run_shards = generate_cmd.run_shards
     calls = []
 
     def interrupted(engine, shards, *args, **kw):
@@ -61,16 +63,16 @@ def test_resume_after_interruption(reference_run, ckpts, tmp_path, monkeypatch):
             raise RuntimeError("simulated interruption")
         return real_run_shards(engine, shards, *args, **kw)
 
-    monkeypatch.setattr(sample_cmd, "run_shards", interrupted)
+    monkeypatch.setattr(generate_cmd, "run_shards", interrupted)
     with pytest.raises(RuntimeError, match="simulated interruption"):
-        sample(**kwargs)
+        run_command(sample, **kwargs)
     assert not os.path.exists(os.path.join(out, "samples.npz"))
     assert sorted(os.listdir(os.path.join(out, "shards"))) == ["settings.json", "shard_000000.npz"]
     first_shard_mtime = os.stat(os.path.join(out, "shards", "shard_000000.npz")).st_mtime_ns
 
     calls.clear()
-    monkeypatch.setattr(sample_cmd, "run_shards", lambda *a, **k: (calls.append(1), real_run_shards(*a, **k))[1])
-    sample(**kwargs)
+    monkeypatch.setattr(generate_cmd, "run_shards", lambda *a, **k: (calls.append(1), real_run_shards(*a, **k))[1])
+    run_command(sample, **kwargs)
     assert len(calls) == 2  # shard 0 skipped, shards 1 and 2 generated
     assert os.stat(os.path.join(out, "shards", "shard_000000.npz")).st_mtime_ns == first_shard_mtime
     for a, b in zip(load_samples_npz(os.path.join(out, "samples.npz")),
@@ -82,7 +84,7 @@ def test_resume_with_other_settings_refused(reference_run, ckpts):
     os.rename(os.path.join(reference_run, "samples.npz"), os.path.join(reference_run, "kept.npz"))
     try:
         with pytest.raises(ValueError, match="different settings.*seed"):
-            sample(out_dir=reference_run, ckpt=ckpts["cond"], classifier_ckpt=ckpts["classifier"],
+            run_command(sample, out_dir=reference_run, ckpt=ckpts["cond"], classifier_ckpt=ckpts["classifier"],
                    classifier_scale=1.0, seed=1, **COMMON)  # fmt: skip
     finally:
         os.rename(os.path.join(reference_run, "kept.npz"), os.path.join(reference_run, "samples.npz"))
@@ -92,7 +94,7 @@ def run_two_ranks(out: str, ckpts) -> subprocess.CompletedProcess:
     """`diffusion-pl sample` with COMMON's settings (and guidance) on 2 CPU processes."""
     cmd = [sys.executable, "-m", "diffusion_pl.cli", "sample", "--out_dir", out, "--ckpt", ckpts["cond"],
            "--classifier_ckpt", ckpts["classifier"], "--classifier_scale", "1.0", "--num_samples", "6",
-           "--batch_size", "2", "--shard_size", "2", "--steps", "3", "--accelerator", "cpu",
+           "--sample_batch_size", "2", "--shard_size", "2", "--steps", "3", "--accelerator", "cpu",
            "--devices", "2"]  # fmt: skip
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
@@ -112,15 +114,16 @@ def test_compatibility_errors(ckpts, tmp_path):
     out = str(tmp_path / "x")
     message = "(?s)cannot guide this diffusion model.*image_size: classifier 16 vs diffusion model 8"
     with pytest.raises(ValueError, match=message):
-        sample(out_dir=out, ckpt=ckpts["cond"], classifier_ckpt=ckpts["classifier16"], classifier_scale=1.0, **COMMON)
+        run_command(sample, out_dir=out, ckpt=ckpts["cond"], classifier_ckpt=ckpts["classifier16"],
+                    classifier_scale=1.0, **COMMON)  # fmt: skip
     with pytest.raises(GuidanceConfigError, match="needs a noisy classifier, but none was given for an unconditional"):
-        sample(out_dir=out, ckpt=ckpts["uncond"], classifier_scale=1.0, **COMMON)
+        run_command(sample, out_dir=out, ckpt=ckpts["uncond"], classifier_scale=1.0, **COMMON)
     with pytest.raises(GuidanceConfigError, match="needs a model trained with a null class"):
-        sample(out_dir=out, ckpt=ckpts["nonull"], cfg_scale=2.0, **COMMON)
+        run_command(sample, out_dir=out, ckpt=ckpts["nonull"], cfg_scale=2.0, **COMMON)
     with pytest.raises(GuidanceConfigError, match="this model is unconditional"):
-        sample(out_dir=out, ckpt=ckpts["uncond"], cfg_scale=2.0, **COMMON)
+        run_command(sample, out_dir=out, ckpt=ckpts["uncond"], cfg_scale=2.0, **COMMON)
     with pytest.raises(ValueError, match="exactly one of --ckpt"):
-        sample(out_dir=out, **COMMON)
+        run_command(sample, out_dir=out, **COMMON)
     assert not os.path.exists(out)
 
 
@@ -144,16 +147,16 @@ def test_rank_without_work_waits_for_the_others(reference_run, ckpts, tmp_path, 
     without error: here shards 0 and 1 are done, so on 2 ranks rank 0 has shard 2 and rank 1 nothing."""
     out = str(tmp_path / "resume_ddp")
     kwargs = dict(out_dir=out, ckpt=ckpts["cond"], classifier_ckpt=ckpts["classifier"], classifier_scale=1.0, **COMMON)
-    real_run_shards = sample_cmd.run_shards
+    real_run_shards = generate_cmd.run_shards
 
     def stop_at_shard_2(engine, shards, *args, **kw):
         if shards[0].shard_id == 2:
             raise RuntimeError("simulated interruption")
         return real_run_shards(engine, shards, *args, **kw)
 
-    monkeypatch.setattr(sample_cmd, "run_shards", stop_at_shard_2)
+    monkeypatch.setattr(generate_cmd, "run_shards", stop_at_shard_2)
     with pytest.raises(RuntimeError, match="simulated interruption"):
-        sample(**kwargs)
+        run_command(sample, **kwargs)
     assert sorted(os.listdir(os.path.join(out, "shards"))) == ["settings.json", "shard_000000.npz", "shard_000001.npz"]
     proc = run_two_ranks(out, ckpts)
     assert proc.returncode == 0, proc.stderr[-3000:]

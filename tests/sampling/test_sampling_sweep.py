@@ -8,6 +8,7 @@ import os
 
 import pytest
 from PIL import Image
+from sampling_helpers import run_command
 
 from diffusion_pl.commands.sweep import sweep
 from diffusion_pl.sampling import GuidanceConfigError
@@ -16,8 +17,8 @@ from diffusion_pl.sampling import GuidanceConfigError
 def test_sweep_table_and_plot(ckpts, tmp_path, random_inception_weights, monkeypatch):
     monkeypatch.setenv("DIFFUSION_PL_CACHE", str(tmp_path / "cache"))
     out = str(tmp_path / "sweep")
-    rows = sweep(ckpt=ckpts["cond"], classifier_ckpt=ckpts["classifier"], classifier_scales=[0.0, 4.0],
-                 cfg_scales=[2.0], out_dir=out, num_samples=5, batch_size=5, steps="3",
+    rows = run_command(sweep, ckpt=ckpts["cond"], classifier_ckpt=ckpts["classifier"], classifier_scales=[0.0, 4.0],
+                 cfg_scales=[2.0], out_dir=out, num_samples=5, sample_batch_size=5, steps="3",
                  data_class="sampling_helpers.TinyDataModule", inception_weights=random_inception_weights,
                  metrics=["fid", "isc", "prc"], isc_splits=1, accelerator="cpu")  # fmt: skip
     assert [(r["guidance"], r["scale"]) for r in rows] == [("classifier", 0.0), ("classifier", 4.0), ("cfg", 2.0)]
@@ -37,6 +38,7 @@ def test_sweep_table_and_plot(ckpts, tmp_path, random_inception_weights, monkeyp
 
 def test_sweep_checks_every_point_first(ckpts, tmp_path):
     with pytest.raises(GuidanceConfigError, match="needs a model trained with a null class"):
-        sweep(ckpt=ckpts["nonull"], classifier_ckpt=ckpts["classifier"], classifier_scales=[1.0], cfg_scales=[1.0],
-              out_dir=str(tmp_path / "s"), data_class="sampling_helpers.TinyDataModule", accelerator="cpu")  # fmt: skip
+        run_command(sweep, ckpt=ckpts["nonull"], classifier_ckpt=ckpts["classifier"], classifier_scales=[1.0],
+                    cfg_scales=[1.0], out_dir=str(tmp_path / "s"), data_class="sampling_helpers.TinyDataModule",
+                    accelerator="cpu")  # fmt: skip
     assert not os.path.exists(tmp_path / "s")

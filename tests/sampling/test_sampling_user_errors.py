@@ -22,7 +22,7 @@ from diffusion_pl.sampling import prepare_shard_dir
 
 ARCH = dict(image_size=8, in_channels=1, model_channels=32, num_res_blocks=1, channel_mult=[1, 2],
             attention_resolutions=[4], num_head_channels=32, learn_sigma=True)  # fmt: skip
-FAST = ["--num_samples", "4", "--batch_size", "2", "--shard_size", "2", "--steps", "2", "--accelerator", "cpu"]
+FAST = ["--num_samples", "4", "--sample_batch_size", "2", "--shard_size", "2", "--steps", "2", "--accelerator", "cpu"]
 
 
 @pytest.fixture(scope="module")
