@@ -136,12 +136,16 @@ class ImageFolderDataModule(ImageDataModule):
         listing = self.listing()
         if all(self.split_files(listing, s).read_manifest() is not None for s in SPLITS):
             return
+        directory = self.cache_dir(listing)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # read-only data folder, a file in the way, ...
+            raise UserInputError(f"{NAME}: cannot create the cache folder {directory} ({err.strerror or err}); set "
+                                 "cache_dir to a writable folder") from err  # fmt: skip
         paths = listing.paths()
         bad = check_files(paths, self.image_size, name=NAME, skip_bad=self.skip_bad_images,
                           allow_upscale=self.allow_upscale, num_workers=self.num_workers)  # fmt: skip
-        directory = self.cache_dir(listing)
         rank_zero_info(f"{NAME}: preparing {len(paths)} images of {self.data_dir} into {directory}")
-        directory.mkdir(parents=True, exist_ok=True)
         atomic_write_json(directory / CLASSES_FILE, {"class_names": listing.class_names, "data_dir": self.data_dir})
         for split, indices in self.split_indices(len(paths)).items():
             skipped = [paths[i] for i in indices if paths[i] in bad]  # the manifest lists the final list

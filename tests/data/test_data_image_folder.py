@@ -204,6 +204,9 @@ def test_folder_errors(tmp_path):
     with pytest.raises(ValueError, match="class folders without images .*c_empty"):
         _dm(root).prepare_data()
     (root / "c_empty").rmdir()
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ValueError, match=r"cannot create the cache folder .*a_file/.*set cache_dir to a writable"):
+        _dm(root, cache_dir=str(tmp_path / "a_file")).prepare_data()
     for bad, match in [(dict(channels=2), "channels must be 1"), (dict(val_fraction=1.0), "val_fraction")]:
         with pytest.raises(ValueError, match=match):
             _dm(root, **bad)
