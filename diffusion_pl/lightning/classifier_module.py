@@ -48,6 +48,7 @@ class NoisyClassifierModule(L.LightningModule):
     """
 
     RESUME_CHANGEABLE_HPARAMS = frozenset({
+        "fused_norm",
         "dropout", "use_checkpoint", "t_min", "t_max", "lr", "weight_decay", "betas", "warmup_steps", "anneal_lr",
         "init_from",
     })  # fmt: skip
@@ -71,6 +72,7 @@ class NoisyClassifierModule(L.LightningModule):
         use_new_attention_order: bool = False,
         use_checkpoint: bool = False,
         norm_groups: int = 32,
+        fused_norm: bool | None = None,
         pool: Literal["attention", "adaptive"] = "attention",
         # --- the diffusion process it guides ---
         steps: int = 1000,
@@ -117,6 +119,7 @@ class NoisyClassifierModule(L.LightningModule):
             resblock_updown=resblock_updown,
             use_new_attention_order=use_new_attention_order,
             norm_groups=norm_groups,
+            fused_norm=fused_norm,
             pool=pool,
         )
         if init_from is not None and not self.classifier.input_conv.weight.is_meta:

@@ -64,6 +64,7 @@ class DiffusionModule(L.LightningModule):
     """
 
     RESUME_CHANGEABLE_HPARAMS = frozenset({
+        "fused_norm",
         "dropout", "use_checkpoint", "p_uncond", "loss_type", "rescale_learned_sigmas", "lr", "weight_decay", "betas",
         "warmup_steps", "anneal_lr", "val_bpd_batches", "val_bpd_respacing", "val_clip_denoised", "init_from",
     })  # fmt: skip
@@ -87,6 +88,7 @@ class DiffusionModule(L.LightningModule):
         use_new_attention_order: bool = False,
         use_checkpoint: bool = False,
         norm_groups: int = 32,
+        fused_norm: bool | None = None,
         # --- conditioning ---
         class_cond: bool = False,
         num_classes: int = 1000,
@@ -160,6 +162,7 @@ class DiffusionModule(L.LightningModule):
             resblock_updown=resblock_updown,
             use_new_attention_order=use_new_attention_order,
             norm_groups=norm_groups,
+            fused_norm=fused_norm,
             learn_sigma=self.diffusion.learns_variance,
         )
         if init_from is not None and not self.unet.input_conv.weight.is_meta:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused as fused_ops
 from .layers import (
     AttentionBlock,
     AttentionPool2d,
@@ -28,8 +29,6 @@ from .layers import (
     GroupNorm32,
     ResBlock,
     Upsample,
-    norm_act,
-    norm_act_conv,
     timestep_embedding,
     zero_init,
 )
@@ -161,6 +160,7 @@ class _Backbone(nn.Module):
         resblock_updown,
         use_new_attention_order,
         norm_groups,
+        fused_norm,
     ):
         if num_res_blocks < 1:
             raise ValueError(f"num_res_blocks must be >= 1, got {num_res_blocks}")
@@ -170,16 +170,11 @@ class _Backbone(nn.Module):
         self.attention_ds = parse_attention_resolutions(attention_resolutions, image_size, len(self.channel_mult))
         self.num_levels = len(self.channel_mult)
         emb_ch = 4 * model_channels
-        self.norm_groups = norm_groups
-        self.block_kw = dict(dropout=dropout, use_scale_shift_norm=use_scale_shift_norm, use_checkpoint=use_checkpoint,
-                             norm_groups=norm_groups)  # fmt: skip
-        self.attn_kw = dict(
-            num_heads=num_heads,
-            num_head_channels=num_head_channels,
-            use_new_attention_order=use_new_attention_order,
-            use_checkpoint=use_checkpoint,
-            norm_groups=norm_groups,
-        )
+        self.norm_groups, self.fused_norm = norm_groups, fused_norm
+        common = dict(use_checkpoint=use_checkpoint, norm_groups=norm_groups, fused_norm=fused_norm)
+        self.block_kw = dict(dropout=dropout, use_scale_shift_norm=use_scale_shift_norm, **common)
+        self.attn_kw = dict(num_heads=num_heads, num_head_channels=num_head_channels,
+                            use_new_attention_order=use_new_attention_order, **common)  # fmt: skip
         self.time_embed = TimeEmbedding(model_channels, emb_ch)
         ch = int(self.channel_mult[0] * model_channels)
         self.input_conv = nn.Conv2d(in_channels, ch, 3, padding=1)
@@ -213,12 +208,18 @@ class _Backbone(nn.Module):
             raise ValueError(f"H and W must be divisible by {f} ({self.num_levels} levels), got {tuple(x.shape[2:])}")
 
     def _internal_layout(self, x: torch.Tensor) -> torch.Tensor:
-        """On the CPU the network runs in channels_last (NHWC) whatever the input layout: oneDNN's NHWC convolutions
-        are 20-50 % faster than NCHW ones here and the attention token view becomes free. Outputs are returned
-        contiguous (NCHW), so callers see no difference. ``cpu_channels_last = False`` keeps the input's layout."""
-        if self.cpu_channels_last and x.device.type == "cpu":
+        """The fused CPU path runs in channels_last (NHWC) whatever the input layout (faster oneDNN convolutions:
+        benchmarks/NOTES.md); outputs are returned contiguous (NCHW), so callers see no difference.
+        ``cpu_channels_last = False`` (or the plain path) keeps the input's layout."""
+        if self.cpu_channels_last and x.device.type == "cpu" and fused_ops.use_fused(self.fused_norm, x):
             return x.contiguous(memory_format=torch.channels_last)
         return x
+
+    def _norm_act(self, h: torch.Tensor) -> torch.Tensor:
+        """``SiLU(out_norm(h))``, the start of the output head."""
+        if fused_ops.use_fused(self.fused_norm, h):
+            return fused_ops.norm_act(self.out_norm, h)
+        return F.silu(self.out_norm(h))
 
     def _encode(self, x: torch.Tensor, emb: torch.Tensor, skips: list | None = None) -> torch.Tensor:
         h = self.input_conv(x)
@@ -240,7 +241,9 @@ class UNetModel(_Backbone):
     classifier-free guidance. ``use_checkpoint`` enables gradient checkpointing of every ResBlock and attention block.
     ``norm_groups`` is the number of GroupNorm groups (32 in every released model). A norm with one channel per group
     subtracts each channel's spatial mean, so the output cannot follow the mean brightness of the input: narrow
-    networks (e.g. 32 channels) should use fewer groups (8 in configs/quickstart.yaml).
+    networks (e.g. 32 channels) should use fewer groups (8 in configs/quickstart.yaml). ``fused_norm``: True runs the
+    fused CPU path of :mod:`diffusion_pl.models.fused`, False the plain PyTorch modules, None (auto) the fused path on
+    the CPU outside ``torch.compile`` and the plain one elsewhere; both compute the same values from the same weights.
     """
 
     def __init__(
@@ -265,6 +268,7 @@ class UNetModel(_Backbone):
         use_new_attention_order: bool = False,
         learn_sigma: bool = False,
         norm_groups: int = 32,
+        fused_norm: bool | None = None,
     ):
         super().__init__()
         if null_class and num_classes is None:
@@ -272,7 +276,7 @@ class UNetModel(_Backbone):
         ch, ds, skip_chans, emb_ch = self._build_encoder(
             image_size, in_channels, model_channels, num_res_blocks, attention_resolutions, dropout, channel_mult,
             conv_resample, use_checkpoint, num_heads, num_head_channels, use_scale_shift_norm, resblock_updown,
-            use_new_attention_order, norm_groups,
+            use_new_attention_order, norm_groups, fused_norm,
         )  # fmt: skip
         base_out = out_channels or in_channels
         self.out_channels = 2 * base_out if learn_sigma else base_out
@@ -319,7 +323,10 @@ class UNetModel(_Backbone):
         h = self._encode(self._internal_layout(x), emb, skips)
         for stage in self.up:
             h = stage(torch.cat([h, skips.pop()], dim=1), emb)
-        return norm_act_conv(self.out_norm, self.out_conv, h.contiguous()).contiguous()
+        h = h.contiguous()  # the head convolution in NCHW: its NHWC backward is less accurate (benchmarks/NOTES.md)
+        if fused_ops.use_fused(self.fused_norm, h):
+            return fused_ops.norm_act_conv(self.out_norm, self.out_conv, h).contiguous()
+        return self.out_conv(self._norm_act(h))
 
 
 class EncoderUNetModel(_Backbone):
@@ -327,7 +334,8 @@ class EncoderUNetModel(_Backbone):
 
     ``pool="attention"``: GroupNorm -> SiLU -> :class:`AttentionPool2d` (head channels ``num_head_channels``, or 64
     when it is -1, as in the released classifiers); ``pool="adaptive"``: GroupNorm -> SiLU -> global average pool ->
-    zero-initialised 1x1 conv -> flatten. The reference's "spatial" pools are not supported.
+    zero-initialised 1x1 conv -> flatten. The reference's "spatial" pools are not supported. ``fused_norm`` as in
+    :class:`UNetModel`.
     """
 
     def __init__(
@@ -349,6 +357,7 @@ class EncoderUNetModel(_Backbone):
         use_new_attention_order: bool = False,
         pool: str = "attention",
         norm_groups: int = 32,
+        fused_norm: bool | None = None,
     ):
         super().__init__()
         if pool not in ("attention", "adaptive"):
@@ -363,7 +372,7 @@ class EncoderUNetModel(_Backbone):
         ch, ds, _, _ = self._build_encoder(
             image_size, in_channels, model_channels, num_res_blocks, attention_resolutions, dropout, channel_mult,
             conv_resample, use_checkpoint, num_heads, num_head_channels, use_scale_shift_norm, resblock_updown,
-            use_new_attention_order, norm_groups,
+            use_new_attention_order, norm_groups, fused_norm,
         )  # fmt: skip
         self.out_channels, self.pool = out_channels, pool
         self.out_norm = GroupNorm32(ch, norm_groups)
@@ -377,7 +386,7 @@ class EncoderUNetModel(_Backbone):
         """Class logits ``[N, out_channels]`` of noisy images ``x`` at ``timesteps`` ``[N]``."""
         self._check_input(x)
         emb = self.time_embed(_check_timesteps(x, timesteps))
-        h = norm_act(self.out_norm, self._encode(self._internal_layout(x), emb))
+        h = self._norm_act(self._encode(self._internal_layout(x), emb))
         if self.pool == "attention":
             return self.head(h)
         return self.head(h.mean(dim=(2, 3)))

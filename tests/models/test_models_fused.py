@@ -9,7 +9,8 @@ from test_models_parity import make_pair
 from torch import nn
 
 from diffusion_pl.models import load_openai_state_dict, openai_key_map
-from diffusion_pl.models.layers import GroupNorm32, norm_act, norm_act_conv
+from diffusion_pl.models.fused import norm_act, norm_act_conv
+from diffusion_pl.models.layers import GroupNorm32
 
 
 def plain(norm, conv, x, scale, shift, act, resample):
