@@ -140,7 +140,7 @@ def _check_timesteps(x: torch.Tensor, timesteps: torch.Tensor | float | int) -> 
 class _Backbone(nn.Module):
     """Shared constructor of the down path + middle block (both UNetModel and EncoderUNetModel)."""
 
-    #: run CPU forwards in channels_last memory format internally (see :meth:`_internal_layout`)
+    #: the fused CPU path runs in channels_last memory format internally (see :meth:`_internal_layout`)
     cpu_channels_last: bool = True
 
     def _build_encoder(
