@@ -4,6 +4,7 @@ train/val/test loaders."""
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +36,11 @@ def check_images(
         raise UserInputError(f"{name}: labels must lie in 0..{num_classes - 1}, got {labels.min()}..{labels.max()}")
 
 
+def _array(source: np.ndarray | str) -> np.ndarray:
+    """An array as given, or a .npy file memory-mapped read-only."""
+    return source if isinstance(source, np.ndarray) else np.load(source, mmap_mode="r")
+
+
 class ArrayImageDataset(Dataset):
     """Items (x, y): x float32 CHW in [-1, 1] from uint8 NHWC images, y an int64 label.
 
@@ -49,31 +55,23 @@ class ArrayImageDataset(Dataset):
         self._images_src = images if isinstance(images, np.ndarray) else str(images)
         self._labels_src = labels if isinstance(labels, np.ndarray) else str(labels)
         self.random_flip = random_flip
-        self._images: np.ndarray | None = None
-        self._labels: np.ndarray | None = None
         if len(self.images) != len(self.labels):
             raise UserInputError(f"{len(self.images)} images but {len(self.labels)} labels")
 
-    @property
+    @functools.cached_property
     def images(self) -> np.ndarray:
-        if self._images is None:
-            src = self._images_src
-            self._images = src if isinstance(src, np.ndarray) else np.load(src, mmap_mode="r")
-        return self._images
+        return _array(self._images_src)
 
-    @property
+    @functools.cached_property
     def labels(self) -> np.ndarray:
-        if self._labels is None:
-            src = self._labels_src
-            self._labels = src if isinstance(src, np.ndarray) else np.load(src, mmap_mode="r")
-        return self._labels
+        return _array(self._labels_src)
 
     def __getstate__(self) -> dict:
+        """Without the memory maps of .npy paths: each process (DataLoader worker) opens its own."""
         state = self.__dict__.copy()
-        if not isinstance(self._images_src, np.ndarray):
-            state["_images"] = None
-        if not isinstance(self._labels_src, np.ndarray):
-            state["_labels"] = None
+        for name in ("images", "labels"):
+            if not isinstance(state[f"_{name}_src"], np.ndarray):
+                state.pop(name, None)
         return state
 
     def __len__(self) -> int:
