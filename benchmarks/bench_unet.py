@@ -14,6 +14,8 @@ processes share the CPU.
     python benchmarks/bench_unet.py --single --impl ours --config cpu --mode train --dtype bf16 --channels-last on
     # torch.profiler table of one training step
     python benchmarks/bench_unet.py --profile --impl ours --config cpu --dtype fp32
+    # our fused CPU path vs our plain path (fused_norm=True / False), ONE process, steps interleaved
+    python benchmarks/bench_unet.py --paths --config cpu --rounds 5 --threads 1
 
 Training step = forward + MSE loss + backward + AdamW step (set_to_none zero_grad). Inference = forward under
 ``torch.inference_mode``. "peak MiB" = peak RSS minus the RSS after importing torch and both model packages
@@ -195,6 +197,53 @@ def run_single(args) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+PATHS = {  # name: (fused_norm, input/weights in channels_last)
+    "fused": (True, False),  # runs channels_last internally whatever the input layout
+    "plain": (False, False),
+    "plain-nhwc": (False, True),
+}
+
+
+def compare_paths(config: str, rounds: int, warmup: int, modes, dtypes) -> None:
+    """Median seconds per step of our U-Net with ``fused_norm`` True vs False, same weights and batch, in ONE process:
+    each round runs one step of every path in turn (rotating the order), so load from other processes hits all paths
+    alike. Reports wall-clock and CPU time (``time.process_time``: time lost to other processes is not counted) and,
+    for training, the activation memory autograd keeps (run_all.saved_activation_mib)."""
+    import torch
+    from run_all import saved_activation_mib
+
+    from diffusion_pl.models import UNetModel
+
+    spec = CONFIGS[config]
+    batch = spec["batch"]
+    print(f"config={config} batch={batch} rounds={rounds} warmup={warmup} threads={torch.get_num_threads()}")
+    print("| mode | dtype | path | wall s/step | CPU s/step | speed vs plain (CPU) | activation MiB |")
+    print("|---|---|---|---|---|---|---|")
+    for mode in modes:
+        for dtype in dtypes:
+            steps, memory = {}, {}
+            for name, (fused, cl) in PATHS.items():
+                torch.manual_seed(0)
+                model = UNetModel(**spec["kw"], fused_norm=fused)
+                gen = torch.Generator().manual_seed(1)
+                steps[name], fwd = make_step(model, mode, dtype, cl, batch, spec["kw"].get("num_classes"), gen)
+                memory[name] = f"{saved_activation_mib(fwd, model.parameters()):.0f}" if mode == "train" else "-"
+            times: dict = {name: [] for name in PATHS}
+            names = list(PATHS)
+            for r in range(warmup + rounds):
+                for name in names[r % len(names):] + names[: r % len(names)]:
+                    w0, c0 = time.perf_counter(), time.process_time()
+                    steps[name]()
+                    if r >= warmup:
+                        times[name].append((time.perf_counter() - w0, time.process_time() - c0))
+            cpu_plain = statistics.median(c for _, c in times["plain"])
+            for name in names:
+                wall = statistics.median(w for w, _ in times[name])
+                cpu = statistics.median(c for _, c in times[name])
+                print(f"| {mode} | {dtype} | {name} | {wall:.3f} | {cpu:.3f} | {cpu_plain / cpu:.2f}x | {memory[name]} |",
+                      flush=True)  # fmt: skip
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", choices=list(CONFIGS), default="cpu")
@@ -209,12 +258,21 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--single", action="store_true")
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--paths", action="store_true", help="fused vs plain path of our U-Net, one process")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     a = p.parse_args()
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
     iters = a.iters or (5 if a.config == "cpu" else 2)
     warmup = a.warmup if a.warmup is not None else (2 if a.config == "cpu" else 1)
     import warnings
 
     warnings.filterwarnings("ignore")
+    if a.paths:
+        compare_paths(a.config, a.rounds, warmup, a.modes.split(","), a.dtypes.split(","))
+        return
     if a.single or a.profile:
         res = measure(a.impl, a.config, a.mode, a.dtype, a.channels_last == "on", iters, warmup, profile=a.profile)
         if res is not None:
