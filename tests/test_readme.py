@@ -37,7 +37,8 @@ TEXTS = {doc: doc.read_text() for doc in DOCS}
 CONFIGURATION = ROOT / "docs" / "CONFIGURATION.md"
 PUBLISHED = ROOT / "docs" / "PUBLISHED.md"
 # Docs whose ```python blocks another test executes (in one namespace, in order): doc -> that test file.
-EXECUTED_ELSEWHERE = {"docs/PYTHON_API.md": "tests/diffusion/test_diffusion_docs.py"}
+EXECUTED_ELSEWHERE = {"docs/PYTHON_API.md": "tests/diffusion/test_diffusion_docs.py",
+                      "docs/NOTEBOOK.md": "tests/test_notebook_doc.py"}  # runs it in an empty folder
 
 
 def _name(doc: Path) -> str:

@@ -1,0 +1,184 @@
+"""The Python entry point for notebooks: ``diffusion_pl.load(checkpoint) -> Sampler``; ``Sampler.sample(...)`` ->
+uint8 NHWC images; ``diffusion_pl.grid(images)`` -> one PIL image. A thin layer over
+:class:`~diffusion_pl.sampling.SampleEngine` (the sampler of ``diffusion-pl sample``): the same options, seeds and
+images.
+
+    import diffusion_pl
+    sampler = diffusion_pl.load("64x64_diffusion.pt", preset="adm_imagenet64")
+    images = sampler.sample(labels=[207, 360], num_images=4, method="ddim", steps=50, seed=0)
+    diffusion_pl.grid(images)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.utils import make_grid
+
+from diffusion_pl.commands.common import (
+    LoadedClassifier,
+    LoadedModel,
+    build_engine,
+    engine_options,
+    load_classifier,
+    load_model,
+)
+from diffusion_pl.commands.options import ClassifierSource, Guidance, ModelSource, SamplingOptions
+from diffusion_pl.data.imagenet_classes import sorted_wnids
+from diffusion_pl.errors import UserInputError
+from diffusion_pl.lightning.checkpoints import read_checkpoint
+from diffusion_pl.sampling.shards import grid_images
+from diffusion_pl.utils.images import nchw_to_nhwc, to_uint8
+
+#: the diffusion process each released network was trained with (a .pt file does not record it): T, schedule, t*1000/T
+RELEASED_PROCESS = {
+    "adm_imagenet64": (1000, "cosine", False),
+    "adm_imagenet128": (1000, "linear", False),
+    "adm_imagenet256": (1000, "linear", False),
+    "adm_imagenet256_uncond": (1000, "linear", False),
+    "iddpm_cifar10": (4000, "cosine", True),
+    "iddpm_imagenet64_uncond": (4000, "cosine", True),
+    "iddpm_imagenet64_cond": (4000, "cosine", False),
+}
+LabelsArg = int | str | Sequence[int | str] | None
+
+
+def default_device() -> str:
+    """ "cuda" when a GPU is visible, else "cpu"."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load(checkpoint: str, preset: str | None = None, *, device: str | torch.device | None = None,
+         precision: str = "fp32", diffusion_steps: int | None = None, noise_schedule: str | None = None,
+         rescale_timesteps: bool | None = None) -> Sampler:  # fmt: skip
+    """A :class:`Sampler` for a diffusion-pl checkpoint (``preset`` None: the file carries its settings) or a released
+    OpenAI ``.pt`` (``preset``: a name of ``diffusion_pl.models.RELEASED_CONFIGS`` such as "adm_imagenet64", or a YAML
+    file of UNetModel arguments). The process of a released file comes from the preset (:data:`RELEASED_PROCESS`;
+    ``diffusion_steps`` / ``noise_schedule`` / ``rescale_timesteps`` override it). ``device``: default the GPU if
+    there is one; ``precision``: "fp32" or "bf16" (autocast around the network)."""
+    if preset is None and any(v is not None for v in (diffusion_steps, noise_schedule, rescale_timesteps)):
+        raise UserInputError("diffusion_steps / noise_schedule / rescale_timesteps apply to released .pt files (with "
+                             "preset=...); a diffusion-pl checkpoint carries its own process")  # fmt: skip
+    if preset is None:
+        loaded = load_model(ModelSource(ckpt=checkpoint))
+        class_names = _checkpoint_class_names(checkpoint)
+    else:
+        steps, schedule, rescale = RELEASED_PROCESS.get(preset, (1000, "cosine", False))
+        source = ModelSource(openai_ckpt=checkpoint, arch=preset,
+                             diffusion_steps=diffusion_steps if diffusion_steps is not None else steps,
+                             noise_schedule=noise_schedule or schedule,
+                             rescale_timesteps=rescale if rescale_timesteps is None else rescale_timesteps)  # fmt: skip
+        loaded = load_model(source)
+        class_names = list(sorted_wnids()) if loaded.num_classes == 1000 else None
+    return Sampler(loaded, device=device or default_device(), precision=precision, class_names=class_names)
+
+
+def _checkpoint_class_names(path: str) -> list[str] | None:
+    """The class folder names an ImageFolderDataModule saved in a checkpoint (label i = names[i]), if any."""
+    state = read_checkpoint(path, "checkpoint").get("ImageFolderDataModule") or {}
+    names = state.get("class_names")
+    return list(names) if names else None
+
+
+class Sampler:
+    """A loaded diffusion model ready to sample; see :func:`load`.
+
+    Attributes: ``image_size``, ``in_channels``, ``num_classes`` (None: unconditional), ``null_class`` (the label of
+    the classifier-free null class, or None), ``num_timesteps`` (T), ``class_names`` (label -> name when known: the
+    class folders of an ImageFolderDataModule run, the WordNet IDs of a released 1000-class model)."""
+
+    def __init__(self, model: LoadedModel, device: str | torch.device, precision: str = "fp32",
+                 class_names: list[str] | None = None) -> None:  # fmt: skip
+        self.model, self.precision, self.class_names = model, precision, class_names
+        self.device = torch.device(device)
+        model.net.to(self.device)
+        self.image_size, self.in_channels = model.image_size, model.in_channels
+        self.num_classes, self.null_class = model.num_classes, model.null_class
+        self.num_timesteps = model.diffusion.num_timesteps
+        self._classifiers: dict[tuple[str, str | None], LoadedClassifier] = {}
+
+    def __repr__(self) -> str:
+        return (f"Sampler({self.in_channels}x{self.image_size}x{self.image_size}, classes={self.num_classes}, "
+                f"null_class={self.null_class}, T={self.num_timesteps}, device={self.device})")  # fmt: skip
+
+    def label_ids(self, labels: LabelsArg, num_images: int) -> list[int] | None:
+        """``labels`` (one for all images or one per image; ints or class names) as a list of ``num_images`` ints."""
+        if labels is None:
+            return None
+        items = [labels] if isinstance(labels, (int, str)) else list(labels)
+        if len(items) not in (1, num_images):
+            raise UserInputError(f"labels has {len(items)} entries: give one (for every image) or num_images = "
+                                 f"{num_images}")  # fmt: skip
+        ids = [self._label_id(v) for v in items]
+        return ids * num_images if len(ids) == 1 else ids
+
+    def _label_id(self, label: int | str) -> int:
+        if not isinstance(label, str):
+            return int(label)
+        if self.class_names is None or label not in self.class_names:
+            known = f"; known names: {', '.join(self.class_names[:8])} ..." if self.class_names else ""
+            raise UserInputError(f"label {label!r} is not a class name of this model{known}")
+        return self.class_names.index(label)
+
+    def classifier(self, path: str, preset: str | None = None) -> LoadedClassifier:
+        """A noisy classifier (NoisyClassifierModule checkpoint, or a released .pt with its preset), loaded once."""
+        key = (path, preset)
+        if key not in self._classifiers:
+            if preset is None:
+                source = ClassifierSource(classifier_ckpt=path)
+            else:
+                source = ClassifierSource(classifier_openai_ckpt=path, classifier_arch=preset)
+            loaded = load_classifier(self.model, source)
+            loaded.net.to(self.device)
+            self._classifiers[key] = loaded
+        return self._classifiers[key]
+
+    def sample(self, num_images: int = 8, labels: LabelsArg = None, *, method: str = "ddim",
+               steps: int | str | None = None, eta: float | None = None, classifier: str | None = None,
+               classifier_preset: str | None = None, classifier_scale: float | None = None, cfg_scale: float = 0.0,
+               seed: int = 0, batch_size: int = 16, progress: bool = True,
+               return_labels: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
+        """``num_images`` samples as uint8 NHWC (N, H, W, C). Image i depends only on (seed, i) and the settings: the
+        same image whatever ``batch_size``, and the same as ``diffusion-pl sample`` with these options.
+
+        labels: one class (int or name) for all images, one per image, or None (random per image from the seed).
+        method / steps / eta: the sampling method (docs/SAMPLERS.md: "ddim", "ddpm", ...), its step count or
+        respacing ("50", "ddim25", "10,10,20"; None: 50, or all T when T < 50) and eta (None: the method's default).
+        classifier (+ classifier_preset for a released .pt) and classifier_scale (default 1.0 with a classifier):
+        classifier guidance; cfg_scale: classifier-free guidance w.
+        return_labels: also return the int64 labels used (None for an unconditional model without guidance)."""
+        if num_images < 1:
+            raise UserInputError(f"num_images must be >= 1, got {num_images}")
+        loaded = self.classifier(classifier, classifier_preset) if classifier is not None else None
+        scale = (1.0 if loaded is not None else 0.0) if classifier_scale is None else float(classifier_scale)
+        steps = str(min(50, self.num_timesteps)) if steps is None else str(steps)
+        noise = {} if eta is None else {"eta": eta}  # None: the method's default, as the sample command's
+        sampling = SamplingOptions(steps=steps, method=method, seed=seed, precision=self.precision, **noise)
+        options = engine_options(self.model, loaded, sampling, Guidance(classifier_scale=scale, cfg_scale=cfg_scale))
+        engine = build_engine(self.model, loaded, options, device=self.device, progress=progress)
+        ids = self.label_ids(labels, num_images)
+        batches = list(engine.generate(range(num_images), batch_size, labels=ids))
+        images = nchw_to_nhwc(to_uint8(torch.cat([b.images for b in batches])))
+        if not return_labels:
+            return images
+        used = None if batches[0].labels is None else torch.cat([b.labels for b in batches]).numpy()
+        return images, used
+
+
+def grid(images: np.ndarray, labels: Sequence[int] | np.ndarray | None = None, nrow: int | None = None,
+         padding: int = 2) -> Image.Image:  # fmt: skip
+    """One PIL image of uint8 NHWC ``images``: with ``labels`` a row per class (as grid.png of ``diffusion-pl
+    sample``), else ``nrow`` images per row (default: a square)."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise UserInputError(f"grid takes uint8 NHWC images, got {images.dtype} {images.shape}")
+    if labels is not None:
+        cells, ncols = grid_images(images, np.asarray(labels))
+    else:
+        cells = torch.from_numpy(images).permute(0, 3, 1, 2)
+        ncols = nrow or int(np.ceil(np.sqrt(len(images))))
+    array = make_grid(cells, nrow=ncols, padding=padding).permute(1, 2, 0).numpy()
+    return Image.fromarray(array[..., 0] if images.shape[-1] == 1 else array)
