@@ -58,7 +58,8 @@ class DiffusionModule(L.LightningModule):
     Starting point: init_from, a DiffusionModule checkpoint or a released OpenAI U-Net .pt whose weights initialise
     the network (weights only: optimizer, schedule and step count start fresh; lightning/init_weights.py lists the
     class-embedding adaptations: null class added, other class count, conditional -> unconditional). The file is read
-    when the module is built, so EMAWeightAveraging starts from these weights; load_from_checkpoint does not read it.
+    when the module is built, so EMAWeightAveraging's average (copied at setup) holds these weights until its first
+    update; load_from_checkpoint does not read it.
     Resuming (``--ckpt_path``) may change the RESUME_CHANGEABLE_HPARAMS (training settings; a changed lr, betas or
     weight_decay is applied to the restored optimizer); the other arguments must equal the checkpoint's.
     """
