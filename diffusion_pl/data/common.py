@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from diffusion_pl.data.resumable import ResumableDataLoader
 from diffusion_pl.errors import UserInputError
 from diffusion_pl.utils.images import from_uint8
 
@@ -88,8 +89,9 @@ class ArrayImageDataset(Dataset):
 def make_dataloader(
     dataset: Dataset, *, batch_size: int, num_workers: int, train: bool, pin_memory: bool = False
 ) -> DataLoader:
-    """Train: shuffle and drop_last. persistent_workers whenever num_workers > 0."""
-    return DataLoader(
+    """Train: a ResumableDataLoader (shuffled, drop_last; a resumed run continues its exact batches). Otherwise a
+    DataLoader in order. persistent_workers whenever num_workers > 0."""
+    return (ResumableDataLoader if train else DataLoader)(
         dataset,
         batch_size=batch_size,
         shuffle=train,
@@ -153,7 +155,7 @@ def evaluation_dataloader(
     if split not in ("train", "val"):
         raise UserInputError(f"split must be 'train' or 'val', got {split!r}")
     loader = getattr(datamodule, f"{split}_dataloader")()
-    dataset = loader.dataset
+    dataset = getattr(loader, "source_dataset", loader.dataset)  # ResumableDataLoader wraps its dataset
     if getattr(dataset, "random_flip", False):
         dataset = copy.copy(dataset)  # shares the (memory-mapped) arrays
         dataset.random_flip = False

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 
+from diffusion_pl.data.resumable import sync_sampler_epoch
 from diffusion_pl.diffusion import create_diffusion
 from diffusion_pl.errors import UserInputError
 from diffusion_pl.lightning.checkpoints import apply_optimizer_settings, check_checkpoint_fits
@@ -192,6 +193,7 @@ class NoisyClassifierModule(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         reseed_for_epoch(self.seed, self.current_epoch, self.global_rank)
+        sync_sampler_epoch(self.trainer)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         reseed_for_step(self.seed, self.global_step, self.global_rank)

@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from diffusion_pl.data.resumable import sync_sampler_epoch
 from diffusion_pl.diffusion import LossSecondMomentSampler, create_diffusion, create_timestep_sampler
 from diffusion_pl.errors import UserInputError
 from diffusion_pl.lightning.checkpoints import apply_optimizer_settings, check_checkpoint_fits
@@ -219,6 +220,7 @@ class DiffusionModule(L.LightningModule):
     # ------------------------------------------------------------------------------------------------ training
     def on_train_epoch_start(self) -> None:
         reseed_for_epoch(self.seed, self.current_epoch, self.global_rank)
+        sync_sampler_epoch(self.trainer)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         reseed_for_step(self.seed, self.global_step, self.global_rank)

@@ -9,6 +9,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from diffusion_pl.data.common import make_dataloader
+
 
 class TinyDataModule(L.LightningDataModule):
     """Fixed random images in [-1, 1] (independent of the global RNG) with the attributes the modules check."""
@@ -28,7 +30,7 @@ class TinyDataModule(L.LightningDataModule):
         self.val_set = TensorDataset(x[n_train:], y[n_train:])
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True)
+        return make_dataloader(self.train_set, batch_size=self.batch_size, num_workers=0, train=True)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.batch_size)
