@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -55,11 +56,14 @@ def read_checkpoint(path: str | os.PathLike, option: str = "checkpoint") -> Any:
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format or not torch
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights only" in reason.lower():
+        blocked = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if blocked:
             raise UserInputError(
-                f"{option} {path} holds Python objects that safe loading (torch.load weights_only=True) refuses "
-                f"({reason[:200]}); diffusion-pl only reads checkpoints of plain tensors and values"
+                f"{option} {path} was refused by safe loading (torch.load with weights_only=True): it refers to the "
+                f"Python object {blocked.group(1)}, and loading it would import that object and could run any code "
+                "stored in the file (a code-execution risk), so diffusion-pl only reads checkpoints made of tensors "
+                "and plain values. Use a checkpoint written by diffusion-pl; if you made this file yourself and trust "
+                "it, load it in Python with weights_only=False and save its tensors again"
             ) from e
         raise _unreadable(option, path, e) from e
     except (RuntimeError, EOFError, ValueError, KeyError, IndexError, TypeError, zipfile.BadZipFile, OSError) as e:

@@ -29,12 +29,13 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
 
 import diffusion_pl.data  # noqa: F401  (registers the DataModules for short class names)
 from diffusion_pl.errors import UserFileNotFoundError, UserInputError, UserRuntimeError, find_user_error
 from diffusion_pl.evaluation.npz import atomic_write
 from diffusion_pl.lightning.callbacks import NonFiniteGuard
-from diffusion_pl.lightning.checkpoint_io import AtomicCheckpointIO
+from diffusion_pl.lightning.checkpoint_io import AtomicCheckpointIO, InterruptedSaveCleanup, write_error
 from diffusion_pl.lightning.checkpoints import (
     MODULE_KINDS,
     checkpoint_kind,
@@ -44,6 +45,8 @@ from diffusion_pl.lightning.checkpoints import (
 )
 from diffusion_pl.lightning.classifier_module import NoisyClassifierModule
 from diffusion_pl.lightning.diffusion_module import DiffusionModule
+from diffusion_pl.lightning.loggers import use_appending_csv_logger
+from diffusion_pl.lightning.resume import continue_in_checkpoint_run, find_last_checkpoint, resume_changeable_keys
 from diffusion_pl.parse_errors import ConciseErrorsMixin
 from diffusion_pl.utils.imports import import_object
 
@@ -136,27 +139,53 @@ class SafeSaveConfigCallback(SaveConfigCallback):
         """(file to write, or None when an identical one exists; refusal message or "")."""
         fs = get_filesystem(run_dir)
         stage = str(getattr(stage, "value", stage))  # Lightning passes a TrainerFn
-        stem, ext = os.path.splitext(self.config_filename)
-        path = os.path.join(run_dir, self.config_filename if stage == "fit" else f"{stem}_{stage}{ext}")
+        path = os.path.join(run_dir, self.config_filename if stage == "fit" else self._stage_name(stage))
         if self.overwrite:
             return path, ""
         if stage != "fit":
-            for k in itertools.count():
-                path = os.path.join(run_dir, f"{stem}_{stage}{f'_{k}' if k else ''}{ext}")
-                differing = self._differences(fs, path)
-                if differing is None:
-                    return path, ""
-                if not differing:
-                    return None, ""
+            return self._stage_file(fs, run_dir, stage), ""
         differing = self._differences(fs, path)
         if differing is None:
             return path, ""
         if not differing:
             return None, ""
+        if self.config.get("ckpt_path"):
+            return self._resume_target(fs, run_dir, path, differing)
         return None, (
-            f"{path} already exists and holds a different configuration (keys: {', '.join(differing[:12])}"
-            f"{' ...' if len(differing) > 12 else ''}). diffusion-pl does not overwrite a previous run's config. "
-            f"{_log_elsewhere_advice(trainer)}; or move the old file away if it is no longer needed."
+            f"{path} already exists and holds a different configuration (keys: {_listed_keys(differing)}). "
+            f"diffusion-pl does not overwrite a previous run's config. {_log_elsewhere_advice(trainer)}; or move the "
+            "old file away if it is no longer needed."
+        )
+
+    def _stage_name(self, stage: str, k: int = 0) -> str:
+        stem, ext = os.path.splitext(self.config_filename)
+        return f"{stem}_{stage}{f'_{k}' if k else ''}{ext}"
+
+    def _stage_file(self, fs, run_dir: str, stage: str) -> str | None:
+        """config_<stage>.yaml, or _1, _2 ... when a different one is there; None when an identical one is."""
+        for k in itertools.count():
+            path = os.path.join(run_dir, self._stage_name(stage, k))
+            differing = self._differences(fs, path)
+            if differing is None:
+                return path
+            if not differing:
+                return None
+        raise AssertionError("unreachable")
+
+    def _resume_target(self, fs, run_dir: str, path: str, differing: list[str]) -> tuple[str | None, str]:
+        """A resumed run (--ckpt_path) may change the settings of resume_changeable_keys: its config is saved as
+        config_resume.yaml (_1, ...) next to the run's config.yaml; any other difference is refused."""
+        changeable = resume_changeable_keys(import_object(str(self.config.model.class_path)))
+        fixed = [k for k in differing if k not in changeable]
+        if not fixed:
+            rank_zero_info(f"Resuming the run in {run_dir} with changed settings: {', '.join(differing)}")
+            return self._stage_file(fs, run_dir, "resume"), ""
+        return None, (
+            f"--ckpt_path resumes the run in {run_dir}, but these settings differ from its {os.path.basename(path)} "
+            f"and may not change when resuming: {_listed_keys(fixed)}. A resumed run may change only how long it "
+            f"trains, how it validates and logs (trainer.max_steps, trainer.max_epochs, trainer.val_check_interval, "
+            f"trainer.limit_val_batches, ...) and the model's training settings (e.g. model.init_args.lr). Resume "
+            f"with the run's own config (--config {path}) plus those changes, or start a new run in another folder."
         )
 
     def _write(self, run_dir: str, path: str) -> None:
@@ -167,6 +196,10 @@ class SafeSaveConfigCallback(SaveConfigCallback):
             return
         text = self.parser.dump(self.config, skip_none=False)
         atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def _listed_keys(keys: list[str]) -> str:
+    return ", ".join(keys[:12]) + (" ..." if len(keys) > 12 else "")
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -185,6 +218,54 @@ def _differing_keys(a: dict, b: dict) -> list[str]:
 
 
 class DiffusionCLI(LightningCLI):
+    def before_instantiate_classes(self) -> None:
+        """A CSVLogger continues an earlier run's metrics.csv (diffusion_pl.lightning.loggers); fit resuming a
+        checkpoint of a CSV / TensorBoard run folder logs into that folder (diffusion_pl.lightning.resume)."""
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        trainer_config = config.get("trainer")
+        if trainer_config is None:
+            return
+        use_appending_csv_logger(trainer_config.get("logger"))
+        if subcommand == "fit":
+            run_dir = continue_in_checkpoint_run(trainer_config, config.get("ckpt_path"))
+            if run_dir is not None:
+                rank_zero_info(f"Resuming in the checkpoint's run folder {run_dir} (its logs continue)")
+
+    def fit(self, **kwargs: Any) -> None:
+        """``trainer.fit``; a full disk or a read-only run folder (logs, config, checkpoints) is one line."""
+        try:
+            self.trainer.fit(**kwargs)
+        except OSError as error:
+            target = error.filename if isinstance(error.filename, str) else "the run's files"
+            if os.path.basename(target).startswith(".") and target.endswith(".tmp"):  # an atomic write's temp file
+                target = f"a file in {os.path.dirname(target)}"
+            user_error = write_error(error, target, "the checkpoints already written are intact")
+            if user_error is None:
+                raise
+            raise user_error from error
+
+    def before_fit(self) -> None:
+        """``--ckpt_path last``: the newest last*.ckpt of this run's checkpoint folders, checked like any
+        --ckpt_path; refused when there is none (Lightning would start from step 0 with a warning)."""
+        if self.config["fit"].get("ckpt_path") != "last":
+            return
+        logger = self.trainer.logger
+        dirs, root, fixed = [], None, True
+        if logger is None or isinstance(logger, (CSVLogger, TensorBoardLogger)):
+            run_dir = logger.log_dir if logger is not None else self.trainer.default_root_dir
+            dirs = [c.dirpath or os.path.join(run_dir, "checkpoints") for c in self.trainer.checkpoint_callbacks]
+            root = logger.root_dir if logger is not None else None
+            fixed = logger is None or not os.path.basename(run_dir).startswith("version_") or os.path.isdir(run_dir)
+        elif self.trainer.checkpoint_callbacks and all(c.dirpath for c in self.trainer.checkpoint_callbacks):
+            dirs = [c.dirpath for c in self.trainer.checkpoint_callbacks]
+        else:
+            return  # another logger names the folder only once it starts: Lightning resolves "last"
+        path = find_last_checkpoint(dirs, root, fixed)
+        read_checkpoint(path, "--ckpt_path last")
+        rank_zero_info(f"--ckpt_path last: resuming from {path}")
+        self.config["fit"]["ckpt_path"] = self.config_init["fit"]["ckpt_path"] = path
+
     def _parse_ckpt_path(self) -> None:
         """Check ``--ckpt_path`` against the config instead of overriding the config with the checkpoint's
         hyperparameters (LightningCLI's behaviour, which silently drops the user's model settings)."""
@@ -291,7 +372,7 @@ def build_lightning_cli(args: list[str] | None = None, run: bool = True, **kwarg
         save_config_callback=SafeSaveConfigCallback,
         save_config_kwargs={"overwrite": False},
         auto_configure_optimizers=False,
-        trainer_defaults={"callbacks": [NonFiniteGuard()]},
+        trainer_defaults={"callbacks": [NonFiniteGuard(), InterruptedSaveCleanup()]},
         parser_class=ConciseLightningArgumentParser,
         parser_kwargs={
             "prog": "diffusion-pl",
