@@ -189,6 +189,11 @@ class GuidedSampler(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {"val_runs": self._val_runs}
 
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # A run resumed from this checkpoint skips the validation due after this batch: count it here.
+        if validation_follows_checkpoint(trainer):
+            checkpoint["callbacks"][self.state_key]["val_runs"] = self._val_runs + 1
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._val_runs = int(state_dict.get("val_runs", 0))
 
@@ -291,6 +296,25 @@ class GuidedSampler(Callback):
             path = os.path.join(self._out_dir or trainer.default_root_dir, f"{self.key}_step{step:08d}.png")
             save_png(grid, path)
             self.last_path = path
+
+
+def validation_follows_checkpoint(trainer: L.Trainer) -> bool:
+    """True while a checkpoint is written at the end of a training batch after which Lightning validates
+    (ModelCheckpoint every_n_train_steps on a validation step). A run resumed from that checkpoint does not repeat that
+    validation (Lightning counts it as done), so callbacks that count validation runs save the count after it.
+    The test is Lightning 2.6's for step- and epoch-based val_check_interval (public loop attributes only)."""
+    loop = trainer.fit_loop.epoch_loop
+    progress = loop.batch_progress.current
+    if not trainer.training or progress.completed >= progress.ready or not trainer.enable_validation:
+        return False  # not in on_train_batch_end
+    every_n_epochs = trainer.check_val_every_n_epoch
+    if every_n_epochs is not None and (trainer.current_epoch + 1) % every_n_epochs != 0:
+        return False
+    val_check_batch = trainer.val_check_batch
+    if val_check_batch is None or val_check_batch == float("inf"):
+        return bool(loop.batch_progress.is_last_batch)
+    index = loop.total_batch_idx if every_n_epochs is None else loop.batch_idx
+    return (index + 1) % int(val_check_batch) == 0
 
 
 def check_classifier_file(path: str, model_hp: Mapping, option: str) -> None:

@@ -39,7 +39,11 @@ from diffusion_pl.evaluation.features import (
     missing_weights_message,
 )
 from diffusion_pl.evaluation.reference import load_reference, read_cache, resolution_mismatch
-from diffusion_pl.lightning.callbacks import check_classifier_compatible, check_classifier_file
+from diffusion_pl.lightning.callbacks import (
+    check_classifier_compatible,
+    check_classifier_file,
+    validation_follows_checkpoint,
+)
 from diffusion_pl.lightning.checkpoints import load_module
 from diffusion_pl.sampling import SampleEngine, check_eta, check_respacing
 from diffusion_pl.utils.images import to_uint8
@@ -164,6 +168,12 @@ class SampleQualityEvaluation(Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.last_step = state_dict.get("last_step")
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        # A run resumed from this checkpoint skips the validation due after this batch, and this evaluation with it:
+        # save the state after it, so the resumed run evaluates at the same later steps.
+        if validation_follows_checkpoint(trainer) and self._due(trainer):
+            checkpoint["callbacks"][self.state_key]["last_step"] = trainer.global_step
 
     def _due(self, trainer: L.Trainer) -> bool:
         if trainer.sanity_checking or trainer.state.fn != "fit":
