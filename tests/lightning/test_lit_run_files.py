@@ -176,7 +176,7 @@ def test_checkpoint_into_a_read_only_folder_is_a_user_error(tmp_path, monkeypatc
 
     monkeypatch.setattr(tempfile, "mkstemp", read_only)
     message = (rf"cannot write the checkpoint {tmp_path}/last.ckpt: Read-only file system \(a read-only or not "
-               rf"writable folder\); it was not written and the checkpoints already in {tmp_path} are intact")  # fmt: skip
+               rf"writable folder\); it was not written and the checkpoints already in {tmp_path} are intact")
     with pytest.raises(UserError, match=message):
         AtomicCheckpointIO().save_checkpoint({"step": 1}, str(tmp_path / "last.ckpt"))
 
