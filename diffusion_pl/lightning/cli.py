@@ -88,7 +88,8 @@ def _log_elsewhere_advice(trainer: L.Trainer) -> str:
         )
     if isinstance(logger, (TensorBoardLogger, CSVLogger)):
         return (
-            f"This directory is version {logger.version!r} of the {type(logger).__name__}: give this run another "
+            f"This directory is version {logger.version!r} of the "
+            f"{'CSVLogger' if isinstance(logger, CSVLogger) else 'TensorBoardLogger'}: give this run another "
             "--trainer.logger.init_args.version (or none, for the next free version_N), or another "
             "--trainer.logger.init_args.save_dir"
         )

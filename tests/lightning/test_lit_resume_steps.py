@@ -103,7 +103,10 @@ def full_run(tmp_path_factory):
 @pytest.mark.parametrize("step", [3, 5, 7], ids=["mid-epoch", "last-batch-of-epoch", "before-a-validation"])
 def test_resume_from_step_checkpoint_equals_uninterrupted_run(full_run, tmp_path, step):
     checkpoint = full_run[1].checkpoint_callback.dirpath + f"/step={step}.ckpt"
-    assert torch.load(checkpoint, weights_only=True)["global_step"] == step
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["global_step"] == step
+    # The counter is saved as after the validation that follows the checkpoint's step (the resumed run skips it).
+    assert saved["callbacks"]["GuidedSampler"]["val_runs"] == len([s for s in full_run[2].validated if s <= step])
     _assert_same_run(full_run, _fit(tmp_path, ckpt_path=checkpoint, seed=123))
 
 
