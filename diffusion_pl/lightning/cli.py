@@ -46,7 +46,7 @@ from diffusion_pl.lightning.checkpoints import (
 from diffusion_pl.lightning.classifier_module import NoisyClassifierModule
 from diffusion_pl.lightning.diffusion_module import DiffusionModule
 from diffusion_pl.lightning.loggers import use_appending_csv_logger
-from diffusion_pl.lightning.resume import continue_in_checkpoint_run, find_last_checkpoint, resume_changeable_keys
+from diffusion_pl.lightning.resume import continue_in_checkpoint_run, resolve_last_checkpoint, resume_changeable_keys
 from diffusion_pl.parse_errors import ConciseErrorsMixin
 from diffusion_pl.utils.imports import import_object
 
@@ -247,25 +247,11 @@ class DiffusionCLI(LightningCLI):
             raise user_error from error
 
     def before_fit(self) -> None:
-        """``--ckpt_path last``: the newest last*.ckpt of this run's checkpoint folders, checked like any
-        --ckpt_path; refused when there is none (Lightning would start from step 0 with a warning)."""
-        if self.config["fit"].get("ckpt_path") != "last":
-            return
-        logger = self.trainer.logger
-        dirs, root, fixed = [], None, True
-        if logger is None or isinstance(logger, (CSVLogger, TensorBoardLogger)):
-            run_dir = logger.log_dir if logger is not None else self.trainer.default_root_dir
-            dirs = [c.dirpath or os.path.join(run_dir, "checkpoints") for c in self.trainer.checkpoint_callbacks]
-            root = logger.root_dir if logger is not None else None
-            fixed = logger is None or not os.path.basename(run_dir).startswith("version_") or os.path.isdir(run_dir)
-        elif self.trainer.checkpoint_callbacks and all(c.dirpath for c in self.trainer.checkpoint_callbacks):
-            dirs = [c.dirpath for c in self.trainer.checkpoint_callbacks]
-        else:
-            return  # another logger names the folder only once it starts: Lightning resolves "last"
-        path = find_last_checkpoint(dirs, root, fixed)
-        read_checkpoint(path, "--ckpt_path last")
-        rank_zero_info(f"--ckpt_path last: resuming from {path}")
-        self.config["fit"]["ckpt_path"] = self.config_init["fit"]["ckpt_path"] = path
+        """``--ckpt_path last`` resolved and checked before the run starts (diffusion_pl.lightning.resume)."""
+        if self.config["fit"].get("ckpt_path") == "last":
+            path = resolve_last_checkpoint(self.trainer, self.config["fit"].get("trainer"))
+            if path != "last":
+                self.config["fit"]["ckpt_path"] = self.config_init["fit"]["ckpt_path"] = path
 
     def _parse_ckpt_path(self) -> None:
         """Check ``--ckpt_path`` against the config instead of overriding the config with the checkpoint's

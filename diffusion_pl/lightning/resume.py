@@ -5,8 +5,10 @@
     continue_in_checkpoint_run      resuming <run>/checkpoints/X.ckpt with a CSV / TensorBoard logger whose version
                                      is not fixed logs into <run> again (its metrics.csv continues) instead of a new
                                      version_N folder
-    find_last_checkpoint             what ``--ckpt_path last`` resumes, or a one-line refusal when the run's folder
-                                     has no checkpoint (Lightning would silently start from step 0)
+    resolve_last_checkpoint          what ``--ckpt_path last`` resumes (checked like any --ckpt_path); a one-line
+                                     refusal when the logger's version is not fixed and its new folder has no
+                                     checkpoint (Lightning would start from step 0 with a warning: a run of that
+                                     config can never resume that way); a fixed folder without one starts at step 0
 """
 
 from __future__ import annotations
@@ -15,7 +17,11 @@ import glob
 import os
 from typing import Any
 
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
+
 from diffusion_pl.errors import UserFileNotFoundError
+from diffusion_pl.lightning.checkpoints import read_checkpoint
 
 RESUME_CHANGEABLE_TRAINER_KEYS = (
     "max_steps", "max_epochs", "max_time", "min_steps", "min_epochs", "val_check_interval",
@@ -60,21 +66,46 @@ def continue_in_checkpoint_run(trainer_config: Any, ckpt_path: str | None) -> st
     return run_dir
 
 
-def find_last_checkpoint(checkpoint_dirs: list[str], logger_root: str | None, version_fixed: bool) -> str:
-    """The newest ``last*.ckpt`` in ``checkpoint_dirs`` (Lightning's choice for ``ckpt_path="last"``), else a
-    UserFileNotFoundError naming the folders and the fix (the newest last.ckpt of other versions under
-    ``logger_root``, or fixing the logger version)."""
+def resolve_last_checkpoint(trainer: Any, trainer_config: Any) -> str | None:
+    """What ``--ckpt_path last`` resumes: the newest last*.ckpt of the run's checkpoint folders (read like any
+    --ckpt_path); None when there is none yet and the logger's version is fixed (or there is no logger): a first run,
+    said in a line; refused when the logger starts a new version per run (it could never resume that way). Other
+    loggers name their folder only once they start: "last" is left to Lightning."""
+    logger = trainer.logger
+    if logger is not None and not isinstance(logger, (CSVLogger, TensorBoardLogger)):
+        return "last"
+    run_dir = logger.log_dir if logger is not None else trainer.default_root_dir
+    dirs = [c.dirpath or os.path.join(run_dir, "checkpoints") for c in trainer.checkpoint_callbacks]
+    fixed = logger is None or logger_version_fixed(trainer_config)
+    path = find_last_checkpoint(dirs, logger.root_dir if logger is not None else None, fixed)
+    if path is None:
+        rank_zero_info(f"--ckpt_path last: no checkpoint in {', '.join(dirs) or run_dir} yet; starting at step 0")
+        return None
+    read_checkpoint(path, "--ckpt_path last")
+    rank_zero_info(f"--ckpt_path last: resuming from {path}")
+    return path
+
+
+def logger_version_fixed(trainer_config: Any) -> bool:
+    """Whether the config's CSV / TensorBoard logger names its version (the same folder on every run)."""
+    logger = _single_logger(trainer_config)
+    init_args = logger.get("init_args") if logger is not None else None
+    return init_args is not None and init_args.get("version") is not None
+
+
+def find_last_checkpoint(checkpoint_dirs: list[str], logger_root: str | None, version_fixed: bool) -> str | None:
+    """The newest ``last*.ckpt`` in ``checkpoint_dirs`` (Lightning's choice for ``ckpt_path="last"``). None when
+    there is none but the folders are the run's own (``version_fixed``: a first run, e.g. a resubmitted job script);
+    else a UserFileNotFoundError naming the folders and the newest last.ckpt of other versions under ``logger_root``."""
     found = [p for d in checkpoint_dirs for p in glob.glob(os.path.join(glob.escape(d), "last*.ckpt"))]
     if found:
         return max(found, key=os.path.getmtime)
+    if version_fixed:
+        return None
     elsewhere = sorted(glob.glob(os.path.join(glob.escape(logger_root), "*", "checkpoints", "last*.ckpt")),
                        key=os.path.getmtime) if logger_root else []  # fmt: skip
-    where = ", ".join(checkpoint_dirs) or "this run's checkpoint folder"
-    advice = (
-        "(for the first run in a folder, leave --ckpt_path out)" if version_fixed else
-        "(the logger starts a new version folder for every run, so `last` cannot find an earlier run there)"
-    )  # fmt: skip
     fix = f"; resume the run you mean by its file, e.g. --ckpt_path {elsewhere[-1]} (the newest)" if elsewhere else ""
     raise UserFileNotFoundError(
-        f"--ckpt_path last: no checkpoint in {where}, so training would start again from step 0 {advice}{fix}"
+        f"--ckpt_path last: no checkpoint in {', '.join(checkpoint_dirs)}, so training would start again from step 0 "
+        f"(the logger starts a new version folder for every run, so `last` cannot find an earlier run there){fix}"
     )

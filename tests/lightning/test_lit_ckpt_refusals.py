@@ -3,6 +3,7 @@ that is not a checkpoint at all, and `--ckpt_path last` when there is nothing to
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 
@@ -87,3 +88,15 @@ def test_ckpt_path_last_without_a_fixed_version_refuses_instead_of_starting_over
     assert code == 0, err
     assert torch.load(logs / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
     assert not (logs / "version_1").exists()
+
+
+def test_ckpt_path_last_with_a_fixed_version_starts_the_first_run_and_says_so(tmp_path, capsys, caplog):
+    """A job script resubmitted with --ckpt_path last: its first submission starts at step 0, the next resumes."""
+    config = _config(tmp_path, version="0")
+    checkpoints = tmp_path / "logs" / "lightning_logs" / "version_0" / "checkpoints"
+    with caplog.at_level(logging.INFO):
+        assert _fit(capsys, "--config", config, "--ckpt_path", "last")[0] == 0
+    assert f"--ckpt_path last: no checkpoint in {checkpoints} yet; starting at step 0" in caplog.text
+    code, err = _fit(capsys, "--config", config, "--trainer.max_steps=2", "--ckpt_path", "last")
+    assert code == 0, err
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 2
