@@ -14,7 +14,8 @@ from diffusion_pl.data.resumable import ResumableDataLoader
 def _loader(num_workers: int, seed: int = 7) -> ResumableDataLoader:
     images = np.random.default_rng(0).integers(0, 256, size=(23, 4, 4, 1), dtype=np.uint8)
     dataset = ArrayImageDataset(images, np.arange(23), random_flip=True)
-    return ResumableDataLoader(dataset, batch_size=4, shuffle=True, seed=seed, drop_last=True, num_workers=num_workers)
+    return ResumableDataLoader(dataset, batch_size=4, shuffle=True, seed=seed, drop_last=True, num_workers=num_workers,
+                               persistent_workers=num_workers > 0)  # as make_dataloader
 
 
 def _epoch(loader, epoch):
