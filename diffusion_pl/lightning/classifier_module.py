@@ -24,6 +24,7 @@ from diffusion_pl.lightning.common import (
     check_data_matches,
     derive_seed,
     lr_factor,
+    network_from_hparams,
     quartile_means,
     reseed_for_epoch,
     reseed_for_step,
@@ -103,26 +104,7 @@ class NoisyClassifierModule(L.LightningModule):
                 steps=steps, noise_schedule=noise_schedule, var_type="fixed_small", loss_type="simple",
                 rescale_timesteps=rescale_timesteps,
             )  # fmt: skip
-        self.classifier = EncoderUNetModel(
-            image_size=image_size,
-            in_channels=in_channels,
-            model_channels=model_channels,
-            out_channels=out_channels,
-            num_res_blocks=num_res_blocks,
-            attention_resolutions=tuple(attention_resolutions),
-            dropout=dropout,
-            channel_mult=tuple(channel_mult) if channel_mult is not None else None,
-            conv_resample=conv_resample,
-            use_checkpoint=use_checkpoint,
-            num_heads=num_heads,
-            num_head_channels=num_head_channels,
-            use_scale_shift_norm=use_scale_shift_norm,
-            resblock_updown=resblock_updown,
-            use_new_attention_order=use_new_attention_order,
-            norm_groups=norm_groups,
-            fused_norm=fused_norm,
-            pool=pool,
-        )
+        self.classifier = network_from_hparams(EncoderUNetModel, self.hparams)
         if init_from is not None and not self.classifier.input_conv.weight.is_meta:
             init_network_from(self.classifier, init_from, "NoisyClassifierModule", self.hparams)
         self.t_min, self.t_max = t_min, upper

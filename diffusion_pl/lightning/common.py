@@ -1,9 +1,11 @@
-"""Pieces shared by the LightningModules: learning-rate schedule, per-step RNG, data/network checks, quartile logs."""
+"""Pieces shared by the LightningModules: learning-rate schedule, per-step RNG, the network from the hyperparameters,
+data/network checks, quartile logs."""
 
 from __future__ import annotations
 
+import inspect
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -52,6 +54,13 @@ def reseed_for_step(seed: int, step: int, rank: int) -> None:
     state was restored. Ranks get different streams.
     """
     torch.manual_seed(derive_seed(seed, _STEP, step, rank))
+
+
+def network_from_hparams(cls: type[torch.nn.Module], hparams: Mapping, **overrides) -> torch.nn.Module:
+    """``cls(...)`` (UNetModel, EncoderUNetModel) with each constructor argument taken from the LightningModule's
+    hyperparameter of the same name; ``overrides`` give the arguments the module derives (e.g. ``num_classes``)."""
+    names = inspect.signature(cls).parameters
+    return cls(**{**{k: v for k, v in hparams.items() if k in names}, **overrides})
 
 
 def check_data_matches(datamodule: object | None, expected: dict[str, tuple[int, str]], model_name: str) -> None:

@@ -28,6 +28,7 @@ from diffusion_pl.lightning.common import (
     derive_seed,
     lr_factor,
     make_all_gather,
+    network_from_hparams,
     quartile_means,
     reseed_for_epoch,
     reseed_for_step,
@@ -144,29 +145,10 @@ class DiffusionModule(L.LightningModule):
         if val_bpd_batches < 0:
             raise UserInputError(f"model.init_args.val_bpd_batches must be >= 0, got {val_bpd_batches}")
         check_respacing(self.diffusion, val_bpd_respacing, "model.init_args.val_bpd_respacing")
-        self.unet = UNetModel(
-            image_size=image_size,
-            in_channels=in_channels,
-            model_channels=model_channels,
-            out_channels=in_channels,
-            num_res_blocks=num_res_blocks,
-            attention_resolutions=tuple(attention_resolutions),
-            dropout=dropout,
-            channel_mult=tuple(channel_mult) if channel_mult is not None else None,
-            conv_resample=conv_resample,
-            num_classes=num_classes if class_cond else None,
-            null_class=null_class,
-            use_checkpoint=use_checkpoint,
-            num_heads=num_heads,
-            num_head_channels=num_head_channels,
-            num_heads_upsample=num_heads_upsample,
-            use_scale_shift_norm=use_scale_shift_norm,
-            resblock_updown=resblock_updown,
-            use_new_attention_order=use_new_attention_order,
-            norm_groups=norm_groups,
-            fused_norm=fused_norm,
+        self.unet = network_from_hparams(
+            UNetModel, self.hparams, out_channels=in_channels, num_classes=num_classes if class_cond else None,
             learn_sigma=self.diffusion.learns_variance,
-        )
+        )  # fmt: skip
         if init_from is not None and not self.unet.input_conv.weight.is_meta:
             init_network_from(self.unet, init_from, "DiffusionModule", self.hparams)
         self.seed = base_seed()
