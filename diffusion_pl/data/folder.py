@@ -232,16 +232,17 @@ Chunks = Iterator[tuple[np.ndarray, np.ndarray]]
 
 def decoded_chunks(paths: Sequence[str], labels: np.ndarray, image_size: int, channels: int, *, name: str,
                    num_workers: int, desc: str, skipped: list[str] | None = None,
-                   decode: Callable = decode_center) -> Chunks:  # fmt: skip
+                   decode: Callable = decode_center, skippable: bool = True) -> Chunks:  # fmt: skip
     """(uint8 (1, S, S, C), label (1,)) per file by ``decode`` (:func:`decode_center`), for PreparedSplit.write. A
-    file that fails to decode (e.g. truncated) is appended to ``skipped`` when a list is given, else refused by name."""
+    file that fails to decode (e.g. truncated) is appended to ``skipped`` when a list is given, else refused by name
+    (``skippable``: the message names the skip_bad_images option)."""
     jobs = [(p, image_size, channels) for p in paths]
     for i, arr in enumerate(parallel_map(decode, jobs, num_workers, desc)):
         if isinstance(arr, str):
             if skipped is None:
                 raise UserInputError(
-                    f"{name}: cannot decode image {arr}: the file is damaged or truncated. Replace or remove it, or "
-                    "set skip_bad_images: true to leave such files out"
+                    f"{name}: cannot decode image {arr}: the file is damaged or truncated. Replace or remove it"
+                    + (", or set skip_bad_images: true to leave such files out" if skippable else "")
                 )
             skipped.append(arr)
             continue

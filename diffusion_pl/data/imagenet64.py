@@ -209,6 +209,7 @@ class ImageNet64DataModule(ImageDataModule):
             name="ImageNet-64 (folder)",
             num_workers=self.num_workers,
             desc=f"ImageNet-64 {split} images -> npy",
+            skippable=False,
         )
         info = {"inputs": str(root), "class_names": class_names, "num_classes": len(class_names)}
         self.split_files(split).write(len(labels), chunks, info)
