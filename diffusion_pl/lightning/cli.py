@@ -234,7 +234,8 @@ class DiffusionCLI(LightningCLI):
                 rank_zero_info(f"Resuming in the checkpoint's run folder {run_dir} (its logs continue)")
 
     def fit(self, **kwargs: Any) -> None:
-        """``trainer.fit``; a full disk or a read-only run folder (logs, config, checkpoints) is one line."""
+        """``trainer.fit``; a full disk or a read-only run folder (logs, config, checkpoints) is one line, and so is a
+        checkpoint with a saved data position resumed with a DataModule whose training loader cannot take it."""
         try:
             self.trainer.fit(**kwargs)
         except OSError as error:
@@ -245,6 +246,14 @@ class DiffusionCLI(LightningCLI):
             if user_error is None:
                 raise
             raise user_error from error
+        except RuntimeError as error:
+            if "stateful loaders, but found" not in str(error):  # Lightning's CombinedLoader on resume
+                raise
+            raise UserRuntimeError(
+                "the checkpoint holds the position of its training data loader (diffusion-pl's DataModules save it "
+                "to resume mid-epoch exactly), but this run's train_dataloader() cannot take it back (not a "
+                "diffusion_pl.data.resumable.ResumableDataLoader): resume with the DataModule the run was trained with"
+            ) from error
 
     def before_fit(self) -> None:
         """``--ckpt_path last`` resolved and checked before the run starts (diffusion_pl.lightning.resume)."""

@@ -9,7 +9,8 @@ import re
 
 import pytest
 import torch
-from lit_helpers import write_tiny_classifier_config
+from lit_helpers import TinyDataModule, write_tiny_classifier_config
+from torch.utils.data import DataLoader
 
 from diffusion_pl.cli import main
 
@@ -100,3 +101,25 @@ def test_ckpt_path_last_with_a_fixed_version_starts_the_first_run_and_says_so(tm
     code, err = _fit(capsys, "--config", config, "--trainer.max_steps=2", "--ckpt_path", "last")
     assert code == 0, err
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
+class PlainLoaderDataModule(TinyDataModule):
+    """A user's DataModule with torch's DataLoader (no position to restore)."""
+
+    def train_dataloader(self):
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True)
+
+
+def test_resume_with_a_datamodule_that_cannot_take_the_data_position_is_one_line(tmp_path, capsys):
+    config = _config(tmp_path)
+    assert _fit(capsys, "--config", config)[0] == 0
+    last = tmp_path / "logs" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    # Into another folder (in the run's own folder the changed data.class_path is refused first).
+    line = _one_line(*_fit(capsys, "--config", config, "--trainer.max_steps=2", "--ckpt_path", str(last),
+                           "--data", "test_lit_ckpt_refusals.PlainLoaderDataModule",
+                           f"--trainer.logger.init_args.save_dir={tmp_path / 'other'}"))  # fmt: skip
+    assert line == (
+        "diffusion-pl fit: error: the checkpoint holds the position of its training data loader (diffusion-pl's "
+        "DataModules save it to resume mid-epoch exactly), but this run's train_dataloader() cannot take it back "
+        "(not a diffusion_pl.data.resumable.ResumableDataLoader): resume with the DataModule the run was trained with"
+    )
