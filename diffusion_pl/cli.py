@@ -3,8 +3,9 @@
     diffusion-pl fit --config configs/quickstart.yaml
     diffusion-pl sample --ckpt path/to/last.ckpt --num_samples 64 --steps 250
 
-A user error (diffusion_pl.errors.UserError: a missing file, a bad option, a checkpoint that does not fit, a full disk;
-Lightning's MisconfigurationException; a parse error, see diffusion_pl.parse_errors) is printed as one line,
+A user error, told by its type (diffusion_pl.errors.UserError: a missing file, a bad option, a checkpoint that does not
+fit, a full disk; a parse error, see diffusion_pl.parse_errors; Lightning's MisconfigurationException) is printed as
+one line,
 ``diffusion-pl <command>: error: <message>``, with exit status 2. A rank > 0 of a distributed run that only lost its
 peers (another rank failed first and printed why) says so in one line, exit status 1. DIFFUSION_PL_DEBUG=1 gives the
 traceback instead. Any other exception keeps its traceback.
@@ -15,13 +16,14 @@ from __future__ import annotations
 import importlib
 import re
 import sys
+from functools import partial
 
 from diffusion_pl.errors import (
     DEBUG_ENV,
+    UserError,
     debug_requested,
     find_in_chain,
     find_lost_peer_error,
-    find_user_error,
     process_rank,
 )
 
@@ -67,22 +69,32 @@ def run_command(command: str, args: list[str]) -> None:
 
     flush_denormals()  # CPU arithmetic on denormal floats is orders of magnitude slower (see utils/device.py)
     if command in EXTRA_COMMANDS:
-        from diffusion_pl.commands.parser import call_with_args
-        from diffusion_pl.parse_errors import ConciseArgumentParser
+        from jsonargparse import ArgumentError, ArgumentParser
+
+        from diffusion_pl.commands.parser import build_parser, call_with_args
+        from diffusion_pl.parse_errors import parse_error
 
         module_name, function_name = EXTRA_COMMANDS[command].split(":")
         function = getattr(importlib.import_module(module_name), function_name)
-        call_with_args(function, args[1:], f"diffusion-pl {command}", parser_class=ConciseArgumentParser)
+        prog, exit_on_error = f"diffusion-pl {command}", debug_requested()  # debug: jsonargparse's own report
+        try:  # parse errors raise ArgumentError: one line in main
+            call_with_args(function, args[1:], prog, parser_class=partial(ArgumentParser, exit_on_error=exit_on_error))
+        except ArgumentError as error:
+            options = [f"--{key}" for key in build_parser(function, prog).get_defaults().keys()]
+            raise parse_error(error, prog, options, key_prefix="--") from error
     else:
         run_lightning_cli(args)
 
 
-def _find_misconfiguration(error: BaseException | None) -> BaseException | None:
-    """Lightning's MisconfigurationException (a setting Lightning refuses, e.g. ``--accelerator gpu`` without a GPU)
-    in ``error``'s causes: a user error with Lightning's own message."""
+def find_user_mistake(error: BaseException | None) -> BaseException | None:
+    """The user's mistake in ``error``'s causes, by type: a UserError, a parse error (argparse's ArgumentError, e.g.
+    checkpoint hyperparameters that do not parse) or a setting Lightning refuses (MisconfigurationException, e.g.
+    ``--accelerator gpu`` without a GPU)."""
+    from argparse import ArgumentError
+
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    return find_in_chain(error, lambda e: isinstance(e, MisconfigurationException))
+    return find_in_chain(error, lambda e: isinstance(e, (UserError, ArgumentError, MisconfigurationException)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_command(command, args)
     except Exception as error:
-        user_error = find_user_error(error) or _find_misconfiguration(error)
+        user_error = find_user_mistake(error)
         if debug_requested():
             raise
         if user_error is None:

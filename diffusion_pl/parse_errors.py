@@ -7,8 +7,9 @@ it knows to one line that names the key, the value, what is expected and (for ty
     model.init_args.lrr: DiffusionModule has no option 'lrr' (did you mean 'lr'?); list its options with
     `diffusion-pl fit --model.help DiffusionModule`
 
-A message of any other shape is returned as None and printed by jsonargparse as before (nothing is lost).
-:class:`ConciseErrorsMixin` puts this into a parser's ``error``; ``DIFFUSION_PL_DEBUG=1`` keeps the full report.
+A message of any other shape is returned as None and printed as jsonargparse wrote it (nothing is lost). The parsers
+run with ``exit_on_error=False`` (jsonargparse raises ArgumentError) and :func:`parse_error` turns the error into a
+UserInputError; with ``DIFFUSION_PL_DEBUG=1`` jsonargparse prints its full report itself.
 """
 
 from __future__ import annotations
@@ -17,12 +18,9 @@ import difflib
 import importlib
 import inspect
 import re
-import sys
 from collections.abc import Iterable
 
-from jsonargparse import ArgumentParser
-
-from diffusion_pl.errors import debug_requested
+from diffusion_pl.errors import UserInputError
 from diffusion_pl.utils.imports import import_object
 
 # Where a short class name given as --model / --data is looked up (LightningCLI resolves names from these too).
@@ -178,35 +176,8 @@ def condense_parse_error(
     return None
 
 
-def _option_strings(parser) -> list[str]:
-    found: list[str] = []
-    for action in getattr(parser, "_actions", []):
-        found.extend(action.option_strings)
-        for sub in (getattr(action, "_name_parser_map", None) or {}).values():
-            found.extend(_option_strings(sub))
-    return found
-
-
-class ConciseErrorsMixin:
-    """For a jsonargparse ArgumentParser subclass: a parse error of a known shape is printed as ONE line,
-    ``<prog>: error: <message>`` (exit status 2), like diffusion-pl's other user errors."""
-
-    #: put before the key named in a message (see condense_parse_error)
-    error_key_prefix = ""
-
-    def error(self, message: str, ex: Exception | None = None):  # noqa: D102 - see class docstring
-        if getattr(self, "exit_on_error", True) and not debug_requested():
-            parser = getattr(ex, "subcommand_parser", None) or self
-            prog = parser.prog.replace(" [options]", "")
-            short = condense_parse_error(str(message), prog, _option_strings(parser), self.error_key_prefix)
-            if short is not None:
-                self._logger.error(message)
-                sys.stderr.write(f"{prog}: error: {short}\n")
-                self.exit(2)
-        return super().error(message, ex)  # type: ignore[misc]
-
-
-class ConciseArgumentParser(ConciseErrorsMixin, ArgumentParser):
-    """jsonargparse's ArgumentParser with one-line parse errors (the sample / evaluate / sweep / demo commands)."""
-
-    error_key_prefix = "--"
+def parse_error(error: Exception, prog: str, options: Iterable[str] = (), key_prefix: str = "") -> UserInputError:
+    """jsonargparse's parse error (ArgumentError) as a UserInputError: one line for a known shape (see
+    condense_parse_error), jsonargparse's own message otherwise."""
+    message = str(error)
+    return UserInputError(condense_parse_error(message, prog, options, key_prefix) or message)

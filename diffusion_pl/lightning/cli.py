@@ -9,22 +9,21 @@ work) and ``data`` any LightningDataModule (``MNIST5kDataModule``, ``CIFAR10Data
 Optimisers are configured by the modules themselves (``auto_configure_optimizers=False``). Always added: the
 NonFiniteGuard callback and, unless another CheckpointIO plugin is given, AtomicCheckpointIO.
 
-``--ckpt_path`` never silently replaces the config: the file is checked first (exists, readable, a checkpoint of the
-config's model class), and the config's model settings must equal the checkpoint's except the ones the module lists
-as changeable on resume (training settings such as lr: the config's value is used). Lightning's own behaviour, taking
-every model hyperparameter from the checkpoint over the config, is replaced.
+``--ckpt_path``: the model's class and the settings that fix its network come from the checkpoint (validate / test
+need no --config for the model); fit refuses a config that differs in those (see DiffusionCLI).
 """
 
 from __future__ import annotations
 
 import itertools
 import os
-import traceback
+import sys
 from typing import Any
 
 import lightning as L
 import yaml
 from fsspec.implementations.local import LocalFileSystem
+from jsonargparse import ArgumentError
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
@@ -32,27 +31,21 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 import diffusion_pl.data  # noqa: F401  (registers the DataModules for short class names)
-from diffusion_pl.errors import UserFileNotFoundError, UserInputError, UserRuntimeError, find_user_error
+from diffusion_pl.errors import UserInputError, UserRuntimeError, debug_requested, find_in_chain, find_user_error
 from diffusion_pl.evaluation.npz import atomic_write
 from diffusion_pl.lightning.callbacks import NonFiniteGuard
 from diffusion_pl.lightning.checkpoint_io import AtomicCheckpointIO, InterruptedSaveCleanup, write_error
-from diffusion_pl.lightning.checkpoints import (
-    MODULE_KINDS,
-    checkpoint_kind,
-    describe_kind,
-    hparam_differences,
-    read_checkpoint,
+from diffusion_pl.lightning.ckpt_path import (
+    checkpoint_defaults,
+    ckpt_path_argument,
+    is_checkpoint_file_path,
+    model_for_checkpoint,
+    read_ckpt_path,
 )
-from diffusion_pl.lightning.classifier_module import NoisyClassifierModule
-from diffusion_pl.lightning.diffusion_module import DiffusionModule
 from diffusion_pl.lightning.loggers import use_appending_csv_logger
 from diffusion_pl.lightning.resume import continue_in_checkpoint_run, resolve_last_checkpoint, resume_changeable_keys
-from diffusion_pl.parse_errors import ConciseErrorsMixin
+from diffusion_pl.parse_errors import parse_error
 from diffusion_pl.utils.imports import import_object
-
-MODULE_CLASSES = {"DiffusionModule": DiffusionModule, "NoisyClassifierModule": NoisyClassifierModule}
-# ckpt_path values Lightning resolves itself (no file of that name).
-_SPECIAL_CKPT_PATHS = ("last", "best", "hpc")
 
 # Keys that legitimately differ between a run and its resumption in the same log directory.
 _IGNORED_CONFIG_KEYS = ("ckpt_path",)
@@ -219,11 +212,51 @@ def _differing_keys(a: dict, b: dict) -> list[str]:
 
 
 class DiffusionCLI(LightningCLI):
+    """LightningCLI with one-line user errors (parse errors, a bad ``--ckpt_path``, values the classes refuse).
+
+    ``--ckpt_path``: the model's class and the settings that fix its network and diffusion process come from the
+    checkpoint, as in LightningCLI, so validate / test need no --config for the model (nor for the data when the
+    checkpoint carries the data's settings). Unlike LightningCLI, the settings a module lists in
+    RESUME_CHANGEABLE_HPARAMS (lr, dropout, val_bpd_* ...) are the config's, and fit refuses a config whose other
+    model settings differ from the checkpoint's.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.command_parsers: list[LightningArgumentParser] = []
+        self.model_config = None  # the model to build, when --ckpt_path is given
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        self.command_parsers.append(parser)  # one per subcommand
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        given = sys.argv[1:] if args is None else args
+        command = given[0] if isinstance(given, list) and given and given[0] in self.subcommands() else None
+        given_path = ckpt_path_argument(given) if command in ("validate", "test") else None
+        checkpoint = (given_path, read_ckpt_path(given_path)) if given_path and os.path.isfile(given_path) else None
+        for command_parser in self.command_parsers if checkpoint is not None else ():
+            command_parser.set_defaults(checkpoint_defaults(checkpoint[1]))
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as error:
+            if given_path and checkpoint is None:  # e.g. no --model, because the checkpoint is missing
+                read_ckpt_path(given_path)
+            options = [f"--{key}" for p in self.command_parsers for key in p.get_defaults().keys()]
+            raise parse_error(error, f"diffusion-pl {command or ''}".strip(), options) from error
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if is_checkpoint_file_path(ckpt_path):
+            checkpoint = checkpoint[1] if checkpoint and checkpoint[0] == ckpt_path else read_ckpt_path(ckpt_path)
+            self.model_config = model_for_checkpoint(ckpt_path, checkpoint, self.config[subcommand].model, subcommand)
+
     def before_instantiate_classes(self) -> None:
         """A CSVLogger continues an earlier run's metrics.csv (diffusion_pl.lightning.loggers); fit resuming a
-        checkpoint of a CSV / TensorBoard run folder logs into that folder (diffusion_pl.lightning.resume)."""
+        checkpoint of a CSV / TensorBoard run folder logs into that folder (diffusion_pl.lightning.resume). With
+        --ckpt_path, the model is the one parse_arguments made (the config's changeable settings are kept)."""
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
+        if self.model_config is not None:  # LightningCLI has put all the checkpoint's settings into the config
+            config.model = self.model_config
         trainer_config = config.get("trainer")
         if trainer_config is None:
             return
@@ -262,96 +295,31 @@ class DiffusionCLI(LightningCLI):
             if path != "last":
                 self.config["fit"]["ckpt_path"] = self.config_init["fit"]["ckpt_path"] = path
 
-    def _parse_ckpt_path(self) -> None:
-        """Check ``--ckpt_path`` against the config instead of overriding the config with the checkpoint's
-        hyperparameters (LightningCLI's behaviour, which silently drops the user's model settings)."""
-        subcommand = self.config.get("subcommand")
-        if not subcommand:
-            return
-        ckpt_path = self.config[subcommand].get("ckpt_path")
-        model_config = self.config[subcommand].get("model")
-        if not ckpt_path:
-            return
-        if not os.path.isfile(ckpt_path):
-            if ckpt_path in _SPECIAL_CKPT_PATHS or str(ckpt_path).startswith("registry"):
-                return
-            if os.path.isdir(ckpt_path):
-                raise UserInputError(
-                    f"--ckpt_path {ckpt_path} is a directory; give a checkpoint file such as {ckpt_path}/last.ckpt"
-                )
-            raise UserFileNotFoundError(
-                f"--ckpt_path {ckpt_path}: no such checkpoint file (a run's checkpoints are in its checkpoints/ "
-                "folder, e.g. lightning_logs/<name>/version_0/checkpoints/last.ckpt with ModelCheckpoint save_last)"
-            )
-        checkpoint = read_checkpoint(ckpt_path, "--ckpt_path")
-        kind = checkpoint_kind(checkpoint)
-        if kind not in MODULE_KINDS:
-            raise UserInputError(
-                f"--ckpt_path {ckpt_path} is {describe_kind(kind, checkpoint)}; fit / validate / test take a "
-                "diffusion-pl checkpoint (released OpenAI checkpoints are used with diffusion-pl sample/evaluate "
-                "--openai_ckpt --arch; to fine-tune from one, set model.init_args.init_from instead)"
-            )
-        class_path = str(getattr(model_config, "class_path", "") or "")
-        model_class = import_object(class_path)
-        if not (isinstance(model_class, type) and issubclass(model_class, MODULE_CLASSES[kind])):
-            raise UserInputError(
-                f"--ckpt_path {ckpt_path} holds a {kind}, but the config's model is {class_path or model_config}: use "
-                f"a checkpoint of that model, or the config the checkpoint was trained with (model.class_path: "
-                f"{kind}; the run's config.yaml is saved in its log directory)"
-            )
-        init_args = model_config.get("init_args")
-        current = init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args or {})
-        changeable = model_class.RESUME_CHANGEABLE_HPARAMS
-        fixed, _ = hparam_differences(checkpoint.get("hyper_parameters") or {}, current, changeable)
-        if fixed:
-            listed = "\n  ".join(f"model.init_args.{k}: checkpoint {old!r} vs config {new!r}" for k, old, new in fixed)
-            raise UserInputError(
-                f"--ckpt_path {ckpt_path} was trained with other model settings than this config:\n  {listed}\n"
-                "These fix the network and its diffusion process. Use the config the checkpoint was trained with "
-                "(the run's config.yaml), or start a new run without --ckpt_path. (Training settings such as lr, "
-                "weight_decay, warmup_steps or dropout may differ: the config's values are used.)"
-            )
-
     def instantiate_classes(self) -> None:
+        """A ValueError raised while the config's classes are built (a constructor refusing a value) is a user
+        error: one line with the original message."""
         try:
             super().instantiate_classes()
-        except Exception as error:
-            if find_user_error(error) is not None:
+        except ValueError as error:
+            root = find_in_chain(error, lambda e: e.__cause__ is None)
+            if find_user_error(error) is not None or not isinstance(root, ValueError):
                 raise
-            root = error
-            while root.__cause__ is not None:
-                root = root.__cause__
-            if _is_config_error(root):
-                raise UserInputError(f"the config cannot be built: {root}") from error
-            raise
+            raise UserInputError(f"the config cannot be built: {root}") from error
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-        trainer = super().instantiate_trainer(**kwargs)
+        """The Trainer refusing a setting with a TypeError / ValueError (e.g. ``devices: abc``) is a user error."""
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except (TypeError, ValueError) as error:
+            raise UserInputError(f"the config cannot be built: {error}") from error
         # Atomic checkpoint writes unless the user configured their own CheckpointIO plugin.
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
 
 
-def _is_config_error(error: BaseException) -> bool:
-    """A constructor refusing a config value (ValueError), or a TypeError raised by Lightning itself about a setting
-    (e.g. ``devices: abc`` on the CPU); a TypeError from anywhere else may be a bug and keeps its traceback.
-    (Lightning's MisconfigurationException is a user error for every command: diffusion_pl.cli.main.)"""
-    if isinstance(error, ValueError):
-        return True
-    if isinstance(error, TypeError) and error.__traceback__ is not None:
-        frames = traceback.extract_tb(error.__traceback__)
-        package_dir = os.path.dirname(os.path.abspath(L.__file__)) + os.sep  # lightning/ (this repo has one too)
-        return bool(frames) and os.path.abspath(frames[-1].filename).startswith(package_dir)
-    return False
-
-
-class ConciseLightningArgumentParser(ConciseErrorsMixin, LightningArgumentParser):
-    """LightningCLI's parser with one-line parse errors (see diffusion_pl.parse_errors)."""
-
-
 def _short_usage(subcommand: str) -> str:
-    """The usage line printed above a parse error (the full option list of LightningCLI is ~50 lines)."""
+    """The usage line of `--help` (the full option list of LightningCLI is ~50 lines)."""
     return (
         f"diffusion-pl {subcommand} [--config CONFIG.yaml] [--model CLASS] [--model.init_args.KEY VALUE] "
         "[--data CLASS] [--data.init_args.KEY VALUE] [--trainer.KEY VALUE] [--ckpt_path CKPT]"
@@ -369,9 +337,9 @@ def build_lightning_cli(args: list[str] | None = None, run: bool = True, **kwarg
         save_config_kwargs={"overwrite": False},
         auto_configure_optimizers=False,
         trainer_defaults={"callbacks": [NonFiniteGuard(), InterruptedSaveCleanup()]},
-        parser_class=ConciseLightningArgumentParser,
         parser_kwargs={
             "prog": "diffusion-pl",
+            "exit_on_error": debug_requested(),  # parse errors raise ArgumentError: one line (diffusion_pl.cli)
             **{name: {"usage": _short_usage(name)} for name in ("fit", "validate", "test", "predict")},
         },
         args=args,

@@ -88,3 +88,22 @@ def write_tiny_classifier_config(path, root, data_class: str = "lit_helpers.Tiny
           logger: {logger}
         """))
     return str(path)
+
+
+class BuggyModule(L.LightningModule):
+    """A LightningModule whose constructor has a bug (a TypeError that is not about the user's settings)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        len(5)
+
+
+class CheckpointedTinyDataModule(TinyDataModule):
+    """TinyDataModule that saves its settings in checkpoints (as the project's DataModules do), with a test split."""
+
+    def __init__(self, batch_size: int = 4) -> None:
+        super().__init__(batch_size=batch_size)
+        self.save_hyperparameters()
+
+    def test_dataloader(self):
+        return self.val_dataloader()

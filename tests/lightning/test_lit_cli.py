@@ -16,6 +16,8 @@ import yaml
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from lit_helpers import write_tiny_classifier_config
 
+from diffusion_pl.cli import main
+from diffusion_pl.errors import UserInputError
 from diffusion_pl.lightning import AtomicCheckpointIO, DiffusionModule, NoisyClassifierModule, NonFiniteGuard
 from diffusion_pl.lightning.cli import DiffusionCLI, build_lightning_cli
 
@@ -86,7 +88,7 @@ def test_quickstart_instantiates_with_atomic_io_and_guard(tmp_path, monkeypatch)
 
 def test_unknown_key_is_rejected(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserInputError, match="DiffusionModule has no option 'learning_rate'"):
         build_lightning_cli(args=["--config", str(ROOT / "configs" / "quickstart.yaml"),
                                   "--model.init_args.learning_rate=1e-3"], run=False)  # fmt: skip
 
@@ -141,3 +143,31 @@ def test_cli_fit_on_mnist_then_plain_process_load(tmp_path):
                             timeout=120, env=env)  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     assert "LOADED 3" in result.stdout
+
+
+def test_validate_and_test_take_the_model_from_the_checkpoint(tmp_path, capsys):
+    """`validate` / `test --ckpt_path FILE` need no --config: the checkpoint carries its model's class and settings
+    (and its data's); a config's network settings give way to the checkpoint's, its changeable settings (lr,
+    val_bpd_*, ...) are kept, in fit too."""
+    config = write_tiny_classifier_config(tmp_path / "fit.yaml", tmp_path / "run",
+                                          "lit_helpers.CheckpointedTinyDataModule")  # fmt: skip
+    build_lightning_cli(["fit", "--config", config])
+    (ckpt,) = glob.glob(str(tmp_path / "run" / "checkpoints" / "*.ckpt"))
+    weights = torch.load(ckpt, weights_only=True)["state_dict"]
+    trainer = ["--trainer.accelerator=cpu", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+               f"--trainer.default_root_dir={tmp_path / 'eval'}"]  # fmt: skip
+    for command in ("validate", "test"):
+        cli = build_lightning_cli([command, "--ckpt_path", ckpt, *trainer])
+        assert type(cli.model) is NoisyClassifierModule and cli.model.hparams.model_channels == 32  # default 128
+        assert type(cli.datamodule).__name__ == "CheckpointedTinyDataModule"
+        assert all(torch.equal(value, weights[key]) for key, value in cli.model.state_dict().items())
+        assert f"{'val' if command == 'validate' else 'test'}/loss" in cli.trainer.callback_metrics
+    cli = build_lightning_cli(["validate", "--config", config, "--model.init_args.model_channels=64",
+                               "--model.init_args.lr=0.5", "--ckpt_path", ckpt, *trainer])  # fmt: skip
+    assert (cli.model.hparams.model_channels, cli.model.hparams.lr) == (32, 0.5)
+    # fit (resume) keeps the config's changeable settings too, not the checkpoint's (LightningCLI's default)
+    cli = build_lightning_cli(["fit", "--config", config, "--model.init_args.lr=0.5", "--ckpt_path", ckpt,
+                               f"--trainer.default_root_dir={tmp_path / 'resumed'}"])  # fmt: skip
+    assert cli.model.hparams.lr == 0.5 and cli.trainer.optimizers[0].param_groups[0]["initial_lr"] == 0.5
+    assert main(["test", "--ckpt_path", str(tmp_path / "nope.ckpt")]) == 2
+    assert f"--ckpt_path {tmp_path / 'nope.ckpt'}: no such checkpoint file" in capsys.readouterr().err
