@@ -69,7 +69,8 @@ CASES = [
     (UNION_OF_LITERALS, "trainer.precision: expected one of 64, 32, 16, '16-mixed', 'bf16-mixed', '32-true', got "
      "'bf16-mixd' (did you mean 'bf16-mixed'?)"),
     (NOT_A_CLASS, "data: no LightningDataModule named 'Cifar10' (did you mean CIFAR10DataModule?); give one of "
-     "diffusion-pl's classes (MNIST5kDataModule, CIFAR10DataModule, ImageNet64DataModule) or a full import path"),
+     "diffusion-pl's classes (MNIST5kDataModule, CIFAR10DataModule, ImageNet64DataModule, ImageFolderDataModule) "
+     "or a full import path"),
     ('Parser key "steps":\n  Expected a <class \'int\'>. Got value: 2x', "steps: expected int, got '2x'"),
     ("unrecognized arguments: --clasifier_scale 3", "unrecognized option --clasifier_scale 3 (did you mean "
      "--classifier_scale?); `diffusion-pl fit --help` lists the options"),

@@ -103,8 +103,7 @@ def make_all_gather(module) -> Callable[[torch.Tensor], torch.Tensor] | None:
     Built on LightningModule.all_gather (which stacks a new leading rank dimension) and used by
     LossSecondMomentSampler.update_with_local_losses, so every rank records every rank's losses.
     """
-    trainer = getattr(module, "_trainer", None)
-    if trainer is None or trainer.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
         return None
 
     def all_gather(tensor: torch.Tensor) -> torch.Tensor:
