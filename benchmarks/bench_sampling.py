@@ -86,8 +86,9 @@ def run_ours(ours, clf, diffusion, steps, batch, dtype):
     from diffusion_pl.sampling import SampleEngine
 
     size = ours.image_size
+    precision = {"fp32": "32-true", "bf16": "bf16-mixed"}[dtype]  # --dtypes as SampleEngine (Lightning) spells them
     engine = SampleEngine(ours, diffusion, (3, size, size), respacing=str(steps), class_cond=True,
-                          num_classes=ours.num_classes, classifier=clf, classifier_scale=1.0, precision=dtype,
+                          num_classes=ours.num_classes, classifier=clf, classifier_scale=1.0, precision=precision,
                           progress=False)  # fmt: skip
     start = time.perf_counter()
     out = engine.sample(range(batch)).images

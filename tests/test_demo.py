@@ -104,11 +104,11 @@ def test_demo_outside_a_checkout_names_the_config_dir(tmp_path, capsys):
 @pytest.mark.parametrize(
     "cuda,bf16,accelerator,precision,expected",
     [
-        (False, False, "auto", "auto", ("cpu", "bf16", None)),  # a laptop (a Mac too: never MPS)
-        (True, True, "auto", "auto", ("gpu", "bf16", None)),  # Ampere or newer
-        (True, False, "auto", "auto", ("gpu", "fp32", "16-mixed")),  # a GPU without bfloat16 (V100, T4)
-        (True, False, "cpu", "auto", ("cpu", "bf16", None)),  # the CPU asked for explicitly
-        (True, False, "auto", "bf16", ("gpu", "bf16", "16-mixed")),  # an explicit sampling precision is kept
+        (False, False, "auto", "auto", ("cpu", "bf16-mixed", None)),  # a laptop (a Mac too: never MPS)
+        (True, True, "auto", "auto", ("gpu", "bf16-mixed", None)),  # Ampere or newer
+        (True, False, "auto", "auto", ("gpu", "32-true", "16-mixed")),  # a GPU without bfloat16 (V100, T4)
+        (True, False, "cpu", "auto", ("cpu", "bf16-mixed", None)),  # the CPU asked for explicitly
+        (True, False, "auto", "bf16-mixed", ("gpu", "bf16-mixed", "16-mixed")),  # an explicit precision is kept
     ],
 )
 def test_hardware_is_resolved_for_the_machine(monkeypatch, cuda, bf16, accelerator, precision, expected):

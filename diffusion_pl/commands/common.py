@@ -134,9 +134,9 @@ def load_openai_file(cls: type, kwargs: dict[str, Any], path: str, option: str, 
     return model
 
 
-def load_model(source: ModelSource) -> LoadedModel:
+def load_model(chosen: ModelSource) -> LoadedModel:
     """A diffusion-pl checkpoint (it carries its config) or a released OpenAI checkpoint + arch + process settings."""
-    ckpt, openai_ckpt, arch = source.ckpt, source.openai_ckpt, source.arch
+    ckpt, openai_ckpt, arch = chosen.ckpt, chosen.openai_ckpt, chosen.arch
     if (ckpt is None) == (openai_ckpt is None):
         raise UserInputError("give exactly one of --ckpt (a diffusion-pl checkpoint) or --openai_ckpt (with --arch)")
     if ckpt is not None:
@@ -162,8 +162,8 @@ def load_model(source: ModelSource) -> LoadedModel:
     kwargs = resolve_arch(arch, UNetModel, "arch")
     net = load_openai_file(UNetModel, kwargs, openai_ckpt, "--openai_ckpt", "openai-unet", f"--arch {arch}").eval()
     learn_sigma = bool(kwargs.get("learn_sigma", False))
-    diffusion_steps, noise_schedule, var_type = source.diffusion_steps, source.noise_schedule, source.var_type
-    rescale_timesteps = source.rescale_timesteps
+    diffusion_steps, noise_schedule, var_type = chosen.diffusion_steps, chosen.noise_schedule, chosen.var_type
+    rescale_timesteps = chosen.rescale_timesteps
     if var_type == "auto":  # guided-diffusion: learn_sigma -> learned range, else fixed large (sigma_small False)
         var_type = "learned_range" if learn_sigma else "fixed_large"
     diffusion = create_diffusion(
@@ -192,12 +192,12 @@ def load_model(source: ModelSource) -> LoadedModel:
     )
 
 
-def load_classifier(model: LoadedModel, source: ClassifierSource) -> LoadedClassifier | None:
+def load_classifier(model: LoadedModel, chosen: ClassifierSource) -> LoadedClassifier | None:
     """A NoisyClassifierModule checkpoint or a released OpenAI classifier, checked against the diffusion model."""
     from diffusion_pl.lightning.callbacks import check_classifier_compatible
 
-    classifier_ckpt, classifier_openai_ckpt = source.classifier_ckpt, source.classifier_openai_ckpt
-    classifier_arch = source.classifier_arch
+    classifier_ckpt, classifier_openai_ckpt = chosen.classifier_ckpt, chosen.classifier_openai_ckpt
+    classifier_arch = chosen.classifier_arch
 
     if classifier_ckpt is not None and classifier_openai_ckpt is not None:
         raise UserInputError("give at most one of --classifier_ckpt and --classifier_openai_ckpt")

@@ -118,13 +118,13 @@ def resolve_hardware(accelerator: str, precision: str) -> tuple[str, str, str | 
 
     ``auto`` means a CUDA GPU when there is one, else the CPU (Apple's MPS is not supported, see
     :func:`diffusion_pl.utils.device.check_device_supported`). A CUDA GPU without bfloat16 (before Ampere) trains in
-    16-mixed and samples in fp32 instead of the configs' bf16; ``precision="auto"`` samples in bf16 otherwise.
+    16-mixed and samples in 32-true instead of the configs' bf16; ``precision="auto"`` samples in bf16-mixed otherwise.
     """
     if accelerator == "auto":
         accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     old_gpu = accelerator in ("gpu", "cuda") and torch.cuda.is_available() and not torch.cuda.is_bf16_supported()
     if precision == "auto":
-        precision = "fp32" if old_gpu else "bf16"
+        precision = "32-true" if old_gpu else "bf16-mixed"
     return accelerator, precision, "16-mixed" if old_gpu else None
 
 
@@ -172,6 +172,31 @@ def check_demo_options(
     check_respacing(create_diffusion(steps=int(init_args.get("steps", 1000))), steps, "--steps")
 
 
+def evaluation_steps(out: Path, model_ckpt: str, accelerator: str, nll_examples: int,
+                     weights: Path | None) -> list[Step]:  # fmt: skip
+    """Bits/dim of the model on ``nll_examples`` held-out digits, then FID / IS / precision / recall of each sample
+    set when Inception ``weights`` are found."""
+    nll_step = Step(
+        name="bits/dim",
+        args=["evaluate", "--ckpt", model_ckpt, "--nll", "true", "--data_class", "MNIST5kDataModule",
+              "--data_args", json.dumps({"batch_size": nll_examples}), "--nll_batches", "1",
+              "--accelerator", accelerator, "--out_dir", str(out / "nll")],  # fmt: skip
+        done=out / "nll" / "nll.json",
+    )
+    if weights is None:
+        return [nll_step]
+    fid_steps = [
+        Step(name=f"FID {mode}",
+             args=["evaluate", "--samples", str(out / "samples" / mode / "samples.npz"),
+                   "--data_class", "MNIST5kDataModule", "--split", "val", "--inception_weights", str(weights),
+                   "--metrics", '["fid", "isc", "prc"]', "--isc_splits", "1", "--accelerator", accelerator,
+                   "--cache_dir", str(out / "inception_cache"), "--out_dir", str(out / "fid" / mode)],
+             done=out / "fid" / mode / "metrics.json")
+        for mode in SAMPLE_MODES
+    ]  # fmt: skip
+    return [nll_step, *fid_steps]
+
+
 def demo(
     out_dir: str = "outputs/demo",
     config_dir: str | None = None,
@@ -182,7 +207,7 @@ def demo(
     samples_per_class: int = 8,
     classifier_scale: float = 20.0,
     cfg_scale: float = 3.0,
-    precision: Literal["auto", "fp32", "bf16"] = "auto",
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto",
     nll_examples: int = 16,
     inception_weights: str | None = None,
 ) -> dict:
@@ -197,7 +222,7 @@ def demo(
     :param samples_per_class: samples per digit (a row of the grid each)
     :param classifier_scale: classifier guidance scale s
     :param cfg_scale: classifier-free guidance scale w
-    :param precision: sampling precision (fp32, bf16, or auto = bf16 unless the GPU lacks it)
+    :param precision: sampling precision (32-true, bf16-mixed, 16-mixed, or auto = bf16-mixed unless the GPU lacks it)
     :param nll_examples: held-out digits for bits/dim (each costs T = 1000 network evaluations)
     :param inception_weights: Inception weights for FID / IS / precision / recall (default: torch-fidelity's cache)
     """
@@ -234,26 +259,8 @@ def demo(
              done=out / "samples" / mode / "samples.npz")  # fmt: skip
         for mode in SAMPLE_MODES
     ]
-    nll_step = Step(
-        name="bits/dim",
-        args=["evaluate", "--ckpt", model_ckpt, "--nll", "true", "--data_class", "MNIST5kDataModule",
-              "--data_args", json.dumps({"batch_size": nll_examples}), "--nll_batches", "1",
-              "--accelerator", accelerator, "--out_dir", str(out / "nll")],  # fmt: skip
-        done=out / "nll" / "nll.json",
-    )
-    fid_steps = []
-    if weights is not None:
-        fid_steps = [
-            Step(name=f"FID {mode}",
-                 args=["evaluate", "--samples", str(out / "samples" / mode / "samples.npz"),
-                       "--data_class", "MNIST5kDataModule", "--split", "val", "--inception_weights", str(weights),
-                       "--metrics", '["fid", "isc", "prc"]', "--isc_splits", "1", "--accelerator", accelerator,
-                       "--cache_dir", str(out / "inception_cache"), "--out_dir", str(out / "fid" / mode)],
-                 done=out / "fid" / mode / "metrics.json")  # fmt: skip
-            for mode in SAMPLE_MODES
-        ]
-
-    all_steps = [diffusion_fit, classifier_fit, *sample_steps, nll_step, *fid_steps]
+    all_steps = [diffusion_fit, classifier_fit, *sample_steps,
+                 *evaluation_steps(out, model_ckpt, accelerator, nll_examples, weights)]  # fmt: skip
     for step in all_steps:
         if step.done.is_file():
             step.status = "kept (finished earlier)"

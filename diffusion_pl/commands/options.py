@@ -11,10 +11,10 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from diffusion_pl.diffusion import SAMPLING_METHODS
+from diffusion_pl.sampling.engine import METHODS
 
-# The sampling methods: the sampler's own list, so a method added there is an option value here.
-Method = Literal[SAMPLING_METHODS]  # type: ignore[valid-type]
+# The sampling methods: the sampler registry's (those SampleEngine runs), so a method added there is an option here.
+Method = Literal[METHODS]  # type: ignore[valid-type]
 Metric = Literal["fid", "isc", "prc", "kid"]
 ALL_METRICS: tuple[str, ...] = ("fid", "isc", "prc", "kid")
 
@@ -83,7 +83,8 @@ class SamplingOptions:
         clip_denoised: clamp the predicted x_0 to [-1, 1]
         label_mode: random (uniform, per-sample seeded) or balanced (sample i gets class i mod K)
         seed: run seed
-        precision: fp32 or bf16 (autocast of the networks)
+        precision: autocast of the networks, spelt as Lightning does: 32-true, bf16-mixed, or 16-mixed (fp16, for
+            GPUs without bf16)
         sample_batch_size: samples per forward pass (does not change the images)
     """
 
@@ -93,7 +94,7 @@ class SamplingOptions:
     clip_denoised: bool = True
     label_mode: Literal["random", "balanced"] = "random"
     seed: int = 0
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
     sample_batch_size: int = 16
 
 

@@ -13,9 +13,9 @@ from typing import IO
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.utils import make_grid
 
 from diffusion_pl.errors import DiskFullError, UserFileExistsError, UserFileNotFoundError, UserInputError, is_disk_full
+from diffusion_pl.utils.images import image_grid
 
 
 def atomic_write(path: str, write: Callable[[IO[bytes]], None], overwrite: bool = True) -> str:
@@ -148,12 +148,13 @@ def check_samples_npz(path: str) -> tuple[tuple[int, ...], np.dtype]:
 
 
 def save_image_grid(path: str, images_uint8_nchw: torch.Tensor, nrow: int = 8, overwrite: bool = True) -> str:
-    """Save a PNG grid of uint8 NCHW images (torchvision make_grid, 2 px padding). Atomic."""
+    """Save a PNG grid of uint8 NCHW images (:func:`~diffusion_pl.utils.images.image_grid`, ``nrow`` images per row,
+    2 px padding). Atomic."""
     x = torch.as_tensor(images_uint8_nchw)
     if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] not in (1, 3):
         raise ValueError(
             f"save_image_grid expects uint8 NCHW images with 1 or 3 channels, got {x.dtype} {tuple(x.shape)}"
         )
-    grid = make_grid(x.cpu(), nrow=nrow, padding=2)  # 1-channel input is repeated to 3 by make_grid
-    image = Image.fromarray(grid.permute(1, 2, 0).contiguous().numpy())
+    pixels = image_grid(x.cpu(), nrow, padding=2).permute(1, 2, 0).contiguous().numpy()
+    image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
     return atomic_write(path, lambda f: image.save(f, format="PNG"), overwrite=overwrite)

@@ -10,7 +10,6 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
-from einops import rearrange
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.callbacks.weight_averaging import WeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
@@ -19,7 +18,7 @@ from diffusion_pl.diffusion import classifier_cond_fn, classifier_free_model, sa
 from diffusion_pl.errors import UserFileNotFoundError, UserInputError, UserRuntimeError
 from diffusion_pl.lightning.checkpoints import load_module, read_module_checkpoint
 from diffusion_pl.sampling.engine import check_respacing
-from diffusion_pl.utils.images import to_uint8
+from diffusion_pl.utils.images import image_grid, to_uint8
 
 
 class NonFiniteError(UserRuntimeError):
@@ -278,8 +277,7 @@ class GuidedSampler(Callback):
 
     def make_grid(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 grid [C, rows * H, samples_per_class * W] (row r = class r when conditional)."""
-        pixels = to_uint8(images).cpu()
-        return rearrange(pixels, "(r c) ch h w -> ch (r h) (c w)", c=self.samples_per_class)
+        return image_grid(to_uint8(images).cpu(), self.samples_per_class)
 
     def _log_grid(self, trainer: L.Trainer, grid: torch.Tensor) -> None:
         step = trainer.global_step

@@ -7,11 +7,11 @@ import inspect
 import os
 from collections.abc import Callable, Mapping
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from diffusion_pl.errors import UserInputError
+from diffusion_pl.utils.seeds import derive_seed
 
 
 def lr_factor(step: int, warmup_steps: int, anneal_steps: int | None) -> float:
@@ -26,11 +26,6 @@ def lr_factor(step: int, warmup_steps: int, anneal_steps: int | None) -> float:
     if anneal_steps:
         factor *= max(0.0, 1.0 - step / anneal_steps)
     return factor
-
-
-def derive_seed(*parts: int) -> int:
-    """A well-mixed 63-bit seed from integers (numpy SeedSequence), identical in every process."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
 
 
 def base_seed() -> int:

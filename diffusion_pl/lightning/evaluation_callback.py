@@ -91,7 +91,7 @@ class SampleQualityEvaluation(Callback):
         cfg_scale: float = 0.0,
         seed: int = 0,
         label_mode: Literal["random", "balanced"] = "random",
-        precision: Literal["fp32", "bf16"] = "fp32",
+        precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true",
         cache_dir: str | None = None,
         prefix: str = "eval",
     ) -> None:
@@ -214,6 +214,7 @@ class SampleQualityEvaluation(Callback):
             class_cond=bool(hp.class_cond), num_classes=num_classes, null_class=pl_module.null_label,
             classifier=classifier, classifier_scale=self.classifier_scale, cfg_scale=self.cfg_scale,
             label_mode=self.label_mode, seed=self.seed, precision=self.precision, device=pl_module.device,
+            progress=pl_module.global_rank == 0,
         )  # fmt: skip
 
     def _reference(self, trainer: L.Trainer):

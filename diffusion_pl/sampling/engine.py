@@ -14,14 +14,13 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from diffusion_pl.diffusion import (
+    SAMPLERS,
     GaussianDiffusion,
     check_eta,
     classifier_cond_fn,
@@ -31,10 +30,14 @@ from diffusion_pl.diffusion import (
     space_timesteps,
 )
 from diffusion_pl.errors import UserInputError
+from diffusion_pl.sampling.weights import frozen, sampling_weights
 from diffusion_pl.utils.device import prepare_device
+from diffusion_pl.utils.seeds import derive_seed
 
-METHODS = ("ddpm", "ddim")
-PRECISIONS = ("fp32", "bf16")
+# The registry's methods SampleEngine runs: its loop takes the discrete steps of a respaced process.
+METHODS = tuple(name for name, spec in SAMPLERS.items() if spec.kind == "discrete")
+# Precisions as Lightning spells them -> the autocast dtype of the networks (None: float32, no autocast).
+PRECISIONS = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 LABEL_MODES = ("random", "balanced")
 _NOISE_STREAM, _LABEL_STREAM = 0, 1
 
@@ -44,9 +47,8 @@ class GuidanceConfigError(UserInputError):
 
 
 def sample_seed(seed: int, index: int, stream: int = _NOISE_STREAM) -> int:
-    """A well-mixed 63-bit seed for sample ``index`` of a run seeded ``seed`` (numpy SeedSequence; same everywhere)."""
-    words = [int(seed) & 0xFFFFFFFF, (int(seed) >> 32) & 0xFFFFFFFF, int(index) & 0xFFFFFFFF, int(stream)]
-    return int(np.random.SeedSequence(words).generate_state(2, np.uint64)[0] >> 1)
+    """The seed of sample ``index``'s ``stream`` in a run seeded ``seed`` (all 64 bits of ``seed`` count)."""
+    return derive_seed(seed, int(seed) >> 32, index, stream)
 
 
 def resolve_respacing(diffusion: GaussianDiffusion, respacing: str | int | None) -> GaussianDiffusion:
@@ -77,38 +79,6 @@ def check_respacing(diffusion: GaussianDiffusion, respacing: str | int | None, o
         ) from e
 
 
-def sampling_weights(module: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every parameter of ``module`` detached (no autograd through the weights while sampling), with the weights and
-    biases of its convolutions and Linear layers cast ONCE to the compute dtype ``dtype`` (what autocast would do on
-    every call, bit for bit) and, on the CPU, 4-D convolution weights in channels_last (what oneDNN would reorder them
-    to on every call)."""
-    out = {}
-    cpu = next(module.parameters()).device.type == "cpu"
-    for mod_name, mod in module.named_modules():
-        for p_name, p in mod.named_parameters(recurse=False):
-            key = f"{mod_name}.{p_name}" if mod_name else p_name
-            t = p.detach()
-            if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Linear)) and t.is_floating_point():
-                fmt = torch.channels_last if cpu and t.dim() == 4 else torch.preserve_format
-                t = t.to(dtype=dtype, memory_format=fmt)
-            out[key] = t
-    return out
-
-
-@contextmanager
-def _frozen(*modules):
-    """requires_grad False on every parameter of ``modules`` for the duration (restored afterwards)."""
-    params = [p for m in modules if isinstance(m, nn.Module) for p in m.parameters()]
-    flags = [p.requires_grad for p in params]
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, flag in zip(params, flags, strict=True):
-            p.requires_grad_(flag)
-
-
 @dataclass(frozen=True)
 class SampleBatch:
     indices: list[int]
@@ -134,9 +104,10 @@ class SampleEngine:
         label_mode: "random" (uniform, per-sample seeded) or "balanced" (label of sample i = i mod K), when labels are
             not passed explicitly.
         seed: run seed; sample i depends only on (seed, i) and the settings.
-        precision: "fp32" or "bf16" (autocast around the network and classifier forwards; the diffusion maths in fp32).
+        precision: "32-true", "bf16-mixed" or "16-mixed" (fp16, for GPUs without bf16): autocast around the network and
+            classifier forwards; the diffusion maths in float32.
         device: where to sample (default: the model's device).
-        progress: show a tqdm bar of denoising steps (steps/s, ETA); never on non-zero ranks.
+        progress: show a tqdm bar of denoising steps (steps/s, ETA); pass False on all ranks but rank 0.
     """
 
     def __init__(
@@ -156,7 +127,7 @@ class SampleEngine:
         cfg_scale: float = 0.0,
         label_mode: str = "random",
         seed: int = 0,
-        precision: str = "fp32",
+        precision: str = "32-true",
         device: torch.device | str | None = None,
         progress: bool = True,
     ) -> None:
@@ -195,8 +166,7 @@ class SampleEngine:
             device = first.device if first is not None else torch.device("cpu")
         self.device = torch.device(device)
         prepare_device(self.device)
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        self.progress = progress and rank == 0
+        self.progress = progress
         # Built once: the model function (autocast, float32 output, optional CFG) and the classifier gradient.
         # While sample() runs, both networks read weights cast once per call (see sampling_weights).
         self._weights: dict[int, dict[str, torch.Tensor]] = {}
@@ -222,7 +192,7 @@ class SampleEngine:
     @contextmanager
     def _prepared_weights(self):
         """Cast the networks' weights once for a whole sampling loop (instead of once per network call)."""
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        dtype = PRECISIONS[self.precision] or torch.float32
         nets = [
             m
             for m in (self.model, self.classifier)
@@ -231,26 +201,26 @@ class SampleEngine:
         with torch.no_grad():
             self._weights = {id(m): sampling_weights(m, dtype) for m in nets}
         try:
-            with _frozen(*nets):
+            with frozen(*nets):
                 yield
         finally:
             self._weights = {}
 
     def _autocast(self, fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        if self.precision == "fp32":
+        dtype, device_type = PRECISIONS[self.precision], self.device.type
+        if dtype is None:
 
             def call_fp32(*args, **kwargs):
                 return fn(*args, **kwargs).float()
 
             return call_fp32
-        device_type = self.device.type
 
-        def call_bf16(*args, **kwargs):
-            with torch.autocast(device_type=device_type, dtype=torch.bfloat16):
+        def call_mixed(*args, **kwargs):
+            with torch.autocast(device_type=device_type, dtype=dtype):
                 out = fn(*args, **kwargs)
             return out.float()
 
-        return call_bf16
+        return call_mixed
 
     def _build_model_fn(self) -> Callable[..., torch.Tensor]:
         net = self._autocast(self._cached(self.model))

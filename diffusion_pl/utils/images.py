@@ -34,3 +34,17 @@ def nhwc_to_nchw(x: np.ndarray) -> torch.Tensor:
     if x.ndim != 4:
         raise ValueError(f"expected images of shape (N, H, W, C), got {x.shape}")
     return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).contiguous()
+
+
+def image_grid(images: torch.Tensor, ncols: int, padding: int = 0) -> torch.Tensor:
+    """uint8 NCHW images -> one uint8 [C, rows * (H + p) + p, ncols * (W + p) + p] image: row-major cells, ``padding``
+    p black pixels between and around them, a short last row filled with black cells (torchvision's make_grid
+    layout, without its 1 -> 3 channel expansion)."""
+    n, c, h, w = images.shape
+    rows = -(-n // ncols)
+    cells = torch.cat([images, images.new_zeros(rows * ncols - n, c, h, w)])
+    cells = torch.nn.functional.pad(cells, (padding, 0, padding, 0))
+    grid = cells.reshape(rows, ncols, c, h + padding, w + padding).permute(2, 0, 3, 1, 4)
+    grid = grid.reshape(c, rows * (h + padding), ncols * (w + padding))
+    return torch.nn.functional.pad(grid, (0, padding, 0, padding))
+

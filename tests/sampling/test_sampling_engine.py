@@ -75,12 +75,13 @@ def test_labels(nets):
         r.labels_for([0], labels=[3])
 
 
-def test_bf16_close_to_fp32(nets):
-    # Deterministic DDIM, so only bf16 rounding separates the two runs (ancestral sampling of a random network can
-    # amplify a rounding difference at a single pixel through the [-1, 1] clip).
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_mixed_precision_close_to_fp32(nets, precision):
+    # Deterministic DDIM, so only bf16 / fp16 rounding separates the two runs (ancestral sampling of a random network
+    # can amplify a rounding difference at a single pixel through the [-1, 1] clip).
     a = engine(nets, respacing="ddim4", method="ddim").sample(range(4)).images
-    b = engine(nets, respacing="ddim4", method="ddim", precision="bf16").sample(range(4)).images
-    assert not torch.equal(a, b)  # bf16 autocast was really used
+    b = engine(nets, respacing="ddim4", method="ddim", precision=precision).sample(range(4)).images
+    assert not torch.equal(a, b)  # autocast was really used
     assert (a - b).abs().mean() < 0.05
 
 

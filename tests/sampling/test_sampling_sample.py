@@ -43,6 +43,10 @@ def test_npz_grid_settings(reference_run, ckpts):
         settings = json.load(f)
     assert settings["classifier_scale"] == 1.0 and settings["num_samples"] == 6 and settings["steps"] == "3"
     assert settings["ckpt"] == os.path.abspath(ckpts["cond"])
+    # the model's real training process (the tiny model has T = 10), not the --diffusion_steps default
+    assert (settings["diffusion_steps"], settings["noise_schedule"], settings["var_type"]) == (10, "cosine",
+                                                                                              "learned_range")
+    assert "sample_batch_size" not in settings  # does not change the images, so a resume may change it
 
 
 def test_refuses_to_overwrite(reference_run, ckpts):
