@@ -16,7 +16,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.utils import make_grid
 
 from diffusion_pl.commands.common import (
     LoadedClassifier,
@@ -31,7 +30,7 @@ from diffusion_pl.data.imagenet_classes import sorted_wnids
 from diffusion_pl.errors import UserInputError
 from diffusion_pl.lightning.checkpoints import read_checkpoint
 from diffusion_pl.sampling.shards import grid_images
-from diffusion_pl.utils.images import nchw_to_nhwc, to_uint8
+from diffusion_pl.utils.images import image_grid, nchw_to_nhwc, to_uint8
 
 #: the diffusion process each released network was trained with (a .pt file does not record it): T, schedule, t*1000/T
 RELEASED_PROCESS = {
@@ -52,13 +51,13 @@ def default_device() -> str:
 
 
 def load(checkpoint: str, preset: str | None = None, *, device: str | torch.device | None = None,
-         precision: str = "fp32", diffusion_steps: int | None = None, noise_schedule: str | None = None,
+         precision: str = "32-true", diffusion_steps: int | None = None, noise_schedule: str | None = None,
          rescale_timesteps: bool | None = None) -> Sampler:  # fmt: skip
     """A :class:`Sampler` for a diffusion-pl checkpoint (``preset`` None: the file carries its settings) or a released
     OpenAI ``.pt`` (``preset``: a name of ``diffusion_pl.models.RELEASED_CONFIGS`` such as "adm_imagenet64", or a YAML
     file of UNetModel arguments). The process of a released file comes from the preset (:data:`RELEASED_PROCESS`;
     ``diffusion_steps`` / ``noise_schedule`` / ``rescale_timesteps`` override it). ``device``: default the GPU if
-    there is one; ``precision``: "fp32" or "bf16" (autocast around the network)."""
+    there is one; ``precision``: "32-true", "bf16-mixed" or "16-mixed" (autocast around the network)."""
     if preset is None and any(v is not None for v in (diffusion_steps, noise_schedule, rescale_timesteps)):
         raise UserInputError("diffusion_steps / noise_schedule / rescale_timesteps apply to released .pt files (with "
                              "preset=...); a diffusion-pl checkpoint carries its own process")  # fmt: skip
@@ -90,7 +89,7 @@ class Sampler:
     the classifier-free null class, or None), ``num_timesteps`` (T), ``class_names`` (label -> name when known: the
     class folders of an ImageFolderDataModule run, the WordNet IDs of a released 1000-class model)."""
 
-    def __init__(self, model: LoadedModel, device: str | torch.device, precision: str = "fp32",
+    def __init__(self, model: LoadedModel, device: str | torch.device, precision: str = "32-true",
                  class_names: list[str] | None = None) -> None:  # fmt: skip
         self.model, self.precision, self.class_names = model, precision, class_names
         self.device = torch.device(device)
@@ -180,5 +179,5 @@ def grid(images: np.ndarray, labels: Sequence[int] | np.ndarray | None = None, n
     else:
         cells = torch.from_numpy(images).permute(0, 3, 1, 2)
         ncols = nrow or int(np.ceil(np.sqrt(len(images))))
-    array = make_grid(cells, nrow=ncols, padding=padding).permute(1, 2, 0).numpy()
+    array = image_grid(cells, ncols, padding).permute(1, 2, 0).numpy()
     return Image.fromarray(array[..., 0] if images.shape[-1] == 1 else array)

@@ -87,7 +87,8 @@ SAMPLE_PARSE_ERRORS = [
     (["--num_samples", "three"], "--num_samples: expected int, got 'three'"),
     (["--num_sampels", "3"], "unrecognized option --num_sampels 3 (did you mean --num_samples?); "
      "`diffusion-pl sample --help` lists the options"),
-    (["--precision", "bf16"], "--precision: expected one of '32-true', 'bf16-mixed', '16-mixed', got 'bf16'"),
+    (["--precision", "bf16"], "--precision: expected one of '32-true', 'bf16-mixed', '16-mixed', got 'bf16' "
+     "(did you mean 'bf16-mixed'?)"),
 ]  # fmt: skip
 
 

@@ -109,6 +109,9 @@ def test_two_ranks_equal_one_rank(reference_run, ckpts, tmp_path):
     proc = run_two_ranks(out, ckpts)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "images/s" in proc.stdout
+    # what the user needs (the bar, the result, where files went), not Lightning's start-up banners
+    for banner in ("Initializing distributed", "distributed_backend", "GPU available", "LOCAL_RANK"):
+        assert banner not in proc.stdout + proc.stderr, banner
     for a, b in zip(load_samples_npz(os.path.join(out, "samples.npz")),
                     load_samples_npz(os.path.join(reference_run, "samples.npz")), strict=True):  # fmt: skip
         np.testing.assert_array_equal(a, b)
@@ -133,16 +136,19 @@ def test_compatibility_errors(ckpts, tmp_path):
 
 @pytest.mark.parametrize("command,options", [
     ("sample", ["--ckpt", "--openai_ckpt", "--arch", "--classifier_scale", "--cfg_scale", "--devices", "--num_nodes",
-                "--overwrite"]),
-    ("evaluate", ["--samples", "--reference", "--inception_weights", "--nll", "--data_class", "--num_nodes"]),
-    ("sweep", ["--classifier_scales", "--cfg_scales", "--wandb", "--num_nodes"]),
+                "--overwrite", "--sample_batch_size", "finished shards (OUT_DIR/shards) are skipped."]),
+    ("evaluate", ["--samples", "--reference", "--inception_weights", "--nll", "--data_class", "--num_nodes",
+                  "--sample_batch_size", "--inception_batch_size", "nll_terms.csv."]),
+    ("sweep", ["--classifier_scales", "--cfg_scales", "--wandb", "--num_nodes", "(rerun without --overwrite)."]),
 ])  # fmt: skip
 def test_cli_help(command, options):
+    """Each command's options, its whole description (the last words of its docstring's text) and -c/--config."""
     proc = subprocess.run([sys.executable, "-m", "diffusion_pl.cli", command, "--help"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for option in options:
-        assert option in proc.stdout
+    text = " ".join(proc.stdout.split())  # argparse wraps the description
+    for option in [*options, "-c CONFIG, --config CONFIG"]:
+        assert option in text, option
 
 
 @pytest.mark.ddp
