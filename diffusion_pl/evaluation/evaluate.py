@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import torch
 
-from diffusion_pl.evaluation.distributed import all_gather_uneven, compute_on_rank_zero_and_broadcast
+from diffusion_pl.evaluation.distributed import all_gather_uneven, compute_on_rank_zero_and_broadcast, get_rank
 from diffusion_pl.evaluation.features import InceptionFeatures
 from diffusion_pl.evaluation.metrics import ALL_METRICS, DEFAULT_SEED, compute_metrics
 from diffusion_pl.evaluation.npz import load_samples_npz
@@ -113,6 +113,7 @@ def evaluate_samples_distributed(
         isc_splits=isc_splits,
         seed=seed,
     )
+    progress = progress and get_rank() == 0  # a bar for a default extractor on rank 0 only
     extractor, local = _extract(gen_shard_uint8, feature_extractor, weights_path, device, batch_size, progress)
     gen = {k: all_gather_uneven(v) for k, v in local.items()}
 

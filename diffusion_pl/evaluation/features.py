@@ -17,7 +17,6 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, Featu
 from tqdm.auto import tqdm
 
 from diffusion_pl.errors import UserRuntimeError
-from diffusion_pl.evaluation.distributed import get_rank
 
 FEATURE_EXTRACTOR_NAME = "inception-v3-compat"
 POOL_LAYER = "2048"
@@ -142,7 +141,7 @@ class InceptionFeatures:
         weights_path: local Inception weights (torch-fidelity's .pth); None uses torch-fidelity's cache/download.
         device: where the network runs; default cuda when available, else cpu.
         batch_size: images per forward pass.
-        progress: show a tqdm bar (always disabled on non-zero ranks).
+        progress: show a tqdm bar (callers pass False on all ranks but rank 0).
         allow_download: when False and weights_path is None, a missing cached file raises instead of downloading.
 
     Any object with the same call signature (and optionally an `identity` string) can replace this class in
@@ -172,7 +171,7 @@ class InceptionFeatures:
         if total is None and isinstance(images, (torch.Tensor, np.ndarray)):
             total = images.shape[0]
         pools, logits = [], []
-        disable = (not self.progress) or get_rank() != 0
+        disable = not self.progress
         with tqdm(total=total, unit="img", desc="Inception features", disable=disable, leave=False) as bar:
             for batch in iter_batches(images, self.batch_size):
                 x = as_uint8_nchw(batch)
