@@ -23,7 +23,8 @@ def start(launch: Launch):
     from lightning.fabric import Fabric
 
     check_launch(launch)
-    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+    for name in ("lightning.fabric", "lightning.pytorch"):  # rank_zero_info logs to the last one imported
+        logging.getLogger(name).setLevel(logging.WARNING)
     many = launch.devices * launch.num_nodes > 1
     fabric = Fabric(accelerator=launch.accelerator, devices=launch.devices, num_nodes=launch.num_nodes,
                     strategy="ddp" if many else "auto")  # fmt: skip
