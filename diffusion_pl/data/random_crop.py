@@ -101,7 +101,7 @@ class RaggedSplit:
 
 class RandomCropDataset(Dataset):
     """Items (x, y) of a :class:`RaggedSplit`: x = random_crop_arr of the stored image (draws from torch's global RNG,
-    which the training loop reseeds per step and DataLoader per worker), optionally flipped, float CHW in [-1, 1]."""
+    which the training DataLoader seeds per example: data/resumable.py), optionally flipped, float CHW in [-1, 1]."""
 
     def __init__(self, split: RaggedSplit, image_size: int, random_flip: bool = True) -> None:
         self.paths = (str(split.pixels), str(split.index), str(split.labels))
