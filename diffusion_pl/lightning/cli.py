@@ -241,13 +241,26 @@ class DiffusionCLI(LightningCLI):
         except ArgumentError as error:
             if given_path and checkpoint is None:  # e.g. no --model, because the checkpoint is missing
                 read_ckpt_path(given_path)
-            options = [f"--{key}" for p in self.command_parsers for key in p.get_defaults().keys()]
-            raise parse_error(error, f"diffusion-pl {command or ''}".strip(), options) from error
+            user_error = parse_error(error, f"diffusion-pl {command or ''}".strip(), self.option_names())
+            if checkpoint is not None and str(user_error).replace('Parser key "', "").startswith("model"):
+                # e.g. a setting an older version saved that no longer exists
+                user_error = UserInputError(f"{user_error} (the model's settings are the checkpoint's: {given_path})")
+            raise user_error from error
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if is_checkpoint_file_path(ckpt_path):
             checkpoint = checkpoint[1] if checkpoint and checkpoint[0] == ckpt_path else read_ckpt_path(ckpt_path)
             self.model_config = model_for_checkpoint(ckpt_path, checkpoint, self.config[subcommand].model, subcommand)
+
+    def option_names(self) -> list[str]:
+        """The options of the subcommands (``--trainer.max_steps``, ...), for a did-you-mean after a typo."""
+        names = []
+        for command_parser in self.command_parsers:
+            try:
+                names += [f"--{key}" for key in command_parser.get_defaults().keys()]
+            except Exception:  # noqa: BLE001 - defaults that do not parse (e.g. a checkpoint's): no suggestions
+                pass
+        return names
 
     def before_instantiate_classes(self) -> None:
         """A CSVLogger continues an earlier run's metrics.csv (diffusion_pl.lightning.loggers); fit resuming a

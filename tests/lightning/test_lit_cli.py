@@ -169,5 +169,12 @@ def test_validate_and_test_take_the_model_from_the_checkpoint(tmp_path, capsys):
     cli = build_lightning_cli(["fit", "--config", config, "--model.init_args.lr=0.5", "--ckpt_path", ckpt,
                                f"--trainer.default_root_dir={tmp_path / 'resumed'}"])  # fmt: skip
     assert cli.model.hparams.lr == 0.5 and cli.trainer.optimizers[0].param_groups[0]["initial_lr"] == 0.5
+    saved = torch.load(ckpt, weights_only=True)
+    saved["hyper_parameters"]["removed_option"] = 1  # as a checkpoint of an older version could hold
+    torch.save(saved, tmp_path / "old.ckpt")
+    assert main(["validate", "--ckpt_path", str(tmp_path / "old.ckpt"), *trainer]) == 2
+    assert capsys.readouterr().err.endswith(f"has no option 'removed_option'; list its options with `diffusion-pl "
+                                            f"validate --model.help NoisyClassifierModule` (the model's settings are "
+                                            f"the checkpoint's: {tmp_path / 'old.ckpt'})\n")  # fmt: skip
     assert main(["test", "--ckpt_path", str(tmp_path / "nope.ckpt")]) == 2
     assert f"--ckpt_path {tmp_path / 'nope.ckpt'}: no such checkpoint file" in capsys.readouterr().err
