@@ -37,6 +37,7 @@ _NOT_A_CLASS = re.compile(
     r"Expected a dot import path string: (?P<value>\S+)|Expected a path but (?P<value2>\S+) either"
 )
 _UNRECOGNIZED = re.compile(r"^unrecognized arguments: (?P<args>.+)$")
+_REQUIRED = re.compile(r"^the following arguments are required: (?P<keys>.+)$")
 _MISSING_FILE = re.compile(r'^Parser key "(?P<key>[^"]+)":\s*File does not exist: (?P<path>.+)$', re.S)
 
 
@@ -138,6 +139,12 @@ def condense_parse_error(
         # a stricter cutoff: long dotted option names share much by chance (--optimizer vs --trainer)
         hint = _did_you_mean(name, [o for o in options if o.startswith("--")], quote="", cutoff=0.8)
         return f"unrecognized option {unrecognized.group('args')}{hint}; `{prog} --help` lists the options"
+    required = _REQUIRED.match(message)
+    if required:  # LightningCLI names them with the subcommand in front: validate.model
+        command = prog.split()[-1]
+        keys = ", ".join("--" + k.strip().removeprefix(f"{command}.") for k in required.group("keys").split(","))
+        from_ckpt = " (or --ckpt_path: the checkpoint holds them)" if command in ("validate", "test") else ""
+        return f"missing {keys}: give them on the command line or in a --config file{from_ckpt}"
     missing = _MISSING_FILE.match(message)
     if missing:
         return f"--{missing.group('key')} {missing.group('path').strip().strip(chr(39))}: no such file"

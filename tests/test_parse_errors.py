@@ -111,6 +111,15 @@ def test_key_prefix_for_command_line_only_keys():
     assert condense_parse_error(CASES[IDS.index("plain-type")][0], key_prefix="--") == "--steps: expected int, got '2x'"
 
 
+@pytest.mark.parametrize("prog,hint", [("diffusion-pl fit", ""),
+                                       ("diffusion-pl validate", " (or --ckpt_path: the checkpoint holds them)")])
+def test_missing_required_options_name_them_and_where_they_come_from(prog, hint):
+    command = prog.split()[-1]
+    message = f"the following arguments are required: {command}.data, {command}.model"
+    expected = f"missing --data, --model: give them on the command line or in a --config file{hint}"
+    assert condense_parse_error(message, prog) == expected
+
+
 @pytest.mark.parametrize("message", [
     'Parser key "model":\n  Something jsonargparse may say in a later version',
     "Configuration check failed :: No action for destination key \"x\" to check its value.",
