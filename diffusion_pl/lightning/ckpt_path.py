@@ -41,7 +41,7 @@ def ckpt_path_argument(args: Any) -> str | None:
     """The ``--ckpt_path`` on a command line (a list of arguments), when it names a file of the user's."""
     if not isinstance(args, list):
         return None
-    reader = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    reader = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
     reader.add_argument("--ckpt_path")
     path = reader.parse_known_args(args[1:])[0].ckpt_path
     return path if is_checkpoint_file_path(path) else None

@@ -178,3 +178,5 @@ def test_validate_and_test_take_the_model_from_the_checkpoint(tmp_path, capsys):
                                             f"the checkpoint's: {tmp_path / 'old.ckpt'})\n")  # fmt: skip
     assert main(["test", "--ckpt_path", str(tmp_path / "nope.ckpt")]) == 2
     assert f"--ckpt_path {tmp_path / 'nope.ckpt'}: no such checkpoint file" in capsys.readouterr().err
+    assert main(["validate", "--ckpt_path"]) == 2
+    assert capsys.readouterr().err == "diffusion-pl validate: error: argument --ckpt_path: expected one argument\n"
