@@ -105,4 +105,6 @@ def model_for_checkpoint(ckpt_path: str, checkpoint: dict, model_config: Any, su
         rank_zero_warn(f"{subcommand} uses the checkpoint's model settings, not the config's:\n  {listed}")
     for key, _, _ in fixed:
         model_config.init_args[key] = saved[key]
+    if subcommand != "fit" and model_config.init_args.get("init_from") is not None:
+        model_config.init_args["init_from"] = None  # the checkpoint holds the weights: init_from is not read
     return model_config

@@ -226,3 +226,27 @@ def test_finetune_config_fits_the_released_imagenet64_model():
     }
     assert ours.pop("label_emb.weight") == (3, 768) and released.pop("label_emb.weight") == (1000, 768)
     assert ours == released
+
+
+def test_validate_a_finetuned_checkpoint_without_its_init_file(tmp_path):
+    """validate / test --ckpt_path of a run that started from init_from do not read that file again (it may be gone):
+    the checkpoint holds the weights."""
+    from lit_helpers import write_tiny_classifier_config
+
+    from diffusion_pl.lightning.cli import build_lightning_cli
+
+    init = tmp_path / "released_classifier.pt"
+    network = NoisyClassifierModule(**tiny_classifier_kwargs(use_scale_shift_norm=False, resblock_updown=False))
+    torch.save(export_openai_state_dict(network.classifier), init)  # the network of the tiny config
+    config = write_tiny_classifier_config(tmp_path / "fit.yaml", tmp_path / "run",
+                                          "lit_helpers.CheckpointedTinyDataModule")  # fmt: skip
+    build_lightning_cli(["fit", "--config", config, f"--model.init_args.init_from={init}"])
+    (ckpt,) = (tmp_path / "run" / "checkpoints").glob("*.ckpt")
+    assert torch.load(ckpt, weights_only=True)["hyper_parameters"]["init_from"] == str(init)
+    init.unlink()
+    trainer = ["--trainer.accelerator=cpu", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+               f"--trainer.default_root_dir={tmp_path / 'eval'}"]  # fmt: skip
+    for args in (["validate", "--ckpt_path", str(ckpt)], ["test", "--config", config, "--ckpt_path", str(ckpt),
+                                                          f"--model.init_args.init_from={init}"]):  # fmt: skip
+        cli = build_lightning_cli([*args, *trainer])
+        assert cli.model.hparams.init_from is None and cli.trainer.callback_metrics
