@@ -15,7 +15,7 @@ from diffusion_pl.commands.common import LoadedModel
 from diffusion_pl.commands.metrics import build_datamodule
 from diffusion_pl.data.common import evaluation_dataloader
 from diffusion_pl.evaluation import all_gather_uneven
-from diffusion_pl.evaluation.npz import atomic_write
+from diffusion_pl.utils.files import atomic_write
 from diffusion_pl.utils.images import to_uint8
 
 PER_T = ("vb", "xstart_mse", "mse")  # calc_bpd_loop outputs with one column per t

@@ -310,7 +310,7 @@ def expand_labels(labels: list[int] | None, num_samples: int) -> list[int] | Non
 
 
 def write_json(path: str, obj: Any) -> str:
-    from diffusion_pl.evaluation.npz import atomic_write
+    from diffusion_pl.utils.files import write_text
 
     text = json.dumps(obj, indent=2, sort_keys=True, default=str)
-    return atomic_write(path, lambda f: f.write(text.encode()))
+    return write_text(path, text)

@@ -32,6 +32,7 @@ import yaml
 from diffusion_pl.diffusion import create_diffusion
 from diffusion_pl.errors import UserFileNotFoundError, UserInputError
 from diffusion_pl.sampling.engine import check_respacing
+from diffusion_pl.utils.files import write_text
 
 SAMPLE_MODES = ("unguided", "classifier_guided", "classifier_free")
 # torch-fidelity's file name of the TF-FID Inception weights (what it downloads on first use).
@@ -268,7 +269,7 @@ def demo(
             continue
         run_step(step, env)
         if step in (diffusion_fit, classifier_fit):
-            step.done.write_text(json.dumps({"checkpoint": step.extra["checkpoint"]}, indent=2))
+            write_text(step.done, json.dumps({"checkpoint": step.extra["checkpoint"]}, indent=2))
 
     summary = summarize(out, all_steps, weights, time.perf_counter() - started)
     print_summary(summary)
@@ -314,9 +315,7 @@ def summarize(out: Path, steps: list[Step], weights: Path | None, seconds: float
         "total_seconds": round(seconds, 1),
     }
     text = json.dumps(summary, indent=2)
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, out / "summary.json")
+    write_text(out / "summary.json", text)
     return summary
 
 

@@ -35,6 +35,7 @@ from diffusion_pl.errors import UserFileExistsError, UserInputError
 from diffusion_pl.evaluation import check_enough_images
 from diffusion_pl.evaluation.npz import check_samples_npz
 from diffusion_pl.sampling import SAMPLES_NAME
+from diffusion_pl.utils.folder_lock import holds_output_folder
 
 
 def evaluate_bits_per_dim(model: ModelSource, sampling: SamplingOptions, evaluation: Evaluation, launch: Launch,
@@ -102,6 +103,7 @@ def evaluate_sample_quality(samples: str | None, model: ModelSource, classifier:
     return out
 
 
+@holds_output_folder("out_dir")  # one writer per --out_dir (diffusion_pl/utils/folder_lock.py)
 def evaluate(
     model: ModelSource = ModelSource(),
     classifier: ClassifierSource = ClassifierSource(),

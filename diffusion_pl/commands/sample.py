@@ -14,6 +14,7 @@ from diffusion_pl.commands.launcher import check_launch, start
 from diffusion_pl.commands.options import ClassifierSource, Guidance, Launch, ModelSource, SamplingOptions
 from diffusion_pl.errors import UserInputError
 from diffusion_pl.sampling import plan_shards
+from diffusion_pl.utils.folder_lock import holds_output_folder
 
 
 def print_summary(result: SamplingResult, image_shape: tuple[int, ...], title: str = "diffusion-pl sample") -> None:
@@ -26,6 +27,7 @@ def print_summary(result: SamplingResult, image_shape: tuple[int, ...], title: s
         print(f"  {name:<9}{path}")
 
 
+@holds_output_folder("out_dir")  # one writer per --out_dir (diffusion_pl/utils/folder_lock.py)
 def sample(
     model: ModelSource,
     classifier: ClassifierSource = ClassifierSource(),

@@ -25,8 +25,9 @@ from diffusion_pl.commands.options import (
 )
 from diffusion_pl.errors import UserInputError
 from diffusion_pl.evaluation import check_enough_images
-from diffusion_pl.evaluation.npz import atomic_write
 from diffusion_pl.sampling import SAMPLES_NAME
+from diffusion_pl.utils.files import atomic_write
+from diffusion_pl.utils.folder_lock import holds_output_folder
 
 PLOTTED = (("fid", "FID"), ("isc_mean", "IS"), ("precision", "precision"), ("recall", "recall"))
 
@@ -82,6 +83,7 @@ def point_name(guidance: Guidance) -> tuple[str, float]:
     return "classifier", guidance.classifier_scale
 
 
+@holds_output_folder("out_dir")  # one writer per --out_dir (diffusion_pl/utils/folder_lock.py)
 def sweep(
     model: ModelSource = ModelSource(),
     classifier: ClassifierSource = ClassifierSource(),

@@ -1,52 +1,19 @@
 """Sample files in the ADM format (npz: arr_0 = uint8 NHWC images, arr_1 = int labels) and PNG grids.
 
-Writes are atomic."""
+Writes are atomic (diffusion_pl.utils.files.atomic_write)."""
 
 from __future__ import annotations
 
 import os
-import tempfile
 import zipfile
-from collections.abc import Callable
-from typing import IO
 
 import numpy as np
 import torch
 from PIL import Image
 
-from diffusion_pl.errors import DiskFullError, UserFileExistsError, UserFileNotFoundError, UserInputError, is_disk_full
+from diffusion_pl.errors import UserFileNotFoundError, UserInputError
+from diffusion_pl.utils.files import atomic_write
 from diffusion_pl.utils.images import image_grid
-
-
-def atomic_write(path: str, write: Callable[[IO[bytes]], None], overwrite: bool = True) -> str:
-    """Call write(f) on a temporary file next to `path`, then os.replace it into place.
-
-    With overwrite=False an existing `path` raises FileExistsError before anything is written. A full disk (or
-    quota) raises DiskFullError naming `path`; the temporary file is removed and `path` is left as it was.
-    """
-    path = os.fspath(path)
-    if not overwrite and os.path.exists(path):
-        raise UserFileExistsError(f"{path} already exists; pass overwrite=True to replace it")
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as error:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if is_disk_full(error):
-            raise DiskFullError(
-                f"no space left on the device while writing {path} ({error.strerror}); nothing was written under "
-                "that name (the partial temporary file was removed)",
-                error.errno,
-            ) from error
-        raise
-    return path
 
 
 def _check_images_nhwc(images: np.ndarray, where: str) -> None:

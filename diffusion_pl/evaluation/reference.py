@@ -22,7 +22,8 @@ from PIL import Image
 from diffusion_pl.errors import UserFileNotFoundError, UserInputError
 from diffusion_pl.evaluation.features import InceptionFeatures, weights_identity
 from diffusion_pl.evaluation.metrics import fid_statistics
-from diffusion_pl.evaluation.npz import atomic_write, load_samples_npz
+from diffusion_pl.evaluation.npz import load_samples_npz
+from diffusion_pl.utils.files import atomic_write
 from diffusion_pl.utils.images import nhwc_to_nchw
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")

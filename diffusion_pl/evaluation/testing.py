@@ -6,8 +6,6 @@ exercise the real code path (torch-fidelity's network, resize and metric functio
 
 from __future__ import annotations
 
-import os
-import tempfile
 from unittest import mock
 
 import torch
@@ -15,6 +13,7 @@ from torch import nn
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
 from diffusion_pl.evaluation.features import FEATURE_EXTRACTOR_NAME, LOGITS_LAYER, POOL_LAYER
+from diffusion_pl.utils.files import atomic_write
 
 
 def build_random_inception_state_dict_for_tests(seed: int = 0, logits_scale: float = 20.0) -> dict[str, torch.Tensor]:
@@ -50,15 +49,4 @@ def save_random_inception_weights_for_tests(path: str, seed: int = 0, logits_sca
     Pass the path as `weights_path` / torch-fidelity's `feature_extractor_weights_path`. Test use only.
     """
     sd = build_random_inception_state_dict_for_tests(seed, logits_scale)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".random_inception.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(sd, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save(sd, f))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -18,6 +17,7 @@ from diffusion_pl.diffusion import classifier_cond_fn, classifier_free_model, sa
 from diffusion_pl.errors import UserFileNotFoundError, UserInputError, UserRuntimeError
 from diffusion_pl.lightning.checkpoints import load_module, read_module_checkpoint
 from diffusion_pl.sampling.engine import check_respacing
+from diffusion_pl.utils.files import atomic_write
 from diffusion_pl.utils.images import image_grid, to_uint8
 
 
@@ -342,20 +342,9 @@ def check_classifier_compatible(classifier_hp: Mapping, model_hp: Mapping, path:
 
 
 def save_png(grid: torch.Tensor, path: str) -> None:
-    """Write a uint8 [C, H, W] grid (C = 1 or 3) as PNG, atomically (temporary file in the same directory)."""
+    """Write a uint8 [C, H, W] grid (C = 1 or 3) as PNG (atomic_write)."""
     from PIL import Image
 
     array = grid.permute(1, 2, 0).numpy()
     image = Image.fromarray(np.ascontiguousarray(array[..., 0] if array.shape[-1] == 1 else array))
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".grid.", suffix=".png", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
+    atomic_write(path, lambda f: image.save(f, format="PNG"))

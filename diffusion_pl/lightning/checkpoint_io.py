@@ -2,9 +2,10 @@
 
 Lightning's TorchCheckpointIO writes through an fsspec transaction whose local temporary file lives in the system temp
 directory; committing it is a copy when that is another filesystem (common on clusters: /tmp is local, checkpoints are
-on shared storage), so a kill during the copy can leave a truncated last.ckpt. Here the temporary file is created in
-the checkpoint's own directory, flushed and fsync'ed, then ``os.replace``d over the target (atomic on POSIX and
-Windows). Remote (non-local) paths fall back to Lightning's implementation.
+on shared storage), so a kill during the copy can leave a truncated last.ckpt. Here the project's one atomic write
+(diffusion_pl.utils.files.atomic_write) is used: a temporary file in the checkpoint's own directory, flushed and
+fsync'ed, created with the user's umask, then ``os.replace``d over the target (atomic on POSIX and Windows). Remote
+(non-local) paths fall back to Lightning's implementation.
 
 A save that cannot be written (full disk, quota, read-only folder) is a one-line user error
 (:func:`checkpoint_write_error`); the temporary files a killed save leaves behind are removed when the next fit starts
@@ -13,10 +14,8 @@ A save that cannot be written (full disk, quota, read-only folder) is a one-line
 
 from __future__ import annotations
 
-import errno
 import glob
 import os
-import tempfile
 from typing import Any
 
 import lightning as L
@@ -28,9 +27,9 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from diffusion_pl.errors import DiskFullError, UserError, UserRuntimeError, is_disk_full
+from diffusion_pl.utils.files import NOT_WRITABLE_ERRNOS, NotWritableError, atomic_write
 
-TMP_SUFFIX = ".tmp"
-NOT_WRITABLE_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+TMP_SUFFIX = ".tmp"  # atomic_write's temporary files: .<name>.<random>.tmp
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -44,28 +43,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path, storage_options=storage_options)
             return
         path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        tmp_path = None
-        try:
-            os.makedirs(directory, exist_ok=True)
-            fd, tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=TMP_SUFFIX, dir=directory)
-            with os.fdopen(fd, "wb") as f:
-                try:
-                    torch.save(checkpoint, f)
-                except RuntimeError as error:  # torch's writer reports a failed write without errno
-                    _raise_os_cause(f, error)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp_path, path)
-        except BaseException as error:
-            # Any failure (including KeyboardInterrupt) leaves the previous checkpoint untouched.
-            if tmp_path is not None and os.path.exists(tmp_path):
-                os.unlink(tmp_path)
-            user_error = checkpoint_write_error(error, path)
-            if user_error is not None:
-                raise user_error from error
-            raise
-        _fsync_directory(directory)
+        try:  # any failure (including KeyboardInterrupt) leaves the previous checkpoint untouched
+            atomic_write(path, lambda f: _save(checkpoint, f))
+        except (DiskFullError, NotWritableError) as error:  # said again with the checkpoint's advice
+            cause = error.__cause__ if isinstance(error.__cause__, OSError) else error
+            raise checkpoint_write_error(cause, path) or error from cause
+
+
+def _save(checkpoint: dict[str, Any], f) -> None:
+    try:
+        torch.save(checkpoint, f)
+    except RuntimeError as error:  # torch's writer reports a failed write without errno
+        _raise_os_cause(f, error)
 
 
 def _raise_os_cause(f, error: RuntimeError) -> None:
@@ -108,20 +97,6 @@ def write_error(error: BaseException, target: str, kept: str) -> UserError | Non
             f"ModelCheckpoint dirpath), and {resume}"
         )
     return None
-
-
-def _fsync_directory(directory: str) -> None:
-    """Persist the rename itself (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def remove_interrupted_saves(directory: str) -> list[str]:

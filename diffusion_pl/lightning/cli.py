@@ -32,7 +32,6 @@ from lightning.pytorch.utilities import rank_zero_info
 
 import diffusion_pl.data  # noqa: F401  (registers the DataModules for short class names)
 from diffusion_pl.errors import UserInputError, UserRuntimeError, debug_requested, find_in_chain, find_user_error
-from diffusion_pl.evaluation.npz import atomic_write
 from diffusion_pl.lightning.callbacks import NonFiniteGuard
 from diffusion_pl.lightning.checkpoint_io import AtomicCheckpointIO, InterruptedSaveCleanup, write_error
 from diffusion_pl.lightning.ckpt_path import (
@@ -45,6 +44,7 @@ from diffusion_pl.lightning.ckpt_path import (
 from diffusion_pl.lightning.loggers import use_appending_csv_logger
 from diffusion_pl.lightning.resume import continue_in_checkpoint_run, resolve_last_checkpoint, resume_changeable_keys
 from diffusion_pl.parse_errors import parse_error
+from diffusion_pl.utils.files import write_text
 from diffusion_pl.utils.imports import import_object
 
 # Keys that legitimately differ between a run and its resumption in the same log directory.
@@ -189,7 +189,7 @@ class SafeSaveConfigCallback(SaveConfigCallback):
             self.parser.save(self.config, path, skip_none=False, overwrite=True, multifile=self.multifile)
             return
         text = self.parser.dump(self.config, skip_none=False)
-        atomic_write(path, lambda f: f.write(text.encode()))
+        write_text(path, text)
 
 
 def _listed_keys(keys: list[str]) -> str:

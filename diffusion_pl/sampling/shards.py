@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from diffusion_pl.errors import DiskFullError, UserFileExistsError, UserInputError, UserRuntimeError
-from diffusion_pl.evaluation.npz import atomic_write, save_image_grid, save_samples_npz
+from diffusion_pl.evaluation.npz import save_image_grid, save_samples_npz
 from diffusion_pl.sampling.engine import SampleEngine
+from diffusion_pl.utils.files import atomic_write, write_text
 from diffusion_pl.utils.images import nchw_to_nhwc, to_uint8
 
 SAMPLES_NAME = "samples.npz"
@@ -136,7 +137,7 @@ def prepare_shard_dir(shard_dir: str, settings: dict, overwrite: bool) -> None:
                 "discard them, or choose another output directory"
             )
     with resumable_on_disk_full(shard_dir):
-        atomic_write(settings_path, lambda f: f.write(text.encode()))
+        write_text(settings_path, text)
 
 
 def run_shards(
@@ -245,6 +246,6 @@ def write_outputs(
         cells, ncols = grid_images(images, labels)
         grid = save_image_grid(os.path.join(out_dir, GRID_NAME), cells, nrow=ncols, overwrite=True)
         text = json.dumps(settings, indent=2, sort_keys=True)
-        js = atomic_write(os.path.join(out_dir, SETTINGS_NAME), lambda f: f.write(text.encode()))
+        js = write_text(os.path.join(out_dir, SETTINGS_NAME), text)
         npz = save_samples_npz(os.path.join(out_dir, SAMPLES_NAME), images, labels, overwrite=overwrite)
     return {"samples": npz, "grid": grid, "settings": js}

@@ -1,0 +1,124 @@
+"""Writing the project's files: one atomic write, the user's umask, links never written through, disk faults as one
+line.
+
+:func:`atomic_write` is the only way the project writes a whole file (checkpoints, configs, samples, grids,
+settings, shards, tables): a temporary file in the same folder is written, flushed and fsync'ed, given the mode a
+plain ``open(path, "w")`` would give (``0o666 & ~umask``), then ``os.replace``d over ``path``. Readers see the old
+file or the new one, never a truncation. When ``path`` is a symbolic link the link itself is replaced and its target
+is left untouched. A full disk, an exceeded quota, a read-only file system or a missing permission raises a user
+error naming ``path``; the temporary file is removed.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from collections.abc import Callable
+from typing import IO
+
+from diffusion_pl.errors import DiskFullError, UserFileExistsError, UserRuntimeError, is_disk_full
+
+NOT_WRITABLE_ERRNOS = frozenset(e for e in (getattr(errno, "EROFS", None), errno.EACCES, errno.EPERM) if e)
+
+
+class NotWritableError(UserRuntimeError, OSError):
+    """A file cannot be written: read-only file system, or no permission. ``errno`` is the original error number."""
+
+    def __init__(self, message: str, errno_value: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno_value
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux reports it (/proc/self/status), else by os.umask."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # not thread-safe, hence the /proc path first
+    os.umask(mask)
+    return mask
+
+
+def creation_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: 0o666 & ~umask (0o644 under umask 022, 0o664 under 002)."""
+    return 0o666 & ~current_umask()
+
+
+def disk_fault(error: BaseException, path: str) -> OSError | None:
+    """The one-line user error for a write of ``path`` that failed with a disk fault, or None for any other error.
+
+    ENOSPC / EDQUOT -> DiskFullError; EROFS / EACCES / EPERM -> NotWritableError."""
+    if isinstance(error, DiskFullError | NotWritableError):
+        return error
+    if is_disk_full(error):
+        return DiskFullError(
+            f"no space left on the device while writing {path} ({error.strerror}); nothing was written under "
+            "that name (the partial temporary file was removed)",
+            error.errno,
+        )
+    if isinstance(error, OSError) and error.errno in NOT_WRITABLE_ERRNOS:
+        folder = os.path.dirname(os.path.abspath(path))
+        return NotWritableError(
+            f"cannot write {path} ({error.strerror}); nothing was written under that name: make {folder} writable "
+            "(a read-only file system or a folder of another user?) or write elsewhere",
+            error.errno,
+        )
+    return None
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], overwrite: bool = True) -> str:
+    """Call ``write(f)`` on a temporary file next to ``path``, then ``os.replace`` it into place (see the module doc).
+
+    With ``overwrite=False`` an existing ``path`` (or a link of that name) raises UserFileExistsError before anything
+    is written. Returns ``path``.
+    """
+    path = os.fspath(path)
+    if not overwrite and os.path.lexists(path):
+        raise UserFileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = None
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), creation_mode())  # mkstemp creates 0o600
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        fault = disk_fault(error, path)
+        if fault is not None and fault is not error:
+            raise fault from error
+        raise
+    fsync_directory(directory)
+    return path
+
+
+def write_text(path: str | os.PathLike, text: str, overwrite: bool = True) -> str:
+    """:func:`atomic_write` of UTF-8 text."""
+    return atomic_write(path, lambda f: f.write(text.encode()), overwrite=overwrite)
+
+
+def fsync_directory(directory: str) -> None:
+    """Persist a rename in ``directory`` (POSIX); a no-op where directories cannot be opened or synced."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
