@@ -6,9 +6,9 @@
 A user error, told by its type (diffusion_pl.errors.UserError: a missing file, a bad option, a checkpoint that does not
 fit, a full disk; a parse error, see diffusion_pl.parse_errors; Lightning's MisconfigurationException) is printed as
 one line,
-``diffusion-pl <command>: error: <message>``, with exit status 2. A rank > 0 of a distributed run that only lost its
-peers (another rank failed first and printed why) says so in one line, exit status 1. DIFFUSION_PL_DEBUG=1 gives the
-traceback instead. Any other exception keeps its traceback.
+``diffusion-pl <command>: error: <message>``, with exit status 2. A process of a distributed run (rank 0 too) that
+only lost its peers (another rank failed first and printed why) says so in one line, exit status 1.
+DIFFUSION_PL_DEBUG=1 gives the traceback instead. Any other exception keeps its traceback.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from diffusion_pl.errors import (
     debug_requested,
     find_in_chain,
     find_lost_peer_error,
+    in_distributed_run,
     process_rank,
 )
 
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if user_error is None:
             rank = process_rank()
-            lost = find_lost_peer_error(error) if rank > 0 else None
+            lost = find_lost_peer_error(error) if rank > 0 or in_distributed_run() else None
             if lost is None:
                 raise
             # Another rank failed first (its own message is printed by that rank); this one only lost its peers.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 
 #: set (to anything but 0/false/no) to get tracebacks and jsonargparse's full reports instead of one-line errors
 DEBUG_ENV = "DIFFUSION_PL_DEBUG"
@@ -97,6 +98,17 @@ def process_rank() -> int:
         if value.isdigit():
             return int(value)
     return 0
+
+
+def in_distributed_run() -> bool:
+    """True in a process of a run with more than one process: torch.distributed is initialised, or the launcher set
+    ``WORLD_SIZE`` / ``SLURM_NTASKS`` > 1 (Lightning removes ``WORLD_SIZE`` again when it tears down after an error)."""
+    for name in ("WORLD_SIZE", "SLURM_NTASKS"):
+        value = os.environ.get(name, "").strip()
+        if value.isdigit() and int(value) > 1:
+            return True
+    dist = sys.modules.get("torch.distributed")  # never imported here: only asked if the run imported it
+    return bool(dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
 
 
 def find_lost_peer_error(error: BaseException | None) -> BaseException | None:

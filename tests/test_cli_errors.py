@@ -145,15 +145,34 @@ def test_rank_that_lost_its_peer_says_so_in_one_line(rank_env, monkeypatch, caps
 
 
 def test_lost_peer_keeps_its_traceback_on_rank_0_and_in_debug(monkeypatch):
-    for name in ("RANK", "LOCAL_RANK", "SLURM_PROCID", cli.DEBUG_ENV):
+    for name in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "WORLD_SIZE", "SLURM_NTASKS", cli.DEBUG_ENV):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(cli, "run_command", _raising(LOST_PEER))
     with pytest.raises(RuntimeError, match="Connection closed by peer"):
         cli.main(["fit"])  # rank 0 (not distributed): nobody else printed the cause
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        cli.main(["fit"])
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv(cli.DEBUG_ENV, "1")
     with pytest.raises(RuntimeError, match="Connection closed by peer"):
         cli.main(["fit"])
+
+
+@pytest.mark.parametrize("size_env", [{"WORLD_SIZE": "2"}, {"SLURM_NTASKS": "4", "SLURM_PROCID": "0"}])
+def test_rank_0_that_lost_its_peer_says_so_in_one_line(size_env, monkeypatch, capsys):
+    """Rank 0 of a distributed run whose rank 1 failed first: one line too (the real 2-process case:
+    sampling/test_sampling_ddp_errors.py)."""
+    for name in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "WORLD_SIZE", "SLURM_NTASKS", cli.DEBUG_ENV):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in size_env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(cli, "run_command", _raising(LOST_PEER))
+    assert cli.main(["sample"]) == 1
+    assert capsys.readouterr().err.startswith(
+        "diffusion-pl sample: error: [rank 0] stopped because another process of this run stopped first (see its "
+        "message above; DIFFUSION_PL_DEBUG=1 shows this traceback): Connection closed by peer"
+    )
 
 
 def test_lightning_misconfiguration_is_a_user_error(monkeypatch, capsys):
