@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from diffusion_pl.errors import UserInputError
-from diffusion_pl.evaluation.npz import atomic_write
+from diffusion_pl.utils.files import atomic_write
 
 MANIFEST_VERSION = 1
 
