@@ -12,7 +12,15 @@ import torch
 
 from diffusion_pl.errors import DiskFullError, UserError, UserFileExistsError
 from diffusion_pl.lightning.checkpoint_io import AtomicCheckpointIO
-from diffusion_pl.utils.files import NotWritableError, atomic_write, creation_mode, current_umask, write_text
+from diffusion_pl.utils.files import (
+    NotWritableError,
+    atomic_write,
+    creation_mode,
+    current_umask,
+    remove_folder,
+    replace_link_with_copy,
+    write_text,
+)
 
 
 @pytest.fixture
@@ -106,3 +114,34 @@ def test_a_read_only_folder_is_a_user_error(tmp_path):
             write_text(folder / "a.json", "{}")
     finally:
         folder.chmod(0o755)
+
+
+def test_replace_link_with_copy_keeps_the_content_and_frees_the_target(tmp_path):
+    target = tmp_path / "shared.csv"
+    target.write_text("step,x\n0,1\n")
+    link = tmp_path / "metrics.csv"
+    link.symlink_to(target)
+    assert replace_link_with_copy(link) == str(target)
+    with open(link, "a") as f:  # what a logger does next
+        f.write("1,2\n")
+    assert target.read_text() == "step,x\n0,1\n" and link.read_text() == "step,x\n0,1\n1,2\n"
+    assert replace_link_with_copy(link) is None  # a regular file: nothing to do
+    dangling = tmp_path / "hparams.yaml"
+    dangling.symlink_to(tmp_path / "missing.yaml")
+    assert replace_link_with_copy(dangling) == str(tmp_path / "missing.yaml")
+    assert not os.path.lexists(dangling) and not (tmp_path / "missing.yaml").exists()
+
+
+def test_remove_folder_removes_a_link_never_its_targets_files(tmp_path, capsys):
+    target = tmp_path / "scratch"
+    target.mkdir()
+    (target / "shard_000000.npz").write_bytes(b"kept")
+    link = tmp_path / "out" / "shards"
+    link.parent.mkdir()
+    link.symlink_to(target)
+    remove_folder(link, "--overwrite")
+    assert not os.path.lexists(link) and (target / "shard_000000.npz").read_bytes() == b"kept"
+    assert capsys.readouterr().err == (f"diffusion-pl: note: {link} was a symbolic link to {target}; --overwrite "
+                                       f"removed the link only, the files in {target} are untouched\n")  # fmt: skip
+    remove_folder(target, "--overwrite")  # a real folder: removed with its files
+    assert not target.exists()

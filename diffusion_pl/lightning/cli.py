@@ -43,6 +43,7 @@ from diffusion_pl.lightning.ckpt_path import (
 )
 from diffusion_pl.lightning.loggers import use_appending_csv_logger
 from diffusion_pl.lightning.resume import continue_in_checkpoint_run, resolve_last_checkpoint, resume_changeable_keys
+from diffusion_pl.lightning.run_folder import claim_run_folder
 from diffusion_pl.parse_errors import parse_error
 from diffusion_pl.utils.files import write_text
 from diffusion_pl.utils.imports import import_object
@@ -328,6 +329,12 @@ class DiffusionCLI(LightningCLI):
         # Atomic checkpoint writes unless the user configured their own CheckpointIO plugin.
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        # One writer per run folder, no logger file written through a link (lightning/run_folder.py); a W&B run
+        # without a fixed id has no folder before it starts.
+        logger = trainer.loggers[0] if trainer.loggers else None
+        if self.subcommand and (logger is None or logger.version is not None):
+            command, advice = f"diffusion-pl {self.subcommand}", _log_elsewhere_advice(trainer)
+            claim_run_folder(trainer, run_directory(trainer), command, advice)
         return trainer
 
 

@@ -15,7 +15,6 @@ import glob
 import json
 import math
 import os
-import shutil
 import zipfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -27,7 +26,7 @@ import torch
 from diffusion_pl.errors import DiskFullError, UserFileExistsError, UserInputError, UserRuntimeError
 from diffusion_pl.evaluation.npz import save_image_grid, save_samples_npz
 from diffusion_pl.sampling.engine import SampleEngine
-from diffusion_pl.utils.files import atomic_write, write_text
+from diffusion_pl.utils.files import atomic_write, remove_folder, write_text
 from diffusion_pl.utils.images import nchw_to_nhwc, to_uint8
 
 SAMPLES_NAME = "samples.npz"
@@ -119,8 +118,8 @@ def prepare_shard_dir(shard_dir: str, settings: dict, overwrite: bool) -> None:
     when finished shards would be mixed with new ones; without any shard file yet, the new settings replace the old.
     """
     settings_path = os.path.join(shard_dir, SETTINGS_NAME)
-    if overwrite and os.path.isdir(shard_dir):
-        shutil.rmtree(shard_dir)
+    if overwrite:
+        remove_folder(shard_dir, "--overwrite")  # a linked shards folder: the link only, never its target's files
     os.makedirs(shard_dir, exist_ok=True)
     text = json.dumps(settings, sort_keys=True, indent=1)
     if os.path.isfile(settings_path):

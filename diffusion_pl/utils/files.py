@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from typing import IO
@@ -108,6 +110,35 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], ov
 def write_text(path: str | os.PathLike, text: str, overwrite: bool = True) -> str:
     """:func:`atomic_write` of UTF-8 text."""
     return atomic_write(path, lambda f: f.write(text.encode()), overwrite=overwrite)
+
+
+def replace_link_with_copy(path: str | os.PathLike) -> str | None:
+    """If ``path`` is a symbolic link, replace the link itself by a regular copy of what it points to (atomically; a
+    dangling link is removed), so that later writes at ``path`` (e.g. a library appending to it) never reach the
+    link's target. Returns the old target, or None when ``path`` is not a link."""
+    path = os.fspath(path)
+    if not os.path.islink(path):
+        return None
+    target = os.readlink(path)
+    if os.path.isfile(path):
+        with open(path, "rb") as source:
+            atomic_write(path, lambda f: shutil.copyfileobj(source, f))
+    else:
+        os.unlink(path)
+    return target
+
+
+def remove_folder(path: str | os.PathLike, why: str) -> None:
+    """Remove a folder the project made (e.g. shards for --overwrite). A symbolic link there is removed itself, never
+    the files of its target (a note on stderr says so, with ``why``)."""
+    path = os.fspath(path)
+    if os.path.islink(path):
+        target = os.readlink(path)
+        os.unlink(path)
+        print(f"diffusion-pl: note: {path} was a symbolic link to {target}; {why} removed the link only, the files in "
+              f"{target} are untouched", file=sys.stderr)  # fmt: skip
+    elif os.path.isdir(path):
+        shutil.rmtree(path)
 
 
 def fsync_directory(directory: str) -> None:

@@ -53,12 +53,15 @@ def describe_holder(holder: dict[str, Any]) -> str:
 
 
 class FolderLock:
-    """Context manager: hold ``folder``'s lock (see the module doc); ``option`` names the folder in messages."""
+    """Context manager: hold ``folder``'s lock (see the module doc). ``option`` names the folder in messages
+    ("--out_dir", "the run folder"); ``advice`` says where else to write (default: another ``option``)."""
 
-    def __init__(self, folder: str | os.PathLike, option: str = "--out_dir", command: str = "diffusion-pl") -> None:
+    def __init__(self, folder: str | os.PathLike, option: str = "--out_dir", command: str = "diffusion-pl",
+                 advice: str | None = None) -> None:  # fmt: skip
         self.folder = os.path.abspath(os.fspath(folder))
         self.path = os.path.join(self.folder, LOCK_NAME)
         self.option, self.command = option, command
+        self.advice = advice or f"choose another {option}"
         self.fd: int | None = None
         self.created: list[str] = []
 
@@ -161,8 +164,8 @@ class FolderLock:
     def _refusal(self, holder: dict[str, Any], doing: str) -> str:
         return (
             f"{self.option} {self.folder} is in use by {describe_holder(holder)}, which {doing} "
-            f"(lock file {self.path}). "
-            f"Wait for it to finish or choose another {self.option}; if that run is gone, remove the lock file"
+            f"(lock file {self.path}). Wait for it to finish, or {self.advice}; if that run is gone, remove the lock "
+            "file"
         )
 
 

@@ -1,15 +1,19 @@
-"""Two `diffusion-pl sample` runs into one --out_dir: the second is refused in one line and the first's files are
-intact; a run killed with -9 leaves a stale lock that the next run takes over (and resumes its shards)."""
+"""`diffusion-pl sample` and its output folder: a second run into one --out_dir is refused in one line and the first's
+files are intact; a run killed with -9 leaves a stale lock that the next run takes over (and resumes its shards); a
+linked shards folder with --overwrite loses its link only; disk faults while writing are one line."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from diffusion_pl.cli import main
@@ -80,3 +84,48 @@ def test_lock_of_a_killed_run_is_taken_over(ckpts, tmp_path, capsys):
     assert "which is no longer running; taking the lock over" in err
     assert load_samples_npz(str(out / "samples.npz"))[0].shape == (4, 8, 8, 1)
     assert not (out / LOCK_NAME).exists()
+
+
+def test_overwrite_of_a_linked_shards_folder_removes_the_link_only(ckpts, tmp_path, capsys):
+    """`sample --overwrite true` where OUT_DIR/shards is a link to another folder: the link is removed (a note says
+    so), the files in its target are untouched, the run writes a real shards folder."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (scratch / "shard_000000.npz").write_bytes(b"an earlier run's shard")
+    (scratch / "settings.json").write_text('{"seed": 7}')
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "shards").symlink_to(scratch)
+    args = ["sample", *FAST, "--ckpt", ckpts["cond"], "--out_dir", str(out), "--overwrite", "true"]
+    assert main(args) == 0
+    note = f"note: {out / 'shards'} was a symbolic link to {scratch}; --overwrite removed the link only, the files in "
+    assert note + f"{scratch} are untouched" in capsys.readouterr().err
+    assert sorted(os.listdir(scratch)) == ["settings.json", "shard_000000.npz"]
+    assert (scratch / "shard_000000.npz").read_bytes() == b"an earlier run's shard"
+    assert not (out / "shards").is_symlink() and len(list((out / "shards").glob("shard_*.npz"))) == 2
+    assert load_samples_npz(str(out / "samples.npz"))[0].shape == (4, 8, 8, 1)
+
+
+@pytest.mark.parametrize("code,pattern", [
+    (errno.EROFS, r"cannot write \S+samples.npz \(Read-only file system\); nothing was written under that name: make "
+                  r"\S+ writable"),
+    (errno.EDQUOT, r"disk full: no space left on the device while writing \S+samples.npz \(Disk quota exceeded\)"),
+])  # fmt: skip
+def test_disk_faults_while_writing_samples_are_one_line(ckpts, tmp_path, capsys, monkeypatch, code, pattern):
+    """A read-only file system or an exceeded quota while samples.npz is written: one line naming the file; the
+    finished shards are kept (and the lock is released)."""
+    real_savez = np.savez
+
+    def savez(f, **arrays):
+        if "arr_0" in arrays:
+            raise OSError(code, os.strerror(code))
+        return real_savez(f, **arrays)
+
+    monkeypatch.setattr(np, "savez", savez)
+    out = tmp_path / "out"
+    assert main(["sample", *FAST, "--ckpt", ckpts["cond"], "--out_dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error: " in line]  # (after the progress bar's line)
+    assert len(errors) == 1 and "Traceback" not in err and re.search(pattern, errors[0]), err
+    assert len(list((out / "shards").glob("shard_*.npz"))) == 2
+    assert not (out / "samples.npz").exists() and not (out / LOCK_NAME).exists()
