@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # script again for rank 1, with LOCAL_RANK=1).
 RANK_1_FAILS = """
 import os, sys
-import diffusion_pl.commands.sample as s
+import diffusion_pl.commands.generate as s
 from diffusion_pl.errors import UserInputError
 real = s.run_shards
 def rank_1_fails(*args, **kwargs):
@@ -36,7 +36,7 @@ def test_rank_0_says_in_one_line_that_rank_1_stopped_first(ckpts, tmp_path):
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=ROOT)
     proc = subprocess.run(
         [sys.executable, str(script), "sample", "--ckpt", ckpts["cond"], "--out_dir", str(tmp_path / "out"),
-         "--num_samples", "4", "--batch_size", "2", "--shard_size", "2", "--steps", "2", "--accelerator", "cpu",
+         "--num_samples", "4", "--sample_batch_size", "2", "--shard_size", "2", "--steps", "2", "--accelerator", "cpu",
          "--devices", "2"],
         capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path),
     )  # fmt: skip

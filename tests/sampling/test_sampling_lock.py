@@ -21,12 +21,12 @@ from diffusion_pl.evaluation import load_samples_npz
 from diffusion_pl.utils.folder_lock import LOCK_NAME
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-FAST = ["--num_samples", "4", "--batch_size", "2", "--shard_size", "2", "--steps", "2", "--accelerator", "cpu"]
+FAST = ["--num_samples", "4", "--sample_batch_size", "2", "--shard_size", "2", "--steps", "2", "--accelerator", "cpu"]
 
 # A real `diffusion-pl sample` that stops before its second shard until the file GO exists.
 PAUSED_SAMPLE = """
 import os, sys, time
-import diffusion_pl.commands.sample as s
+import diffusion_pl.commands.generate as s
 real = s.run_shards
 def paused(engine, shards, *args, **kwargs):
     if shards[0].shard_id == 1:
