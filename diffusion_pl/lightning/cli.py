@@ -46,6 +46,7 @@ from diffusion_pl.lightning.resume import continue_in_checkpoint_run, resolve_la
 from diffusion_pl.lightning.run_folder import claim_run_folder
 from diffusion_pl.parse_errors import parse_error
 from diffusion_pl.utils.files import write_text
+from diffusion_pl.utils.folder_lock import FolderLock
 from diffusion_pl.utils.imports import import_object
 
 # Keys that legitimately differ between a run and its resumption in the same log directory.
@@ -225,7 +226,13 @@ class DiffusionCLI(LightningCLI):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.command_parsers: list[LightningArgumentParser] = []
         self.model_config = None  # the model to build, when --ckpt_path is given
-        super().__init__(*args, **kwargs)
+        self.run_folder_lock: FolderLock | None = None
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException:
+            if self.run_folder_lock is not None:  # a refusal before the run started (its teardown never came)
+                self.run_folder_lock.release()
+            raise
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         self.command_parsers.append(parser)  # one per subcommand
@@ -334,7 +341,7 @@ class DiffusionCLI(LightningCLI):
         logger = trainer.loggers[0] if trainer.loggers else None
         if self.subcommand and (logger is None or logger.version is not None):
             command, advice = f"diffusion-pl {self.subcommand}", _log_elsewhere_advice(trainer)
-            claim_run_folder(trainer, run_directory(trainer), command, advice)
+            self.run_folder_lock = claim_run_folder(trainer, run_directory(trainer), command, advice)
         return trainer
 
 

@@ -6,7 +6,7 @@ logger has touched the folder: the first process of the run takes the folder's l
 another run writing there is refused in one line with the logger-specific way to log elsewhere) and replaces a
 symbolic link at a name the logger writes (``hparams.yaml``, ``metrics.csv``) by a copy of its target, since Lightning's
 loggers open those names for writing and would write into the target. The lock is released when the run ends
-(:class:`RunFolderLock`: teardown, or an exception).
+(:class:`RunFolderLock`: teardown, or an exception; the CLI releases it too when it stops before the run starts).
 """
 
 from __future__ import annotations
@@ -39,15 +39,16 @@ class RunFolderLock(Callback):
         self.lock.release()
 
 
-def claim_run_folder(trainer: L.Trainer, run_dir: str, command: str, advice: str) -> None:
+def claim_run_folder(trainer: L.Trainer, run_dir: str, command: str, advice: str) -> FolderLock | None:
     """On the first process of the run: lock ``run_dir`` for this run (adds a :class:`RunFolderLock` to the trainer's
-    callbacks) and replace links at the logger's file names. ``advice``: how to log elsewhere (the refusal's fix)."""
+    callbacks) and replace links at the logger's file names; returns the lock (None on other processes: release it
+    if the run never starts). ``advice``: how to log elsewhere (the refusal's fix)."""
     if launcher_rank() != 0 or not isinstance(get_filesystem(run_dir), LocalFileSystem):
-        return
+        return None
     lock = FolderLock(run_dir, "the run folder", command, advice[:1].lower() + advice[1:])
     lock.acquire()
     if lock.fd is None:
-        return  # not a writable folder: Lightning's own error says so
+        return None  # not a writable folder: Lightning's own error says so
     trainer.callbacks.append(RunFolderLock(lock))
     for name in LOGGER_FILES:
         path = os.path.join(run_dir, name)
@@ -55,3 +56,4 @@ def claim_run_folder(trainer: L.Trainer, run_dir: str, command: str, advice: str
         if target is not None:
             print(f"{command}: note: {path} was a symbolic link to {target}; it is replaced by a copy so that the "
                   "logger never writes into the link's target", file=sys.stderr)  # fmt: skip
+    return lock
