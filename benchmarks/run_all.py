@@ -554,6 +554,11 @@ def main(argv: list[str] | None = None) -> str:
         with open(args.notes) as f:
             notes = f.read()
     text = render(results, command, notes, args.label)
+    if os.path.isfile(args.output):  # keep the section bench_solvers.py wrote (it has its own command)
+        from solvers_report import keep_section
+
+        with open(args.output) as f:
+            text = keep_section(f.read(), text)
     write_atomic(args.output, text)
     if args.json:
         write_atomic(args.json, json.dumps(results, indent=1))

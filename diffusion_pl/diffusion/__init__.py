@@ -5,7 +5,17 @@ from .continuous import TIMESTEP_MODES, DiscreteTimeDenoiser
 from .gaussian import approx_standard_normal_cdf, discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .guidance import classifier_cond_fn, classifier_free_model
 from .process import LOSS_TYPES, MEAN_TYPES, VAR_TYPES, GaussianDiffusion, create_diffusion
-from .registry import DEFAULT_METHOD, SAMPLERS, SamplerSpec, check_steps, get_sampler, methods_help, resolve_eta
+from .registry import (
+    DEFAULT_METHOD,
+    SAMPLERS,
+    SamplerSpec,
+    auto_method,
+    check_schedule,
+    check_steps,
+    get_sampler,
+    methods_help,
+    resolve_eta,
+)
 from .respace import space_timesteps
 from .samplers import SAMPLING_METHODS, check_eta, ddim_step, p_sample, sample_loop, schedule_process, solve
 from .schedules import BETA_SCHEDULES, betas_for_alpha_bar, cosine_alpha_bar, get_named_beta_schedule
@@ -26,6 +36,8 @@ __all__ = [
     "TIMESTEP_MODES",
     "DiscreteTimeDenoiser",
     "SamplerSpec",
+    "auto_method",
+    "check_schedule",
     "check_steps",
     "count_steps",
     "discrete_steps",

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from diffusion_pl.errors import UserInputError
 
 from .discrete import ddim_step, p_sample
+from .respace import space_timesteps
 from .solvers import dpm_solver_pp_2m, dpm_solver_pp_2m_sde, edm_heun
-from .step_schedules import count_steps
+from .step_schedules import count_steps, discrete_steps, parse_level_schedule, trained_sigmas
 
 
 @dataclass(frozen=True)
@@ -21,8 +22,9 @@ class SamplerSpec:
     ``kind`` is "discrete" (``function`` is one step of a respaced GaussianDiffusion: ddpm, ddim) or "continuous"
     (``function(denoiser, x, sigmas, ...)`` solves from the first noise level to 0). ``order``: convergence order of
     the deterministic method. ``eta``: the allowed range (low, high) of the stochasticity eta, or None when the method
-    has none (``eta_help`` says what its ends mean); ``default_eta`` is used when none is given. ``stochastic``: always draws noise (ddpm), else only when
-    eta > 0. ``evals_per_step`` / ``min_steps``: see :meth:`nfe` and the registry entries.
+    has none (``eta_help`` says what its ends mean); ``default_eta`` is used when none is given. ``stochastic``:
+    always draws noise (ddpm), else only when eta > 0. ``evals_per_step`` / ``min_steps``: see :meth:`nfe` and the
+    registry entries.
     """
 
     name: str
@@ -66,6 +68,15 @@ SAMPLERS: dict[str, SamplerSpec] = {
 #: Method names, for existing callers (choices of ``--method``).
 SAMPLING_METHODS = tuple(SAMPLERS)
 DEFAULT_METHOD = "ddpm"
+
+
+def auto_method(steps: str | int | None) -> str:
+    """The "auto" method of a step schedule: ddim for "ddimN" (the DDIM paper's striding), dpmpp_2m for a noise-level
+    schedule ("uniformN", "logsnrN", "karrasN"), else ancestral ddpm."""
+    spec = "" if steps is None else str(steps).strip()
+    if spec.startswith("ddim"):
+        return "ddim"
+    return "dpmpp_2m" if parse_level_schedule(spec) is not None else DEFAULT_METHOD
 
 
 def methods_help() -> str:
@@ -120,3 +131,30 @@ def check_steps(method: str, num_timesteps: int, steps: str | int | None, option
             f"it takes no order-{spec.order} step); use e.g. {option} {named}{spec.min_steps}"
         )
     return n
+
+
+def check_schedule(process, steps: str | int | None, method: str = "ddpm", option: str = "--steps") -> None:
+    """UserInputError naming ``option`` unless ``method`` can sample the T-step ``process`` with the step schedule
+    ``steps`` (a respacing or a noise-level schedule, step_schedules.py): it parses and fits T, it has at least the
+    method's fewest steps, and a discrete method gets distinct trained steps."""
+    T = process.num_timesteps
+    spec = "" if steps is None or steps == 0 else str(steps).strip()
+    try:
+        level = parse_level_schedule(spec)
+        if level is None and spec:
+            space_timesteps(T, spec)
+    except ValueError as e:
+        ddim = sorted({len(range(0, T, k)) for k in range(1, T + 1)}, reverse=True)
+        ddim_text = ", ".join(f"ddim{n}" for n in ddim[:8]) + (", ..." if len(ddim) > 8 else "")
+        raise UserInputError(
+            f"{option} {spec!r} does not fit the model's T = {T} training steps ({e}). Use a step count 1..{T}, "
+            f"comma-separated counts for equal sections of the T steps (each at most its section's length), "
+            f"ddimN with N one of {ddim_text}, uniformN / logsnrN / karrasN with N in 1..{T}, or \"\" for all {T} "
+            "steps"
+        ) from e
+    check_steps(method, T, spec, option)
+    if level is not None and get_sampler(method).kind == "discrete":
+        try:
+            discrete_steps(trained_sigmas(process), spec)
+        except ValueError as e:
+            raise UserInputError(f"{option} {spec!r} with method {method}: {e}") from e

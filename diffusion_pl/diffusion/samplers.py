@@ -19,15 +19,10 @@ from .continuous import DiscreteTimeDenoiser
 from .discrete import ddim_step, p_sample
 from .process import GaussianDiffusion
 from .registry import SAMPLERS, SAMPLING_METHODS, SamplerSpec, check_eta, check_steps, get_sampler, resolve_eta
-from .step_schedules import discrete_steps, schedule_sigmas
+from .step_schedules import discrete_steps, schedule_sigmas, trained_sigmas
 
 __all__ = ["SAMPLERS", "SAMPLING_METHODS", "SamplerSpec", "check_eta", "check_steps", "ddim_step", "get_sampler",
            "p_sample", "resolve_eta", "sample_loop", "schedule_process", "solve"]  # fmt: skip
-
-
-def trained_sigmas(process: GaussianDiffusion) -> torch.Tensor:
-    """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) of every step of ``process`` (float64, increasing)."""
-    return ((1.0 - process.alphas_cumprod) / process.alphas_cumprod).sqrt()
 
 
 def schedule_process(process: GaussianDiffusion, steps: str | int | None) -> GaussianDiffusion:

@@ -35,6 +35,11 @@ SIGMA_MAX = 80.0  # EDM's sigma_max: the largest level of "logsnrN" / "karrasN" 
 _LEVEL_PATTERN = re.compile(r"^(uniform|logsnr|karras)(\d+)$")
 
 
+def trained_sigmas(process) -> torch.Tensor:
+    """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) of every step of a GaussianDiffusion (float64, increasing)."""
+    return ((1.0 - process.alphas_cumprod) / process.alphas_cumprod).sqrt()
+
+
 def parse_level_schedule(spec: str) -> tuple[str, int] | None:
     """("karras", 20) for "karras20", ...; None when ``spec`` is not a noise-level schedule (it is a respacing)."""
     match = _LEVEL_PATTERN.match(str(spec).strip())

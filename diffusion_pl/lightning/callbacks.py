@@ -13,12 +13,22 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.callbacks.weight_averaging import WeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
-from diffusion_pl.diffusion import classifier_cond_fn, classifier_free_model, sample_loop
+from diffusion_pl.diffusion import (
+    SAMPLING_METHODS,
+    auto_method,
+    classifier_cond_fn,
+    classifier_free_model,
+    resolve_eta,
+    sample_loop,
+)
 from diffusion_pl.errors import UserFileNotFoundError, UserInputError, UserRuntimeError
 from diffusion_pl.lightning.checkpoints import load_module, read_module_checkpoint
 from diffusion_pl.sampling.engine import check_respacing
 from diffusion_pl.utils.files import atomic_write
 from diffusion_pl.utils.images import image_grid, to_uint8
+
+# "auto" or a name of the sampler registry (a sampler added there is a choice here).
+GridMethod = Literal[("auto", *SAMPLING_METHODS)]  # type: ignore[valid-type]
 
 
 class NonFiniteError(UserRuntimeError):
@@ -88,10 +98,13 @@ class GuidedSampler(Callback):
     lightning's EMAWeightAveraging is a callback (the grid is drawn while they are swapped in, whichever order the
     callbacks are listed in) and after fit (EMAWeightAveraging copies them into the module).
 
-    Process: ``respacing`` as space_timesteps ("100", "250", "ddim50", "" = all T steps); ``method`` "auto" = DDIM
-    for "ddimN" respacings, else ancestral. Guidance: ``classifier_path`` (a NoisyClassifierModule checkpoint, loaded
-    on first use and held by this callback, outside the LightningModule so weight averaging never touches it) with
-    scale ``classifier_scale``; classifier-free guidance with ``cfg_scale`` w > 0 (needs a model with null_class).
+    Process: ``respacing`` is the step schedule ("100", "250", "ddim50", "karras20", "" = all T steps;
+    docs/SAMPLERS.md); ``method`` a name of the sampler registry (diffusion_pl.diffusion.SAMPLERS) or "auto"
+    (:func:`~diffusion_pl.diffusion.auto_method`: ddim for "ddimN", dpmpp_2m for a noise-level schedule, else
+    ancestral); ``eta`` None = the method's default. Guidance: ``classifier_path`` (a NoisyClassifierModule
+    checkpoint, loaded on first use and held by this callback, outside the LightningModule so weight averaging never
+    touches it) with scale ``classifier_scale``; classifier-free guidance with ``cfg_scale`` w > 0 (needs a model
+    with null_class).
 
     Only global rank 0 draws and logs, with no collective calls, so other ranks never wait on it. Output: W&B image
     (WandbLogger), TensorBoard image (TensorBoardLogger), else a PNG under ``<log_dir>/samples/``.
@@ -102,8 +115,8 @@ class GuidedSampler(Callback):
         every_n_val_runs: int = 1,
         at_fit_end: bool = True,
         respacing: str = "100",
-        method: Literal["auto", "ddpm", "ddim"] = "auto",
-        eta: float = 0.0,
+        method: GridMethod = "auto",  # type: ignore[valid-type]
+        eta: float | None = None,
         classes: list[int] | None = None,
         max_classes: int = 10,
         samples_per_class: int = 8,
@@ -119,6 +132,7 @@ class GuidedSampler(Callback):
             raise UserInputError(f"GuidedSampler.every_n_val_runs must be >= 1, got {every_n_val_runs}")
         if classifier_path is not None and not os.path.isfile(classifier_path):
             raise UserFileNotFoundError(f"GuidedSampler.classifier_path: no file at {classifier_path!r}")
+        resolve_eta(self._method(method, respacing), eta, "GuidedSampler.eta")
         self.every_n_val_runs = every_n_val_runs
         self.at_fit_end = at_fit_end
         self.respacing = respacing
@@ -156,7 +170,8 @@ class GuidedSampler(Callback):
         # Checked now, not at the first grid many steps later.
         if self.classifier_path is not None:
             check_classifier_file(self.classifier_path, hp, "GuidedSampler.classifier_path")
-        check_respacing(pl_module.diffusion, self.respacing, "GuidedSampler.respacing")
+        check_respacing(pl_module.diffusion, self.respacing, "GuidedSampler.respacing",
+                        self._method(self.method, self.respacing))  # fmt: skip
         # EMAWeightAveraging swaps the EMA weights in at on_validation_epoch_start and out at
         # on_validation_epoch_end; callbacks run in list order, so draw at the hook where they are in place.
         callbacks = trainer.callbacks
@@ -256,24 +271,25 @@ class GuidedSampler(Callback):
         cond_fn = None
         if self.classifier_path is not None:
             cond_fn = classifier_cond_fn(self._load_classifier(pl_module), self.classifier_scale)
-        process = pl_module.diffusion.respaced(self.respacing) if self.respacing else pl_module.diffusion
-        method = self.method
-        if method == "auto":
-            method = "ddim" if self.respacing.startswith("ddim") else "ddpm"
         generator = torch.Generator(device=device).manual_seed(self.seed)
         shape = (n, int(hp.in_channels), int(hp.image_size), int(hp.image_size))
         return sample_loop(
-            process,
+            pl_module.diffusion,
             model,
             shape=shape,
-            method=method,
-            eta=self.eta if method == "ddim" else 0.0,
+            method=self._method(self.method, self.respacing),
+            eta=self.eta,
+            steps=self.respacing,
             clip_denoised=self.clip_denoised,
             model_kwargs={"y": labels.to(device)} if labels is not None else None,
             cond_fn=cond_fn,
             generator=generator,
             device=device,
         )
+
+    @staticmethod
+    def _method(method: str, respacing: str) -> str:
+        return auto_method(respacing) if method == "auto" else method
 
     def make_grid(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 grid [C, rows * H, samples_per_class * W] (row r = class r when conditional)."""

@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks.weight_averaging import WeightAveraging
 from lightning.pytorch.utilities import rank_zero_warn
 
 from diffusion_pl.data.common import EVALUATION_LOADER_VERSION, evaluation_dataloader
+from diffusion_pl.diffusion import DEFAULT_METHOD, SAMPLING_METHODS
 from diffusion_pl.errors import UserFileNotFoundError, UserInputError
 from diffusion_pl.evaluation import (
     InceptionFeatures,
@@ -48,6 +49,8 @@ from diffusion_pl.lightning.checkpoints import load_module
 from diffusion_pl.sampling import SampleEngine, check_eta, check_respacing
 from diffusion_pl.utils.images import to_uint8
 
+Method = Literal[SAMPLING_METHODS]  # type: ignore[valid-type]  (the sampler registry's names)
+
 
 class SampleQualityEvaluation(Callback):
     """Sample-quality metrics every ``every_n_steps`` steps, logged as ``<prefix>/fid``, ``<prefix>/isc_mean``,
@@ -57,8 +60,9 @@ class SampleQualityEvaluation(Callback):
         every_n_steps: evaluate at the first validation run at least this many steps after the previous evaluation.
         num_samples: samples per evaluation (split over ranks).
         batch_size: sampling batch size per rank.
-        steps: sampling steps ("100", "250", "ddim50", "" = all T).
-        method / eta / clip_denoised: sampler settings.
+        steps: step schedule ("100", "250", "ddim50", "karras20", "" = all T; docs/SAMPLERS.md).
+        method / eta / clip_denoised: sampler settings; method: a name of the sampler registry
+            (diffusion_pl.diffusion.SAMPLERS: ddpm, ddim, dpmpp_2m, dpmpp_2m_sde, heun); eta: None = its default.
         reference: image folder, ADM reference npz or reference cache; None = the datamodule's ``reference_split``.
         reference_split: "val" or "train" split of the trainer's datamodule (used when ``reference`` is None): all
             its images as stored, in order, never flipped (a separate deterministic loader, not the training one).
@@ -76,8 +80,8 @@ class SampleQualityEvaluation(Callback):
         num_samples: int = 1000,
         batch_size: int = 16,
         steps: str = "100",
-        method: Literal["ddpm", "ddim"] = "ddpm",
-        eta: float = 0.0,
+        method: Method = DEFAULT_METHOD,  # type: ignore[valid-type]
+        eta: float | None = None,
         clip_denoised: bool = True,
         reference: str | None = None,
         reference_split: Literal["val", "train"] = "val",
@@ -134,7 +138,7 @@ class SampleQualityEvaluation(Callback):
         # Inputs are checked now, not at the first evaluation many steps later.
         if self.classifier_path is not None and self.classifier_scale != 0.0:
             check_classifier_file(self.classifier_path, pl_module.hparams, "SampleQualityEvaluation.classifier_path")
-        check_respacing(pl_module.diffusion, self.steps, "SampleQualityEvaluation.steps")
+        check_respacing(pl_module.diffusion, self.steps, "SampleQualityEvaluation.steps", self.method)
         if self.reference is not None and not os.path.exists(self.reference):
             raise UserFileNotFoundError(
                 f"SampleQualityEvaluation.reference {self.reference}: no such file or directory (expected a folder "

@@ -1,5 +1,6 @@
 """diffusion_pl.sampling: per-sample-seeded generation (models + diffusion; no Lightning) and sharded sample output."""
 
+from diffusion_pl.diffusion import check_eta
 from diffusion_pl.sampling.engine import (
     LABEL_MODES,
     METHODS,
@@ -7,7 +8,6 @@ from diffusion_pl.sampling.engine import (
     GuidanceConfigError,
     SampleBatch,
     SampleEngine,
-    check_eta,
     check_guidance,
     check_respacing,
     resolve_respacing,

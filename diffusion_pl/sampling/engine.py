@@ -1,9 +1,11 @@
 """Generation engine: a network + a Gaussian diffusion -> images for a list of SAMPLE INDICES, with per-sample seeds.
 
 Sample ``i`` owns two torch.Generators seeded from ``(seed, i)``: one for its label (when labels are drawn at random)
-and one for its initial noise x_T followed by the noise of every step. A batch stacks per-sample draws and passes them
-to :func:`~diffusion_pl.diffusion.p_sample` / :func:`~diffusion_pl.diffusion.ddim_step` as ``noise=``, so image ``i``
-is the same whatever the batch size, the batch it lands in, or the number of processes that share the work.
+and one for its initial noise x_T followed by the noise of every stochastic step. A batch stacks per-sample draws and
+passes them to the method's step (``noise=`` of :func:`~diffusion_pl.diffusion.p_sample` /
+:func:`~diffusion_pl.diffusion.ddim_step`, ``noise(x)`` of the SDE solvers), so image ``i`` is the same whatever the
+batch size, the batch it lands in, or the number of processes that share the work. Every method of the sampler
+registry (diffusion/registry.py) runs here.
 
 This module knows networks and the diffusion maths, not Lightning.
 """
@@ -20,22 +22,25 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from diffusion_pl.diffusion import (
-    SAMPLERS,
+    SAMPLING_METHODS,
+    DiscreteTimeDenoiser,
     GaussianDiffusion,
-    check_eta,
+    check_schedule,
     classifier_cond_fn,
     classifier_free_model,
-    ddim_step,
-    p_sample,
-    space_timesteps,
+    get_sampler,
+    resolve_eta,
+    schedule_process,
+    schedule_sigmas,
+    solve,
 )
 from diffusion_pl.errors import UserInputError
 from diffusion_pl.sampling.weights import frozen, sampling_weights
 from diffusion_pl.utils.device import prepare_device
 from diffusion_pl.utils.seeds import derive_seed
 
-# The registry's methods SampleEngine runs: its loop takes the discrete steps of a respaced process.
-METHODS = tuple(name for name, spec in SAMPLERS.items() if spec.kind == "discrete")
+# Every method of the sampler registry runs here (discrete steps, or an ODE/SDE solver over noise levels).
+METHODS = SAMPLING_METHODS
 # Precisions as Lightning spells them -> the autocast dtype of the networks (None: float32, no autocast).
 PRECISIONS = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 LABEL_MODES = ("random", "balanced")
@@ -52,31 +57,17 @@ def sample_seed(seed: int, index: int, stream: int = _NOISE_STREAM) -> int:
 
 
 def resolve_respacing(diffusion: GaussianDiffusion, respacing: str | int | None) -> GaussianDiffusion:
-    """The process to sample: ``""``/None/0 = all T steps, an int or "250" = that many steps, "10,10,20", "ddim50"."""
-    if respacing is None or respacing == "" or respacing == 0:
-        return diffusion
-    spec = str(respacing)
-    if spec.isdigit() and int(spec) == diffusion.num_timesteps:
-        return diffusion
-    return diffusion.respaced(spec)
+    """The process a discrete method (ddpm, ddim) samples: ``""``/None/0 = all T steps, an int or "250" = that many
+    steps, "10,10,20", "ddim50", or a noise-level schedule mapped to trained steps ("karras20", ...)."""
+    return schedule_process(diffusion, None if respacing == 0 else respacing)
 
 
-def check_respacing(diffusion: GaussianDiffusion, respacing: str | int | None, option: str = "--steps") -> None:
-    """Raise UserInputError naming ``option`` unless ``respacing`` selects steps of ``diffusion``'s T-step process."""
-    if respacing is None or respacing == "" or respacing == 0:
-        return
-    T = diffusion.num_timesteps
-    spec = str(respacing).strip()
-    try:
-        space_timesteps(T, spec)
-    except ValueError as e:
-        ddim = sorted({len(range(0, T, k)) for k in range(1, T + 1)}, reverse=True)
-        ddim_text = ", ".join(f"ddim{n}" for n in ddim[:8]) + (", ..." if len(ddim) > 8 else "")
-        raise UserInputError(
-            f"{option} {spec!r} does not fit the model's T = {T} training steps ({e}). Use a step count 1..{T}, "
-            f"comma-separated counts for equal sections of the T steps (each at most its section's length), "
-            f"ddimN with N one of {ddim_text}, or \"\" for all {T} steps"
-        ) from e
+def check_respacing(
+    diffusion: GaussianDiffusion, respacing: str | int | None, option: str = "--steps", method: str = "ddpm"
+) -> None:
+    """Raise UserInputError naming ``option`` unless ``method`` can sample ``diffusion`` with the step schedule
+    ``respacing`` (:func:`diffusion_pl.diffusion.check_schedule`)."""
+    check_schedule(diffusion, respacing, method, option)
 
 
 @dataclass(frozen=True)
@@ -93,8 +84,13 @@ class SampleEngine:
         model: the U-Net (any callable module); evaluated in eval mode.
         diffusion: the FULL training process (respaced here with ``respacing``) or an already respaced one.
         image_shape: (C, H, W) of a sample.
-        respacing: "" (all T steps), a count like 250 / "250", a section string "10,10,20", or "ddimN".
-        method: "ddpm" (ancestral) or "ddim" (with ``eta``).
+        respacing: the step schedule: "" (all T steps), a count like 250 / "250", a section string "10,10,20",
+            "ddimN", or a noise-level schedule "uniformN" / "logsnrN" / "karrasN" (diffusion/step_schedules.py).
+        method: a name of the sampler registry (diffusion/registry.py): "ddpm" (ancestral), "ddim", "dpmpp_2m",
+            "dpmpp_2m_sde", "heun".
+        eta: stochasticity of ddim / dpmpp_2m_sde; None = the method's default.
+        timestep_mode: how the ODE/SDE solvers call the model between trained steps: "interpolate" or "nearest"
+            (diffusion/continuous.py).
         clip_denoised: clamp the x_0 prediction to [-1, 1].
         class_cond: the model takes labels ``y``.
         num_classes: K, the label range of random / balanced labels (model classes, else classifier classes).
@@ -117,7 +113,7 @@ class SampleEngine:
         image_shape: Sequence[int],
         respacing: str | int | None = "",
         method: str = "ddpm",
-        eta: float = 0.0,
+        eta: float | None = None,
         clip_denoised: bool = True,
         class_cond: bool = False,
         num_classes: int | None = None,
@@ -130,18 +126,24 @@ class SampleEngine:
         precision: str = "32-true",
         device: torch.device | str | None = None,
         progress: bool = True,
+        timestep_mode: str = "interpolate",
     ) -> None:
-        if method not in METHODS:
-            raise UserInputError(f"unknown sampling method {method!r}; choose from {', '.join(METHODS)}")
-        check_eta(method, eta)
+        self.spec = get_sampler(method, "sampling method")
+        eta = resolve_eta(method, eta)
         if precision not in PRECISIONS:
             raise UserInputError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
         if label_mode not in LABEL_MODES:
             raise UserInputError(f"unknown label_mode {label_mode!r}; choose from {', '.join(LABEL_MODES)}")
         check_guidance(class_cond, null_class, classifier is not None, classifier_scale, cfg_scale)
-        check_respacing(diffusion, respacing, "respacing")
+        check_respacing(diffusion, respacing, "respacing", method)
         self.model = model
-        self.process = resolve_respacing(diffusion, respacing)
+        self.timestep_mode = timestep_mode
+        if self.spec.kind == "discrete":
+            self.process, self.sigmas = resolve_respacing(diffusion, respacing), None
+        else:  # the solvers visit noise levels of the full process (possibly between its trained steps)
+            self.process = diffusion
+            self.sigmas = schedule_sigmas(DiscreteTimeDenoiser(diffusion, model, timestep_mode=timestep_mode),
+                                          respacing)  # fmt: skip
         self.image_shape = tuple(int(s) for s in image_shape)
         self.method = method
         self.eta = float(eta)
@@ -174,8 +176,8 @@ class SampleEngine:
         self._cond_fn = None
         if classifier is not None and self.classifier_scale != 0.0:
             self._cond_fn = classifier_cond_fn(self._autocast(self._cached(classifier)), self.classifier_scale)
-        # Ancestral steps and DDIM with eta > 0 add noise; deterministic DDIM needs none.
-        self._stochastic = method == "ddpm" or self.eta > 0.0
+        # Ancestral steps and ddim / dpmpp_2m_sde with eta > 0 add noise; the deterministic methods need none.
+        self._stochastic = self.spec.draws_noise(self.eta)
 
     # ------------------------------------------------------------------------------------------------ setup
     def _cached(self, module: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -235,7 +237,8 @@ class SampleEngine:
 
     @property
     def num_steps(self) -> int:
-        return self.process.num_timesteps
+        """Steps of one sampling loop (the progress bar's unit); network evaluations: ``self.spec.nfe(num_steps)``."""
+        return self.process.num_timesteps if self.sigmas is None else len(self.sigmas) - 1
 
     # ------------------------------------------------------------------------------------------------ labels / seeds
     def labels_for(self, indices: Sequence[int], labels: Sequence[int] | torch.Tensor | None = None):
@@ -283,7 +286,6 @@ class SampleEngine:
     ) -> SampleBatch:
         """Samples for ``indices`` in ONE batch: float [-1, 1] NCHW images on the CPU, and their labels."""
         indices = [int(i) for i in indices]
-        n = len(indices)
         y = self.labels_for(indices, labels)
         model_kwargs = {"y": y.to(self.device)} if y is not None else {}
         generators = self._generators(indices)
@@ -293,27 +295,34 @@ class SampleEngine:
         try:
             with self._prepared_weights(), self._grad_context():
                 x = self._draw(generators)
-                zeros = torch.zeros_like(x)
-                steps = torch.arange(self.num_steps, device=self.device).flip(0)
-                t_all = steps.view(-1, 1).expand(-1, n)  # [T, N], row k = index T-1-k
-                for k in range(self.num_steps):
-                    t = t_all[k]
-                    last = k == self.num_steps - 1
-                    noise = self._draw(generators) if self._stochastic and not last else zeros
-                    if self.method == "ddpm":
-                        out = p_sample(self.process, self._model_fn, x, t, self.clip_denoised, model_kwargs,
-                                       self._cond_fn, noise=noise)  # fmt: skip
-                    else:
-                        out = ddim_step(self.process, self._model_fn, x, t, self.eta, self.clip_denoised,
-                                        model_kwargs, self._cond_fn, noise=noise)  # fmt: skip
-                    x = out["sample"]
-                    if bar is not None:
-                        bar.update(1)
+                if self.sigmas is None:
+                    x = self._discrete_loop(x, model_kwargs, generators, bar)
+                else:
+                    denoiser = DiscreteTimeDenoiser(self.process, self._model_fn, model_kwargs, self._cond_fn,
+                                                    self.clip_denoised, self.timestep_mode)  # fmt: skip
+                    x = solve(self.spec, denoiser, x, self.sigmas, self.eta, lambda like: self._draw(generators),
+                              callback=lambda i, denoised: bar.update(1) if bar is not None else None)  # fmt: skip
                 images = x.clamp(-1.0, 1.0).float().cpu().clone()
         finally:
             if was_training and hasattr(self.model, "train"):
                 self.model.train(True)
         return SampleBatch(indices=indices, images=images, labels=y)
+
+    def _discrete_loop(self, x, model_kwargs, generators, bar):
+        """Steps T'-1 .. 0 of the respaced process with the ddpm / ddim step, per-sample noise (none at the end)."""
+        zeros = torch.zeros_like(x)
+        extra = {"eta": self.eta} if self.spec.eta is not None else {}
+        t_all = torch.arange(self.num_steps, device=self.device).flip(0).view(-1, 1).expand(-1, x.shape[0])
+        for k in range(self.num_steps):
+            last = k == self.num_steps - 1
+            noise = self._draw(generators) if self._stochastic and not last else zeros
+            out = self.spec.function(self.process, self._model_fn, x, t_all[k], clip_denoised=self.clip_denoised,
+                                     model_kwargs=model_kwargs, cond_fn=self._cond_fn, noise=noise,
+                                     **extra)  # fmt: skip
+            x = out["sample"]
+            if bar is not None:
+                bar.update(1)
+        return x
 
     def progress_bar(self, num_batches: int, desc: str = "sampling") -> tqdm:
         """A tqdm bar over ``num_batches * steps`` denoising steps (steps/s and ETA), disabled off rank 0."""

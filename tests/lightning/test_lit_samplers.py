@@ -1,0 +1,49 @@
+"""The callbacks take their sampling methods from the sampler registry: choices, the "auto" rule, eta defaults and
+range, step schedules of the solvers."""
+
+from __future__ import annotations
+
+import typing
+
+import pytest
+import torch
+from lit_helpers import tiny_diffusion_kwargs
+
+from diffusion_pl.diffusion import SAMPLING_METHODS
+from diffusion_pl.errors import UserInputError
+from diffusion_pl.lightning import DiffusionModule, GuidedSampler, SampleQualityEvaluation
+from diffusion_pl.lightning.callbacks import GridMethod
+from diffusion_pl.lightning.evaluation_callback import Method
+
+
+def test_choices_are_the_registry():
+    assert typing.get_args(GridMethod) == ("auto", *SAMPLING_METHODS)
+    assert typing.get_args(Method) == SAMPLING_METHODS
+    assert "dpmpp_2m" in SAMPLING_METHODS and "heun" in SAMPLING_METHODS
+
+
+@pytest.mark.parametrize("respacing, method", [("ddim4", "ddim"), ("karras4", "dpmpp_2m"), ("4", "ddpm"),
+                                               ("", "ddpm")])  # fmt: skip
+def test_auto_rule(respacing, method):
+    assert GuidedSampler._method("auto", respacing) == method
+
+
+def test_guided_sampler_draws_with_a_solver():
+    torch.manual_seed(0)
+    model = DiffusionModule(**tiny_diffusion_kwargs()).eval()
+    with torch.no_grad():
+        auto = GuidedSampler(respacing="karras4", samples_per_class=2, cfg_scale=1.0).draw(model)
+        explicit = GuidedSampler(respacing="karras4", method="dpmpp_2m", samples_per_class=2, cfg_scale=1.0).draw(model)
+        heun = GuidedSampler(respacing="karras4", method="heun", samples_per_class=2, cfg_scale=1.0).draw(model)
+    assert torch.equal(auto, explicit)
+    assert auto.shape == (6, 1, 8, 8) and auto.std() > 0.05
+    assert not torch.equal(auto, heun)
+
+
+def test_bad_method_options_are_refused_when_built():
+    with pytest.raises(UserInputError, match=r"GuidedSampler.eta 0.5 only applies to method ddim or dpmpp_2m_sde"):
+        GuidedSampler(method="heun", eta=0.5)
+    with pytest.raises(UserInputError, match=r"GuidedSampler.eta 0.5 only applies"):
+        GuidedSampler(respacing="250", eta=0.5)  # auto -> ancestral
+    with pytest.raises(UserInputError, match=r"SampleQualityEvaluation.eta must be in \[0, 1\]"):
+        SampleQualityEvaluation(num_samples=20, metrics=["prc"], isc_splits=1, method="dpmpp_2m_sde", eta=1.5)
