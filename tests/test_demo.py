@@ -41,11 +41,11 @@ def test_demo_runs_every_step_and_a_rerun_keeps_them(tmp_path, capsys):
     def args(max_steps: int) -> list[str]:
         return ["demo", "--out_dir", str(out), "--config_dir", str(configs), "--accelerator", "cpu",
                 "--max_steps", str(max_steps), "--classifier_max_steps", "2", "--steps", "2",
-                "--samples_per_class", "2", "--nll_examples", "2"]  # fmt: skip
+                "--samples_per_class", "2", "--nll_examples", "2", "--fast_steps", "karras3"]  # fmt: skip
 
     assert main(args(2)) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert [s["status"] for s in summary["steps"]] == ["done"] * 6
+    assert [s["status"] for s in summary["steps"]] == ["done"] * (3 + len(SAMPLE_MODES))
     assert summary["steps"][0]["command"].startswith("diffusion-pl fit --config ")
     for mode in SAMPLE_MODES:
         with np.load(out / "samples" / mode / "samples.npz") as data:
@@ -53,6 +53,11 @@ def test_demo_runs_every_step_and_a_rerun_keeps_them(tmp_path, capsys):
             assert data["arr_1"].tolist() == [i % 10 for i in range(20)]  # balanced: a row per digit
         assert 0.0 <= summary["samples"][mode]["knn_digit_accuracy"] <= 1.0
         assert Image.open(out / "samples" / mode / "grid.png").size[0] > 0
+    # The fast solver next to ancestral sampling, with its network evaluations.
+    assert summary["samples"]["classifier_free"]["sampler"] == "ddpm 2 (2 NFE)"
+    assert summary["samples"]["classifier_free_fast"]["sampler"] == "dpmpp_2m karras3 (3 NFE)"
+    fast = next(s for s in summary["steps"] if s["name"] == "sample classifier_free_fast")
+    assert "--method dpmpp_2m --steps karras3 --cfg_scale 3.0" in fast["command"]
     assert summary["bits_per_dim"]["num_images"] == 2 and summary["bits_per_dim"]["total_bpd"] > 0
     assert summary["inception_metrics"].startswith("skipped") or "computed" in summary["inception_metrics"]
     assert (out / "diffusion" / "checkpoints" / "last.ckpt").is_file()
@@ -64,7 +69,7 @@ def test_demo_runs_every_step_and_a_rerun_keeps_them(tmp_path, capsys):
     before = ckpt.stat().st_mtime_ns
     assert main(args(2)) == 0
     rerun = json.loads((out / "summary.json").read_text())
-    assert [s["status"] for s in rerun["steps"]] == ["kept (finished earlier)"] * 6
+    assert [s["status"] for s in rerun["steps"]] == ["kept (finished earlier)"] * (3 + len(SAMPLE_MODES))
     assert ckpt.stat().st_mtime_ns == before
 
     # An interrupted fit (no completion marker) is continued from its last.ckpt, not started again.

@@ -233,7 +233,7 @@ def engine_options(model: LoadedModel, classifier: LoadedClassifier | None, samp
     the model and classifier (guidance, --steps against T, --eta), before anything is written."""
     check_guidance(model.class_cond, model.null_class, classifier is not None, guidance.classifier_scale,
                    guidance.cfg_scale)  # fmt: skip
-    check_respacing(model.diffusion, sampling.steps, "--steps")
+    check_respacing(model.diffusion, sampling.steps, "--steps", sampling.method)
     check_eta(sampling.method, sampling.eta, "--eta")
     num_classes = model.num_classes if model.class_cond else (classifier.num_classes if classifier else None)
     return dict(

@@ -29,12 +29,15 @@ import numpy as np
 import torch
 import yaml
 
-from diffusion_pl.diffusion import create_diffusion
+from diffusion_pl.diffusion import SAMPLING_METHODS, create_diffusion, get_sampler
+from diffusion_pl.diffusion.step_schedules import count_steps
 from diffusion_pl.errors import UserFileNotFoundError, UserInputError
 from diffusion_pl.sampling.engine import check_respacing
 from diffusion_pl.utils.files import write_text
 
-SAMPLE_MODES = ("unguided", "classifier_guided", "classifier_free")
+# The last mode repeats classifier-free guidance with a fast solver of the sampler registry (--fast_method,
+# --fast_steps), next to ancestral sampling (--steps) in the summary.
+SAMPLE_MODES = ("unguided", "classifier_guided", "classifier_free", "classifier_free_fast")
 # torch-fidelity's file name of the TF-FID Inception weights (what it downloads on first use).
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 
@@ -160,6 +163,8 @@ def check_demo_options(
     steps: str,
     samples_per_class: int,
     nll_examples: int,
+    fast_method: str = "dpmpp_2m",
+    fast_steps: str = "karras20",
 ) -> None:
     """The demo's own options, before any training (a bad --steps would otherwise fail after the training)."""
     for name, value in (("--max_steps", max_steps), ("--classifier_max_steps", classifier_max_steps)):
@@ -170,7 +175,30 @@ def check_demo_options(
             raise UserInputError(f"demo: {name} must be >= 1, got {value}")
     with open(config) as f:
         init_args = (yaml.safe_load(f).get("model") or {}).get("init_args") or {}
-    check_respacing(create_diffusion(steps=int(init_args.get("steps", 1000))), steps, "--steps")
+    process = create_diffusion(steps=int(init_args.get("steps", 1000)))
+    check_respacing(process, steps, "--steps")
+    check_respacing(process, fast_steps, "--fast_steps", fast_method)
+
+
+def sampler_text(method: str, steps: str, T: int = 1000) -> str:
+    """e.g. "dpmpp_2m karras20 (20 NFE)": a method, its --steps and its network evaluations per sample."""
+    return f"{method} {steps} ({get_sampler(method).nfe(count_steps(T, steps))} NFE)"
+
+
+def sample_steps(out: Path, common: list[str], guidance: dict[str, list[str]], steps: str, fast_method: str,
+                 fast_steps: str) -> list[Step]:  # fmt: skip
+    """One `diffusion-pl sample` per mode: ancestral sampling with --steps, the fast mode with the solver."""
+    result = []
+    for mode in SAMPLE_MODES:
+        fast = mode.endswith("_fast")
+        method, mode_steps = (fast_method, fast_steps) if fast else ("ddpm", steps)
+        folder = out / "samples" / mode
+        result.append(Step(
+            name=f"sample {mode}", done=folder / "samples.npz", extra={"sampler": sampler_text(method, mode_steps)},
+            args=["sample", *common, "--method", method, "--steps", mode_steps,
+                  *guidance[mode.removesuffix("_fast")], "--out_dir", str(folder)],
+        ))  # fmt: skip
+    return result
 
 
 def evaluation_steps(out: Path, model_ckpt: str, accelerator: str, nll_examples: int,
@@ -211,6 +239,8 @@ def demo(
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto",
     nll_examples: int = 16,
     inception_weights: str | None = None,
+    fast_method: Literal[SAMPLING_METHODS] = "dpmpp_2m",  # type: ignore[valid-type]
+    fast_steps: str = "karras20",
 ) -> dict:
     """Run the quickstart end to end on MNIST-5k and write everything under OUT_DIR.
 
@@ -226,11 +256,13 @@ def demo(
     :param precision: sampling precision (32-true, bf16-mixed, 16-mixed, or auto = bf16-mixed unless the GPU lacks it)
     :param nll_examples: held-out digits for bits/dim (each costs T = 1000 network evaluations)
     :param inception_weights: Inception weights for FID / IS / precision / recall (default: torch-fidelity's cache)
+    :param fast_method: the fast sampler shown next to ancestral sampling (classifier-free guidance; docs/SAMPLERS.md)
+    :param fast_steps: its step schedule (karras20: 20 network evaluations with dpmpp_2m)
     """
     started = time.perf_counter()
     configs = find_config_dir(config_dir)
     check_demo_options(configs / "quickstart.yaml", max_steps, classifier_max_steps, steps, samples_per_class,
-                       nll_examples)  # fmt: skip
+                       nll_examples, fast_method, fast_steps)  # fmt: skip
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserInputError(f"demo: --out_dir {out} is a file; choose a folder")
@@ -247,7 +279,7 @@ def demo(
     model_ckpt, classifier_ckpt = diffusion_fit.extra["checkpoint"], classifier_fit.extra["checkpoint"]
     num_samples = 10 * samples_per_class
     common = [
-        "--ckpt", model_ckpt, "--num_samples", str(num_samples), "--label_mode", "balanced", "--steps", steps,
+        "--ckpt", model_ckpt, "--num_samples", str(num_samples), "--label_mode", "balanced",
         "--sample_batch_size", str(num_samples), "--precision", precision, "--accelerator", accelerator, "--seed", "0",
     ]  # fmt: skip
     guidance = {
@@ -255,12 +287,8 @@ def demo(
         "classifier_guided": ["--classifier_ckpt", classifier_ckpt, "--classifier_scale", str(classifier_scale)],
         "classifier_free": ["--cfg_scale", str(cfg_scale)],
     }
-    sample_steps = [
-        Step(name=f"sample {mode}", args=["sample", *common, *guidance[mode], "--out_dir", str(out / "samples" / mode)],
-             done=out / "samples" / mode / "samples.npz")  # fmt: skip
-        for mode in SAMPLE_MODES
-    ]
-    all_steps = [diffusion_fit, classifier_fit, *sample_steps,
+    samplings = sample_steps(out, common, guidance, steps, fast_method, fast_steps)
+    all_steps = [diffusion_fit, classifier_fit, *samplings,
                  *evaluation_steps(out, model_ckpt, accelerator, nll_examples, weights)]  # fmt: skip
     for step in all_steps:
         if step.done.is_file():
@@ -284,6 +312,7 @@ def summarize(out: Path, steps: list[Step], weights: Path | None, seconds: float
         ((held_x.view(-1, 32, 32, 1) + 1) * 127.5).round().to(torch.uint8).numpy(), held_y.numpy(), train_x, train_y
     )
     samples = {}
+    by_name = {s.name: s for s in steps}
     for mode in SAMPLE_MODES:
         folder = out / "samples" / mode
         with np.load(folder / "samples.npz") as data:
@@ -292,6 +321,8 @@ def summarize(out: Path, steps: list[Step], weights: Path | None, seconds: float
             "grid": str(folder / "grid.png"),
             "samples": str(folder / "samples.npz"),
             "knn_digit_accuracy": knn_digit_accuracy(images, labels, train_x, train_y),
+            "sampler": by_name[f"sample {mode}"].extra["sampler"],
+            "seconds": round(by_name[f"sample {mode}"].seconds, 1),
         }
         metrics_file = out / "fid" / mode / "metrics.json"
         if metrics_file.is_file():
@@ -336,7 +367,8 @@ def print_summary(summary: dict) -> None:
     for mode, info in summary["samples"].items():
         fid = info.get("inception_metrics", {}).get("fid")
         fid_text = f"  FID {fid:.1f}" if isinstance(fid, float) else ""
-        lines.append(f"    {mode:<18} {info['knn_digit_accuracy']:.2f}{fid_text}   grid: {info['grid']}")
+        lines.append(f"    {mode:<20} {info['knn_digit_accuracy']:.2f}  {info['sampler']:<26}{fid_text}   "
+                     f"grid: {info['grid']}")  # fmt: skip
     lines += [
         f"  Inception metrics: {summary['inception_metrics']}",
         f"  checkpoints: {summary['checkpoints']['diffusion']}, {summary['checkpoints']['classifier']}",

@@ -11,9 +11,10 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from diffusion_pl.diffusion import DEFAULT_METHOD, SAMPLERS, check_method_options, methods_help
 from diffusion_pl.sampling.engine import METHODS
 
-# The sampling methods: the sampler registry's (those SampleEngine runs), so a method added there is an option here.
+# The sampling methods: the sampler registry's (SampleEngine runs them all), so a method added there is an option here.
 Method = Literal[METHODS]  # type: ignore[valid-type]
 Metric = Literal["fid", "isc", "prc", "kid"]
 ALL_METRICS: tuple[str, ...] = ("fid", "isc", "prc", "kid")
@@ -76,10 +77,10 @@ class SamplingOptions:
     """Sampling: sample i depends only on (seed, i) and these settings, not on the batch size or the processes.
 
     Args:
-        steps: sampling steps (respacing of the T training steps): a count like 250, a section string like 10,10,20,
-            ddimN, or "" for all T steps
-        method: sampling method (ddpm = ancestral)
-        eta: DDIM eta (0 = deterministic)
+        steps: step schedule over the T training steps (docs/SAMPLERS.md): a count like 250, a section string like
+            10,10,20, ddimN, "" for all T steps, or noise levels for the solvers: uniformN, logsnrN, karrasN
+        method: {methods}
+        eta: {eta}
         clip_denoised: clamp the predicted x_0 to [-1, 1]
         label_mode: random (uniform, per-sample seeded) or balanced (sample i gets class i mod K)
         seed: run seed
@@ -89,13 +90,25 @@ class SamplingOptions:
     """
 
     steps: str = "250"
-    method: Method = "ddpm"  # type: ignore[valid-type]
-    eta: float = 0.0
+    method: Method = DEFAULT_METHOD  # type: ignore[valid-type]
+    eta: float | None = None
     clip_denoised: bool = True
     label_mode: Literal["random", "balanced"] = "random"
     seed: int = 0
     precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
     sample_batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        # Method, eta and the fewest steps of the method need no model: refused before any network is loaded.
+        check_method_options(self.method, self.eta, self.steps, eta_option="--eta", steps_option="--steps")
+
+
+# The help of --method and --eta comes from the sampler registry.
+SamplingOptions.__doc__ = SamplingOptions.__doc__.format(
+    methods=f"sampling method ({methods_help()})",
+    eta="stochasticity, unset = the method's default; "
+    + "; ".join(f"{s.name}: {s.eta_help} (default {s.default_eta:g})" for s in SAMPLERS.values() if s.eta),
+)
 
 
 @dataclass(frozen=True)

@@ -122,15 +122,36 @@ def check_steps(method: str, num_timesteps: int, steps: str | int | None, option
         n = count_steps(num_timesteps, steps)
     except ValueError as e:
         raise UserInputError(f"{option} {steps!r}: {e}") from e
+    _require_steps(spec, steps, n, option)
+    return n
+
+
+def _require_steps(spec: SamplerSpec, steps: str | int | None, n: int, option: str) -> None:
+    """UserInputError unless ``n`` (the steps of ``steps``) is at least the method's fewest, naming the smallest."""
     if n < spec.min_steps:
         text = str(steps).strip()
         named = text.rstrip("0123456789") if text[-1:].isdigit() and "," not in text else ""
         named = "" if named == "ddim" else named  # ddimN exists only for some N: suggest the plain count
         raise UserInputError(
-            f"{option} {steps!r} gives {n} step(s), but method {method} needs at least {spec.min_steps} (with fewer "
-            f"it takes no order-{spec.order} step); use e.g. {option} {named}{spec.min_steps}"
+            f"{option} {steps!r} gives {n} step(s), but method {spec.name} needs at least {spec.min_steps} (with "
+            f"fewer it takes no order-{spec.order} step); use e.g. {option} {named}{spec.min_steps}"
         )
-    return n
+
+
+def check_method_options(method: str, eta: float | None, steps: str | int | None, eta_option: str = "eta",
+                         steps_option: str = "--steps") -> None:  # fmt: skip
+    """What can be checked without the model: ``method`` exists, ``eta`` fits it, and ``steps`` gives at least its
+    fewest steps when its count does not depend on T ("N", "c1,c2", "ddimN", "karrasN", ...; "" = all T steps)."""
+    spec = get_sampler(method, steps_option.replace("steps", "method"))
+    resolve_eta(method, eta, eta_option)
+    text = "" if steps is None else str(steps).strip()
+    level = parse_level_schedule(text)
+    try:
+        count = level[1] if level else sum(int(c) for c in text.removeprefix("ddim").split(",")) if text else None
+    except ValueError:
+        return  # malformed: reported with T by check_schedule
+    if count is not None:
+        _require_steps(spec, text, count, steps_option)
 
 
 def check_schedule(process, steps: str | int | None, method: str = "ddpm", option: str = "--steps") -> None:

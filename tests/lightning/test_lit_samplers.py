@@ -11,9 +11,9 @@ from lit_helpers import tiny_diffusion_kwargs
 
 from diffusion_pl.diffusion import SAMPLING_METHODS
 from diffusion_pl.errors import UserInputError
-from diffusion_pl.lightning import DiffusionModule, GuidedSampler, SampleQualityEvaluation
+from diffusion_pl.lightning import DiffusionModule, GuidedSampler
 from diffusion_pl.lightning.callbacks import GridMethod
-from diffusion_pl.lightning.evaluation_callback import Method
+from diffusion_pl.lightning.evaluation_callback import Method, SampleQualityEvaluation
 
 
 def test_choices_are_the_registry():
@@ -32,11 +32,14 @@ def test_guided_sampler_draws_with_a_solver():
     torch.manual_seed(0)
     model = DiffusionModule(**tiny_diffusion_kwargs()).eval()
     with torch.no_grad():
+        for p in model.parameters():  # zero-initialised output layers -> random: a non-trivial eps
+            if p.ndim > 1 and bool((p == 0).all()):
+                p.normal_(0, 0.05)
         auto = GuidedSampler(respacing="karras4", samples_per_class=2, cfg_scale=1.0).draw(model)
         explicit = GuidedSampler(respacing="karras4", method="dpmpp_2m", samples_per_class=2, cfg_scale=1.0).draw(model)
         heun = GuidedSampler(respacing="karras4", method="heun", samples_per_class=2, cfg_scale=1.0).draw(model)
     assert torch.equal(auto, explicit)
-    assert auto.shape == (6, 1, 8, 8) and auto.std() > 0.05
+    assert auto.shape == (6, 1, 8, 8) and (auto.abs() < 1).any()
     assert not torch.equal(auto, heun)
 
 

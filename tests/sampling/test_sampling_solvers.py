@@ -40,7 +40,8 @@ def test_engine_runs_the_registry_solver(nets, method):  # noqa: F811
     expected = sample_loop(create_diffusion(steps=10), classifier_free_model(net, 1.5, null_class=3), noise=x_t,
                            method=method, steps="karras4", model_kwargs={"y": batch.labels},
                            cond_fn=classifier_cond_fn(clf, 2.0))  # fmt: skip
-    assert torch.allclose(batch.images, expected.clamp(-1, 1), atol=1e-5)
+    # (the engine casts the weights once and uses channels_last convolutions: float rounding differs slightly)
+    assert torch.allclose(batch.images, expected.clamp(-1, 1), atol=2e-3)
     assert e.num_steps == 4 and e.spec.nfe(e.num_steps) == (7 if method == "heun" else 4)
 
 
