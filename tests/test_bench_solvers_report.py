@@ -1,0 +1,33 @@
+"""benchmarks/solvers_report.py: the "Fast samplers" section is written between its markers and survives run_all.py
+rewriting BENCHMARKS.md."""
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("solvers_report", ROOT / "benchmarks" / "solvers_report.py")
+report = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(report)
+
+MACHINE = {"cpu": "x86_64", "logical_cpus": 2, "threads": 2, "torch": "2.x", "load_average": "9.0 / 9.0 / 9.0"}
+RESULT = {"kind": "random", "model": "random ADM", "command": "python benchmarks/bench_solvers.py --model random",
+          "machine": MACHINE, "load_after": "8.0 / 8.0 / 8.0", "seconds": 12, "samples": 2, "guidance": "none",
+          "precision": "32-true",
+          "rows": [{"method": "ddim", "steps": "1000", "nfe": 1000, "rms": 0.0, "seconds": 9.0},
+                   {"method": "dpmpp_2m", "steps": "karras20", "nfe": 20, "rms": 0.0123, "seconds": 1.0}]}  # fmt: skip
+
+
+def test_section_is_written_and_kept_by_a_rerender(tmp_path):
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# Benchmarks\n\nold numbers\n")
+    report.render_into(str(path), [RESULT])
+    text = path.read_text()
+    assert text.startswith("# Benchmarks\n\nold numbers") and "| dpmpp_2m | karras20 | 20 | 0.0123 |" in text
+    assert "python benchmarks/bench_solvers.py --model random" in text and "load average 9.0" in text
+    # run_all.py renders the rest anew: the section is carried over; a second render replaces it, once.
+    rerendered = report.keep_section(text, "# Benchmarks\n\nnew numbers\n")
+    assert "new numbers" in rerendered and "| dpmpp_2m | karras20 | 20 | 0.0123 |" in rerendered
+    path.write_text(rerendered)
+    report.render_into(str(path), [{**RESULT, "rows": RESULT["rows"][:1]}])
+    final = path.read_text()
+    assert final.count(report.BEGIN) == 1 and "karras20" not in final and "new numbers" in final
