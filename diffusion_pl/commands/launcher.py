@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 
 from diffusion_pl.commands.options import Launch
 from diffusion_pl.errors import UserInputError
@@ -23,10 +24,24 @@ def start(launch: Launch):
     from lightning.fabric import Fabric
 
     check_launch(launch)
-    for name in ("lightning.fabric", "lightning.pytorch"):  # rank_zero_info logs to the last one imported
-        logging.getLogger(name).setLevel(logging.WARNING)
     many = launch.devices * launch.num_nodes > 1
-    fabric = Fabric(accelerator=launch.accelerator, devices=launch.devices, num_nodes=launch.num_nodes,
-                    strategy="ddp" if many else "auto")  # fmt: skip
-    fabric.launch()
+    with _quiet_lightning():
+        fabric = Fabric(accelerator=launch.accelerator, devices=launch.devices, num_nodes=launch.num_nodes,
+                        strategy="ddp" if many else "auto")  # fmt: skip
+        fabric.launch()
     return fabric
+
+
+@contextmanager
+def _quiet_lightning():
+    """Lightning's loggers at WARNING while Fabric starts (rank_zero_info logs to the last one imported), restored
+    afterwards: a notebook or test that goes on to train keeps Lightning's own messages."""
+    loggers = [logging.getLogger(name) for name in ("lightning.fabric", "lightning.pytorch")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
