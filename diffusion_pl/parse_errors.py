@@ -21,6 +21,7 @@ import re
 from collections.abc import Iterable
 
 from diffusion_pl.errors import UserInputError
+from diffusion_pl.lightning.checkpoints import RENAMED_HPARAMS
 from diffusion_pl.utils.imports import import_object
 
 # Where a short class name given as --model / --data is looked up (LightningCLI resolves names from these too).
@@ -106,7 +107,10 @@ def _class_option_error(top: str, class_path: str, block: str, prog: str) -> str
     if unknown:
         option = unknown.group("option")
         cls = import_object(class_path)
-        hint = _did_you_mean(option, _init_options(cls)) if cls is not None else ""
+        options = _init_options(cls) if cls is not None else []
+        renamed = RENAMED_HPARAMS.get(option)
+        renamed_hint = f" (did you mean {renamed!r}? {option!r} was renamed)"
+        hint = renamed_hint if renamed in options else _did_you_mean(option, options)
         return (
             f"{top}.init_args.{option}: {cls_name} has no option {option!r}{hint}; list its options with "
             f"`{prog} --{top}.help {cls_name}`"

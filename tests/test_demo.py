@@ -25,7 +25,7 @@ def tiny_configs(tmp_path: Path) -> Path:
     out.mkdir()
     for name in ("quickstart.yaml", "quickstart_classifier.yaml"):
         config = yaml.safe_load((REPO / "configs" / name).read_text())
-        config["model"]["init_args"]["steps"] = 100
+        config["model"]["init_args"]["diffusion_steps"] = 100
         for callback in config["trainer"]["callbacks"]:
             if callback["class_path"].endswith("GuidedSampler"):
                 callback["init_args"].update(respacing="ddim2", samples_per_class=1)

@@ -154,7 +154,7 @@ def load_model(chosen: ModelSource) -> LoadedModel:
             num_classes=int(hp["num_classes"]) if hp["class_cond"] else None,
             null_class=module.null_label,
             info=hp,
-            process=dict(diffusion_steps=int(hp["steps"]), noise_schedule=hp["noise_schedule"],
+            process=dict(diffusion_steps=int(hp["diffusion_steps"]), noise_schedule=hp["noise_schedule"],
                          var_type=hp["var_type"], rescale_timesteps=bool(hp["rescale_timesteps"])),  # fmt: skip
         )
     if arch is None:
@@ -175,7 +175,7 @@ def load_model(chosen: ModelSource) -> LoadedModel:
     )
     num_classes = kwargs.get("num_classes")
     image_size, in_channels = int(kwargs["image_size"]), int(kwargs.get("in_channels", 3))
-    info = dict(steps=diffusion_steps, noise_schedule=noise_schedule, rescale_timesteps=rescale_timesteps,
+    info = dict(diffusion_steps=diffusion_steps, noise_schedule=noise_schedule, rescale_timesteps=rescale_timesteps,
                 image_size=image_size, in_channels=in_channels, class_cond=num_classes is not None,
                 num_classes=num_classes)  # fmt: skip
     return LoadedModel(

@@ -342,7 +342,7 @@ def check_classifier_compatible(classifier_hp: Mapping, model_hp: Mapping, path:
     """Raise ValueError unless the classifier was trained on the guided model's process and image shape."""
     where = f" ({path})" if path else ""
     problems = []
-    for key in ("steps", "noise_schedule", "rescale_timesteps", "image_size", "in_channels"):
+    for key in ("diffusion_steps", "noise_schedule", "rescale_timesteps", "image_size", "in_channels"):
         if key in classifier_hp and key in model_hp and classifier_hp[key] != model_hp[key]:
             problems.append(f"{key}: classifier {classifier_hp[key]!r} vs diffusion model {model_hp[key]!r}")
     if model_hp.get("class_cond", False) and int(classifier_hp["out_channels"]) != int(model_hp["num_classes"]):

@@ -1,10 +1,12 @@
 """Reading checkpoint files safely and telling what they hold, and checking that a checkpoint fits a module.
 
-    read_checkpoint(path, option)       torch.load(weights_only), a clear error for missing / corrupt / truncated files
+    read_checkpoint(path, option)       torch.load(weights_only), a clear error for missing / corrupt / truncated files;
+                                        hyperparameters saved under an old name are renamed (RENAMED_HPARAMS)
     checkpoint_kind(obj)                "DiffusionModule" | "NoisyClassifierModule" | "lightning" | "openai-unet" |
                                         "openai-classifier" | "unknown"
     read_module_checkpoint(path, name, option)  read_checkpoint + check that the file holds that kind of module
     load_module(cls, path, option)      Module.load_from_checkpoint after those checks
+    load_kwargs(path, kwargs)           the kwargs a module's load_from_checkpoint passes on to Lightning's
     check_checkpoint_fits(module, ckpt) for on_load_checkpoint: same module class, same fixed settings, same shapes
     apply_optimizer_settings(module, ckpt)  a resumed run uses the lr / betas / weight_decay of its config
 
@@ -38,6 +40,18 @@ KIND_DESCRIPTIONS = {
     "unknown": "not a checkpoint diffusion-pl knows",
 }
 _MAX_LISTED = 12
+# Hyperparameters renamed since checkpoints were written (old name -> current name): older checkpoints keep loading.
+RENAMED_HPARAMS = {"steps": "diffusion_steps"}
+
+
+def rename_old_hparams(checkpoint: Any) -> Any:
+    """``checkpoint`` with its ``hyper_parameters`` saved under an old name (RENAMED_HPARAMS) renamed, in place."""
+    hp = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if isinstance(hp, dict):
+        for old, new in RENAMED_HPARAMS.items():
+            if old in hp and new not in hp:
+                hp[new] = hp.pop(old)
+    return checkpoint
 
 
 def read_checkpoint(path: str | os.PathLike, option: str = "checkpoint") -> Any:
@@ -50,11 +64,12 @@ def read_checkpoint(path: str | os.PathLike, option: str = "checkpoint") -> Any:
         raise UserFileNotFoundError(f"{option} {path}: no such checkpoint file")
     try:
         try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return rename_old_hparams(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
         except RuntimeError as e:
             if "mmap can only be used" not in str(e):
                 raise
-            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format or not torch
+            # legacy (non-zip) format or not torch
+            return rename_old_hparams(torch.load(path, map_location="cpu", weights_only=True))
     except pickle.UnpicklingError as e:
         blocked = re.search(r"GLOBAL ([\w.]+)", str(e))
         if blocked:
@@ -131,6 +146,19 @@ def load_module(cls: type, path: str, option: str, suggestions: Mapping[str, str
     return cls.load_from_checkpoint(path, map_location=map_location)
 
 
+def load_kwargs(checkpoint_path: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` for Lightning's load_from_checkpoint: ``init_from`` None (the checkpoint holds the weights) and
+    the values of hyperparameters the file saved under an old name (Lightning would drop those keys and use the
+    defaults)."""
+    kwargs.setdefault("init_from", None)
+    if isinstance(checkpoint_path, (str, os.PathLike)) and os.path.isfile(checkpoint_path):
+        saved = read_checkpoint(checkpoint_path).get("hyper_parameters") or {}
+        for new in RENAMED_HPARAMS.values():
+            if new in saved:
+                kwargs.setdefault(new, saved[new])
+    return kwargs
+
+
 # ------------------------------------------------------------------------------------------------ fitting a module
 def _plain(value: Any) -> Any:
     if isinstance(value, Mapping):
@@ -176,6 +204,7 @@ def check_checkpoint_fits(module, checkpoint: Mapping[str, Any], changeable: fro
     """Raise UserInputError unless ``checkpoint`` holds this module class with the same fixed hyperparameters and
     tensor shapes (called from on_load_checkpoint: before Lightning loads the weights on resume / validate / test)."""
     name = type(module).__name__
+    rename_old_hparams(checkpoint)
     kind = checkpoint_kind(checkpoint)
     if kind in MODULE_KINDS and kind != name:
         raise UserInputError(

@@ -1,8 +1,8 @@
 """NoisyClassifierModule: trains ADM's noisy classifier p(y | x_t, t) for classifier guidance.
 
 x_t ~ q(x_t | x_0) with t uniform in [t_min, t_max) (default: all T steps) of the SAME process the guided diffusion
-model uses: ``steps``, ``noise_schedule`` and ``rescale_timesteps`` are hyperparameters stored in the checkpoint so a
-sampler can refuse an incompatible classifier. Every constructor argument is a plain-typed config key:
+model uses: ``diffusion_steps`` (T), ``noise_schedule`` and ``rescale_timesteps`` are hyperparameters stored in the
+checkpoint so a sampler can refuse an incompatible classifier. Every constructor argument is a plain-typed config key:
 ``NoisyClassifierModule.load_from_checkpoint(path)`` needs nothing else.
 """
 
@@ -18,7 +18,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from diffusion_pl.data.resumable import sync_sampler_epoch
 from diffusion_pl.diffusion import create_diffusion
 from diffusion_pl.errors import UserInputError
-from diffusion_pl.lightning.checkpoints import apply_optimizer_settings, check_checkpoint_fits
+from diffusion_pl.lightning.checkpoints import apply_optimizer_settings, check_checkpoint_fits, load_kwargs
 from diffusion_pl.lightning.common import (
     base_seed,
     check_data_matches,
@@ -39,10 +39,10 @@ SEED_KEY = "diffusion_pl_seed"
 class NoisyClassifierModule(L.LightningModule):
     """ADM noisy classifier (EncoderUNetModel) trained with cross-entropy on noised images.
 
-    Network: the EncoderUNetModel arguments (out_channels = number of classes). Process: steps, noise_schedule and
-    rescale_timesteps must match the diffusion model to be guided. t ~ Uniform{t_min, ..., t_max - 1}
-    (t_max None = steps). Optimiser: AdamW(lr, betas, weight_decay), linear warm-up, optional linear decay to 0 at
-    trainer.max_steps (anneal_lr, as ADM's classifier recipe). Validation noises with fixed per-batch noise.
+    Network: the EncoderUNetModel arguments (out_channels = number of classes). Process: diffusion_steps (T),
+    noise_schedule and rescale_timesteps must match the diffusion model to be guided. t ~ Uniform{t_min, ...,
+    t_max - 1} (t_max None = T). Optimiser: AdamW(lr, betas, weight_decay), linear warm-up, optional linear decay
+    to 0 at trainer.max_steps (anneal_lr, as ADM's classifier recipe). Validation noises with fixed per-batch noise.
     init_from: a NoisyClassifierModule checkpoint or a released OpenAI classifier .pt whose weights initialise the
     network (weights only; another class count re-initialises the output layer, see lightning/init_weights.py).
     Resuming (``--ckpt_path``) may change the RESUME_CHANGEABLE_HPARAMS (training settings; a changed lr, betas or
@@ -77,7 +77,7 @@ class NoisyClassifierModule(L.LightningModule):
         fused_norm: bool | None = None,
         pool: Literal["attention", "adaptive"] = "attention",
         # --- the diffusion process it guides ---
-        steps: int = 1000,
+        diffusion_steps: int = 1000,
         noise_schedule: Literal["linear", "cosine"] = "cosine",
         rescale_timesteps: bool = False,
         t_min: int = 0,
@@ -93,15 +93,16 @@ class NoisyClassifierModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        upper = steps if t_max is None else t_max
-        if not 0 <= t_min < upper <= steps:
+        upper = diffusion_steps if t_max is None else t_max
+        if not 0 <= t_min < upper <= diffusion_steps:
             raise UserInputError(
-                f"model.init_args.t_min = {t_min}, t_max = {t_max}: need 0 <= t_min < t_max <= steps = {steps}"
+                f"model.init_args.t_min = {t_min}, t_max = {t_max}: need 0 <= t_min < t_max <= diffusion_steps = "
+                f"{diffusion_steps}"
             )
         with torch.device("cpu"):
             # Only q(x_t | x_0) is used; mean/var/loss types do not matter for noising.
             self.diffusion = create_diffusion(
-                steps=steps, noise_schedule=noise_schedule, var_type="fixed_small", loss_type="simple",
+                steps=diffusion_steps, noise_schedule=noise_schedule, var_type="fixed_small", loss_type="simple",
                 rescale_timesteps=rescale_timesteps,
             )  # fmt: skip
         self.classifier = network_from_hparams(EncoderUNetModel, self.hparams)
@@ -112,9 +113,9 @@ class NoisyClassifierModule(L.LightningModule):
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> NoisyClassifierModule:
-        """Lightning's load_from_checkpoint without reading ``init_from`` again (the checkpoint has the weights)."""
-        kwargs.setdefault("init_from", None)
-        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        """Lightning's load_from_checkpoint without reading ``init_from`` again (the checkpoint has the weights); a
+        checkpoint with hyperparameters under an old name (``steps``) loads as with the current one."""
+        return super().load_from_checkpoint(checkpoint_path, *args, **load_kwargs(checkpoint_path, kwargs))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Float32 logits [N, out_channels] of x_t at timesteps t as the diffusion model sees them (rescaled if set).
@@ -125,7 +126,7 @@ class NoisyClassifierModule(L.LightningModule):
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """The timestep input the diffusion model (and so this classifier) sees: t, or t * 1000 / T if rescaled."""
-        return t.float() * (1000.0 / self.hparams.steps) if self.hparams.rescale_timesteps else t
+        return t.float() * (1000.0 / self.hparams.diffusion_steps) if self.hparams.rescale_timesteps else t
 
     def setup(self, stage: str) -> None:
         prepare_device(self.trainer.strategy.root_device)  # setup runs before the model is moved there

@@ -21,7 +21,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from diffusion_pl.data.resumable import sync_sampler_epoch
 from diffusion_pl.diffusion import LossSecondMomentSampler, create_diffusion, create_timestep_sampler
 from diffusion_pl.errors import UserInputError
-from diffusion_pl.lightning.checkpoints import apply_optimizer_settings, check_checkpoint_fits
+from diffusion_pl.lightning.checkpoints import apply_optimizer_settings, check_checkpoint_fits, load_kwargs
 from diffusion_pl.lightning.common import (
     base_seed,
     check_data_matches,
@@ -50,8 +50,8 @@ class DiffusionModule(L.LightningModule):
     networks: with one channel per group the network cannot represent an image's mean brightness).
     Conditioning: class_cond with num_classes labels; null_class adds the extra label index num_classes used by
     classifier-free guidance, and p_uncond replaces a training label by it with that probability.
-    Diffusion: steps (T), noise_schedule, mean_type, var_type, loss_type, rescale_learned_sigmas (hybrid vb weight
-    T/1000), rescale_timesteps, timestep_sampler ("uniform" or Improved DDPM's "loss-second-moment").
+    Diffusion: diffusion_steps (T), noise_schedule, mean_type, var_type, loss_type, rescale_learned_sigmas (hybrid vb
+    weight T/1000), rescale_timesteps, timestep_sampler ("uniform" or Improved DDPM's "loss-second-moment").
     Optimiser: AdamW(lr, betas, weight_decay) on all parameters; linear warm-up over warmup_steps; with anneal_lr
     the lr decays linearly to 0 at trainer.max_steps.
     Validation: the loss on the validation split with fixed noise and timesteps per batch (EMA weights when
@@ -98,7 +98,7 @@ class DiffusionModule(L.LightningModule):
         null_class: bool = False,
         p_uncond: float = 0.0,
         # --- diffusion ---
-        steps: int = 1000,
+        diffusion_steps: int = 1000,
         noise_schedule: Literal["linear", "cosine"] = "cosine",
         mean_type: Literal["epsilon", "start_x", "previous_x"] = "epsilon",
         var_type: Literal["fixed_small", "fixed_large", "learned", "learned_range"] = "learned_range",
@@ -133,7 +133,7 @@ class DiffusionModule(L.LightningModule):
         # The process lives on the CPU in float64 even when the module is built under torch.device("meta").
         with torch.device("cpu"):
             self.diffusion = create_diffusion(
-                steps=steps,
+                steps=diffusion_steps,
                 noise_schedule=noise_schedule,
                 mean_type=mean_type,
                 var_type=var_type,
@@ -141,7 +141,7 @@ class DiffusionModule(L.LightningModule):
                 rescale_learned_sigmas=rescale_learned_sigmas,
                 rescale_timesteps=rescale_timesteps,
             )
-            self.timestep_sampler = create_timestep_sampler(timestep_sampler, steps)
+            self.timestep_sampler = create_timestep_sampler(timestep_sampler, diffusion_steps)
         if val_bpd_batches < 0:
             raise UserInputError(f"model.init_args.val_bpd_batches must be >= 0, got {val_bpd_batches}")
         check_respacing(self.diffusion, val_bpd_respacing, "model.init_args.val_bpd_respacing")
@@ -157,9 +157,9 @@ class DiffusionModule(L.LightningModule):
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> DiffusionModule:
-        """Lightning's load_from_checkpoint without reading ``init_from`` again (the checkpoint has the weights)."""
-        kwargs.setdefault("init_from", None)
-        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        """Lightning's load_from_checkpoint without reading ``init_from`` again (the checkpoint has the weights); a
+        checkpoint with hyperparameters under an old name (``steps``) loads as with the current one."""
+        return super().load_from_checkpoint(checkpoint_path, *args, **load_kwargs(checkpoint_path, kwargs))
 
     # ------------------------------------------------------------------------------------------------ model
     @property

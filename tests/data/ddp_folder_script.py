@@ -36,7 +36,7 @@ if __name__ == "__main__":
         num_head_channels=32,
         class_cond=True,
         num_classes=2,
-        steps=10,
+        diffusion_steps=10,
     )
     trainer = L.Trainer(
         accelerator="cpu",

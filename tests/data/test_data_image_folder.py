@@ -277,7 +277,7 @@ def test_label_count_must_match_the_model(tmp_path):
 
     root = _write(tmp_path, {"a/1.png": (64, 64, "RGB"), "b/2.png": (64, 64, "RGB")})
     model = DiffusionModule(image_size=32, model_channels=32, channel_mult=(1,), num_res_blocks=1,
-                            attention_resolutions=(), class_cond=True, num_classes=5, steps=10)  # fmt: skip
+                            attention_resolutions=(), class_cond=True, num_classes=5, diffusion_steps=10)  # fmt: skip
     trainer = L.Trainer(fast_dev_run=1, accelerator="cpu", logger=False, enable_progress_bar=False)
     with pytest.raises(ValueError, match=r"data.num_classes = 2 \(ImageFolderDataModule\) .*num_classes = 5"):
         trainer.fit(model, datamodule=_dm(root))

@@ -16,7 +16,7 @@ if __name__ == "__main__":
     out = sys.argv[1]
     torch.set_num_threads(1)
     L.seed_everything(0)
-    model = DiffusionModule(**tiny_diffusion_kwargs(steps=50, timestep_sampler="loss-second-moment"))
+    model = DiffusionModule(**tiny_diffusion_kwargs(diffusion_steps=50, timestep_sampler="loss-second-moment"))
     trainer = L.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_steps=8, default_root_dir=out, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,

@@ -40,7 +40,7 @@ def tiny_diffusion_kwargs(**overrides) -> dict:
     kwargs = dict(
         image_size=8, in_channels=1, model_channels=32, num_res_blocks=1, channel_mult=(1, 2),
         attention_resolutions=(4,), num_head_channels=32, use_scale_shift_norm=True, resblock_updown=True,
-        class_cond=True, num_classes=3, null_class=True, p_uncond=0.2, steps=10, dropout=0.1, lr=1e-3,
+        class_cond=True, num_classes=3, null_class=True, p_uncond=0.2, diffusion_steps=10, dropout=0.1, lr=1e-3,
     )
     kwargs.update(overrides)
     return kwargs
@@ -50,7 +50,7 @@ def tiny_classifier_kwargs(**overrides) -> dict:
     kwargs = dict(
         image_size=8, in_channels=1, model_channels=32, out_channels=3, num_res_blocks=1, channel_mult=(1, 2),
         attention_resolutions=(4,), num_head_channels=32, use_scale_shift_norm=True, resblock_updown=True,
-        pool="attention", steps=10, lr=1e-3,
+        pool="attention", diffusion_steps=10, lr=1e-3,
     )
     kwargs.update(overrides)
     return kwargs
@@ -75,7 +75,7 @@ def write_tiny_classifier_config(path, root, data_class: str = "lit_helpers.Tiny
         model:
           class_path: NoisyClassifierModule
           init_args: {{image_size: 8, in_channels: 1, model_channels: 32, out_channels: 3, num_res_blocks: 1,
-                      channel_mult: [1, 2], attention_resolutions: [4], num_head_channels: 32, steps: 10}}
+                      channel_mult: [1, 2], attention_resolutions: [4], num_head_channels: 32, diffusion_steps: 10}}
         data:
           class_path: {data_class}
         trainer:

@@ -134,12 +134,13 @@ def test_guided_sampler_with_classifier_and_cfg(tmp_path):
 
 
 def test_classifier_must_match_the_process():
-    model_hp = dict(steps=10, noise_schedule="cosine", rescale_timesteps=False, image_size=8, in_channels=1,
+    model_hp = dict(diffusion_steps=10, noise_schedule="cosine", rescale_timesteps=False, image_size=8, in_channels=1,
                     class_cond=True, num_classes=3)
-    ok = dict(steps=10, noise_schedule="cosine", rescale_timesteps=False, image_size=8, in_channels=1, out_channels=3)
+    ok = dict(diffusion_steps=10, noise_schedule="cosine", rescale_timesteps=False, image_size=8, in_channels=1,
+              out_channels=3)
     check_classifier_compatible(ok, model_hp)
-    with pytest.raises(ValueError, match=r"steps: classifier 20 vs diffusion model 10"):
-        check_classifier_compatible({**ok, "steps": 20}, model_hp)
+    with pytest.raises(ValueError, match=r"diffusion_steps: classifier 20 vs diffusion model 10"):
+        check_classifier_compatible({**ok, "diffusion_steps": 20}, model_hp)
     with pytest.raises(ValueError, match="noise_schedule"):
         check_classifier_compatible({**ok, "noise_schedule": "linear"}, model_hp)
     with pytest.raises(ValueError, match="out_channels 5 vs model num_classes 3"):

@@ -34,7 +34,7 @@ def test_classifier_trains_and_logs_accuracy(tmp_path):
     path = tmp_path / "clf.ckpt"
     trainer.save_checkpoint(path)
     raw = torch.load(path, weights_only=True)
-    assert raw["hyper_parameters"]["steps"] == 10 and raw["hyper_parameters"]["noise_schedule"] == "cosine"
+    assert raw["hyper_parameters"]["diffusion_steps"] == 10 and raw["hyper_parameters"]["noise_schedule"] == "cosine"
     restored = NoisyClassifierModule.load_from_checkpoint(path).eval()
     model.eval()
     x, t = torch.rand(2, 1, 8, 8) * 2 - 1, torch.tensor([0, 9])

@@ -71,7 +71,7 @@ def test_paper_recipes(monkeypatch):
     assert recipe == (0.05, True, 300_000)
     cifar = _parse(str(ROOT / "configs" / "iddpm_cifar10.yaml"), monkeypatch)
     assert cifar.data.init_args.batch_size * cifar.trainer.devices == 128
-    assert (cifar.model.init_args.steps, cifar.model.init_args.rescale_learned_sigmas) == (4000, True)
+    assert (cifar.model.init_args.diffusion_steps, cifar.model.init_args.rescale_learned_sigmas) == (4000, True)
     assert cifar.model.init_args.rescale_timesteps is True  # improved-diffusion's default: the network sees t*1000/T
     assert cifar.trainer.max_steps == 500_000
 
@@ -129,7 +129,7 @@ def test_cli_fit_on_mnist_then_plain_process_load(tmp_path):
         import torch
         from diffusion_pl.lightning import DiffusionModule
         model = DiffusionModule.load_from_checkpoint({ckpt!r}, map_location="cpu", weights_only=True).eval()
-        assert model.hparams.num_classes == 10 and model.hparams.null_class and model.hparams.steps == 1000
+        assert model.hparams.num_classes == 10 and model.hparams.null_class and model.hparams.diffusion_steps == 1000
         raw = torch.load({ckpt!r}, weights_only=True)
         ema = raw["state_dict"]
         assert all(torch.equal(v, ema[k]) for k, v in model.state_dict().items())

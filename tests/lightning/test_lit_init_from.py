@@ -47,7 +47,7 @@ def reference(tmp_path_factory):
 
 
 def _module(path, **overrides):
-    kwargs = dict(NET, class_cond=True, num_classes=4, steps=10, init_from=path)
+    kwargs = dict(NET, class_cond=True, num_classes=4, diffusion_steps=10, init_from=path)
     kwargs.update(overrides)
     return DiffusionModule(**kwargs).eval()
 

@@ -53,7 +53,7 @@ def test_anneal_reaches_zero_at_max_steps(tmp_path):
 
 def test_loss_second_moment_history_survives_checkpoint(tmp_path):
     L.seed_everything(0)
-    model = DiffusionModule(**tiny_diffusion_kwargs(steps=4, timestep_sampler="loss-second-moment"))
+    model = DiffusionModule(**tiny_diffusion_kwargs(diffusion_steps=4, timestep_sampler="loss-second-moment"))
     ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True, every_n_train_steps=1)
     trainer = L.Trainer(**trainer_kwargs(tmp_path, max_steps=16, enable_checkpointing=True, callbacks=[ckpt],
                                          limit_train_batches=4))

@@ -39,9 +39,10 @@ def files(tmp_path_factory):
     with open(d / "fit.yaml", "w") as f:
         yaml.safe_dump(config, f)
     out = {"config": str(d / "fit.yaml"), "dir": str(d)}
-    out["diffusion"] = make_diffusion_ckpt(d / "diffusion.ckpt", **{k: MODEL[k] for k in ("steps", "num_classes")})
+    same = {k: MODEL[k] for k in ("diffusion_steps", "num_classes")}
+    out["diffusion"] = make_diffusion_ckpt(d / "diffusion.ckpt", **same)
     out["classifier"] = make_classifier_ckpt(d / "classifier.ckpt")
-    out["classifier_T20"] = make_classifier_ckpt(d / "classifier_T20.ckpt", steps=20)
+    out["classifier_T20"] = make_classifier_ckpt(d / "classifier_T20.ckpt", diffusion_steps=20)
     with open(out["diffusion"], "rb") as f:
         (d / "truncated.ckpt").write_bytes(f.read()[:40_000])
     out["truncated"] = str(d / "truncated.ckpt")
@@ -71,9 +72,10 @@ CKPT_PATH_CASES = [
     ("classifier-for-diffusion-config", ["--ckpt_path", "{classifier}"],
      r"holds a NoisyClassifierModule, but the config's model is diffusion_pl.lightning.DiffusionModule"),
     ("other-architecture", ["--ckpt_path", "{diffusion}", "--model.init_args.model_channels", "64",
-                            "--model.init_args.steps", "20"],
+                            "--model.init_args.diffusion_steps", "20"],
      r"was trained with other model settings than this config:\n"
-     r"  model.init_args.model_channels: checkpoint 32 vs config 64\n  model.init_args.steps: checkpoint 10 vs conf"),
+     r"  model.init_args.model_channels: checkpoint 32 vs config 64\n"
+     r"  model.init_args.diffusion_steps: checkpoint 10 vs config 20"),
 ]  # fmt: skip
 
 
@@ -107,10 +109,14 @@ def test_config_errors_are_short_and_readable(files, tmp_path, capsys):
     base = ["fit", "--config", files["config"], "--trainer.default_root_dir", str(tmp_path)]
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("model:\n  init_args:\n    lrr: 1\n")
+    old_yaml = tmp_path / "old.yaml"  # T was called steps before it was renamed diffusion_steps
+    old_yaml.write_text("model:\n  init_args:\n    steps: 10\n")
     for extra, expected in (
         (["--model.init_args.lrr", "3"], "model.init_args.lrr: DiffusionModule has no option 'lrr' (did you mean "
          "'lr'?); list its options with `diffusion-pl fit --model.help DiffusionModule`"),
         (["--config", str(bad_yaml)], "model.init_args.lrr: DiffusionModule has no option 'lrr' (did you mean 'lr'?)"),
+        (["--config", str(old_yaml)], "model.init_args.steps: DiffusionModule has no option 'steps' (did you mean "
+         "'diffusion_steps'? 'steps' was renamed)"),
         (["--model.init_args.lr", "abc"], "model.init_args.lr: expected float, got 'abc'"),
         (["--model.init_args.noise_schedule", "cosin"],
          "model.init_args.noise_schedule: expected one of 'linear', 'cosine', got 'cosin' (did you mean 'cosine'?)"),
@@ -181,7 +187,7 @@ def test_checkpoint_on_a_full_disk_keeps_the_previous_one(tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("which,pattern", [
-    ("classifier_T20", r"(?s)cannot guide this diffusion model.*steps: classifier 20 vs diffusion model 10"),
+    ("classifier_T20", r"(?s)cannot guide this diffusion model.*diffusion_steps: classifier 20 vs diffusion model 10"),
     ("diffusion", r"GuidedSampler.classifier_path \S+ is a diffusion-pl DiffusionModule checkpoint .* takes a diffus"),
 ])  # fmt: skip
 def test_guided_sampler_checks_its_classifier_before_training(files, tmp_path, which, pattern):

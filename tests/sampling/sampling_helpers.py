@@ -12,7 +12,7 @@ def tiny_diffusion_kwargs(**overrides) -> dict:
     kwargs = dict(
         image_size=8, in_channels=1, model_channels=32, num_res_blocks=1, channel_mult=(1, 2),
         attention_resolutions=(4,), num_head_channels=32, use_scale_shift_norm=True, resblock_updown=True,
-        class_cond=True, num_classes=3, null_class=True, p_uncond=0.2, steps=10,
+        class_cond=True, num_classes=3, null_class=True, p_uncond=0.2, diffusion_steps=10,
     )  # fmt: skip
     kwargs.update(overrides)
     return kwargs
@@ -22,7 +22,7 @@ def tiny_classifier_kwargs(**overrides) -> dict:
     kwargs = dict(
         image_size=8, in_channels=1, model_channels=32, out_channels=3, num_res_blocks=1, channel_mult=(1, 2),
         attention_resolutions=(4,), num_head_channels=32, use_scale_shift_norm=True, resblock_updown=True,
-        pool="attention", steps=10,
+        pool="attention", diffusion_steps=10,
     )  # fmt: skip
     kwargs.update(overrides)
     return kwargs
