@@ -258,7 +258,7 @@ def test_cli_fit_on_a_folder_of_png_and_jpeg(tmp_path):
         "--data.init_args.num_workers=0", "--data.init_args.val_fraction=0.25", "--model.init_args.image_size=16",
         "--model.init_args.model_channels=32", "--model.init_args.channel_mult=[1,2]",
         "--model.init_args.num_res_blocks=1", "--model.init_args.attention_resolutions=[8]",
-        "--model.init_args.num_head_channels=32", "--model.init_args.steps=50", "--trainer.max_steps=2",
+        "--model.init_args.num_head_channels=32", "--model.init_args.diffusion_steps=50", "--trainer.max_steps=2",
         "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1", "--trainer.precision=32-true",
         "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu",
     ]  # fmt: skip

@@ -44,7 +44,8 @@ class RawWeights(Callback):
 def _run(tmp_path, name, extra_callbacks=(), ckpt_path=None, seed=0):
     L.seed_everything(seed)  # a resumed process may start from another seed: the checkpoint's seed wins
     model = DiffusionModule(**tiny_diffusion_kwargs(
-        steps=4, timestep_sampler="loss-second-moment", warmup_steps=3, anneal_lr=True, dropout=0.1, p_uncond=0.3,
+        diffusion_steps=4, timestep_sampler="loss-second-moment", warmup_steps=3, anneal_lr=True, dropout=0.1,
+        p_uncond=0.3,
     ))  # fmt: skip
     raw = RawWeights()
     callbacks = [

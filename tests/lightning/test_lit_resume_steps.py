@@ -54,7 +54,7 @@ class Record(Callback):
 def _fit(root, ckpt_path=None, seed=0, every_n_epochs=1):
     L.seed_everything(seed)  # a resumed process may be seeded differently: nothing may depend on it
     model = DiffusionModule(**tiny_diffusion_kwargs(
-        steps=4, timestep_sampler="loss-second-moment", warmup_steps=3, dropout=0.1, p_uncond=0.3,
+        diffusion_steps=4, timestep_sampler="loss-second-moment", warmup_steps=3, dropout=0.1, p_uncond=0.3,
     ))  # fmt: skip
     record, sampler = Record(), GuidedSampler(every_n_val_runs=2, respacing="2", samples_per_class=1)
     weights = root / "inception.pth"  # never read: StepOnlyEvaluation does not evaluate
