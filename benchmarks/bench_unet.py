@@ -240,8 +240,9 @@ def compare_paths(config: str, rounds: int, warmup: int, modes, dtypes) -> None:
             for name in names:
                 wall = statistics.median(w for w, _ in times[name])
                 cpu = statistics.median(c for _, c in times[name])
-                print(f"| {mode} | {dtype} | {name} | {wall:.3f} | {cpu:.3f} | {cpu_plain / cpu:.2f}x | {memory[name]} |",
-                      flush=True)  # fmt: skip
+                speedup = cpu_plain / cpu
+                row = f"| {mode} | {dtype} | {name} | {wall:.3f} | {cpu:.3f} | {speedup:.2f}x | {memory[name]} |"
+                print(row, flush=True)
 
 
 def main():
