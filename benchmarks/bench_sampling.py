@@ -79,7 +79,7 @@ def build(seed: int = 0, unet: dict | None = None, classifier: dict | None = Non
                          resblock_updown=True, pool="attention").eval()  # fmt: skip
     ref_clf.load_state_dict(export_openai_state_dict(clf))
     ref_clf.requires_grad_(False)
-    return ours, clf, ref, ref_clf, create_diffusion(steps=1000), create_gaussian_diffusion
+    return ours, clf, ref, ref_clf, create_diffusion(diffusion_steps=1000), create_gaussian_diffusion
 
 
 def run_ours(ours, clf, diffusion, steps, batch, dtype):

@@ -31,7 +31,7 @@ def test_sampling_engine_on_cpu_flushes(monkeypatch):
     monkeypatch.setattr(torch, "set_flush_denormal", lambda mode: calls.append(mode) or True)
     net = UNetModel(image_size=8, in_channels=1, model_channels=32, num_res_blocks=1, channel_mult=(1,),
                     attention_resolutions=(), num_head_channels=32)  # fmt: skip
-    SampleEngine(net, create_diffusion(steps=10, var_type="fixed_small", loss_type="simple"), (1, 8, 8))
+    SampleEngine(net, create_diffusion(diffusion_steps=10, var_type="fixed_small", loss_type="simple"), (1, 8, 8))
     assert calls == [True]
 
 

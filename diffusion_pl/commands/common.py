@@ -167,7 +167,7 @@ def load_model(chosen: ModelSource) -> LoadedModel:
     if var_type == "auto":  # guided-diffusion: learn_sigma -> learned range, else fixed large (sigma_small False)
         var_type = "learned_range" if learn_sigma else "fixed_large"
     diffusion = create_diffusion(
-        steps=diffusion_steps,
+        diffusion_steps=diffusion_steps,
         noise_schedule=noise_schedule,
         var_type=var_type,
         loss_type="hybrid" if var_type in ("learned", "learned_range") else "simple",

@@ -175,7 +175,7 @@ def check_demo_options(
             raise UserInputError(f"demo: {name} must be >= 1, got {value}")
     with open(config) as f:
         init_args = (yaml.safe_load(f).get("model") or {}).get("init_args") or {}
-    process = create_diffusion(steps=int(init_args.get("diffusion_steps", 1000)))
+    process = create_diffusion(diffusion_steps=int(init_args.get("diffusion_steps", 1000)))
     check_respacing(process, steps, "--steps")
     check_respacing(process, fast_steps, "--fast_steps", fast_method)
 

@@ -338,7 +338,7 @@ class GaussianDiffusion(VariationalBound):
 
 
 def create_diffusion(
-    steps: int = 1000,
+    diffusion_steps: int = 1000,
     noise_schedule: str = "cosine",
     mean_type: str = "epsilon",
     var_type: str = "learned_range",
@@ -347,9 +347,10 @@ def create_diffusion(
     rescale_timesteps: bool = False,
     timestep_respacing: str = "",
 ) -> GaussianDiffusion:
-    """Build the full ``steps``-step process from named settings; respace it if ``timestep_respacing`` is set."""
+    """Build the full T = ``diffusion_steps`` process from named settings; respace it if ``timestep_respacing`` is
+    set."""
     process = GaussianDiffusion(
-        betas=get_named_beta_schedule(noise_schedule, steps),
+        betas=get_named_beta_schedule(noise_schedule, diffusion_steps),
         mean_type=mean_type,
         var_type=var_type,
         loss_type=loss_type,

@@ -102,8 +102,8 @@ class NoisyClassifierModule(L.LightningModule):
         with torch.device("cpu"):
             # Only q(x_t | x_0) is used; mean/var/loss types do not matter for noising.
             self.diffusion = create_diffusion(
-                steps=diffusion_steps, noise_schedule=noise_schedule, var_type="fixed_small", loss_type="simple",
-                rescale_timesteps=rescale_timesteps,
+                diffusion_steps=diffusion_steps, noise_schedule=noise_schedule, var_type="fixed_small",
+                loss_type="simple", rescale_timesteps=rescale_timesteps,
             )  # fmt: skip
         self.classifier = network_from_hparams(EncoderUNetModel, self.hparams)
         if init_from is not None and not self.classifier.input_conv.weight.is_meta:

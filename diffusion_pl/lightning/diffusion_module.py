@@ -133,7 +133,7 @@ class DiffusionModule(L.LightningModule):
         # The process lives on the CPU in float64 even when the module is built under torch.device("meta").
         with torch.device("cpu"):
             self.diffusion = create_diffusion(
-                steps=diffusion_steps,
+                diffusion_steps=diffusion_steps,
                 noise_schedule=noise_schedule,
                 mean_type=mean_type,
                 var_type=var_type,

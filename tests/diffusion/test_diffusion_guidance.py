@@ -35,7 +35,7 @@ def test_classifier_cond_fn_is_scaled_log_softmax_gradient():
 
 
 def test_classifier_receives_original_timesteps_when_respaced():
-    process = create_diffusion(steps=40, timestep_respacing="ddim4", rescale_timesteps=False)
+    process = create_diffusion(diffusion_steps=40, timestep_respacing="ddim4", rescale_timesteps=False)
     clf = LinearClassifier()
     x = torch.randn(2, 2, 3, 3)
     p_sample(process, ToyModel(2, learn_sigma=True), x, torch.tensor([3, 1]),
@@ -86,7 +86,7 @@ def test_cfg_combines_eps_and_keeps_conditional_variance(learn_sigma):
 
 
 def test_cfg_model_works_inside_a_process():
-    process = create_diffusion(steps=10)
+    process = create_diffusion(diffusion_steps=10)
     model = classifier_free_model(CountingConditionalModel(), 1.0, null_class=3)
     x, t = torch.randn(2, 2, 3, 3), torch.tensor([5, 0])
     out = p_sample(process, model, x, t, model_kwargs={"y": torch.tensor([0, 1])})

@@ -27,7 +27,7 @@ def full_processes():
     """(ours, reference) full processes for both schedules at T = 1000 and 4000 (built once)."""
     out = {}
     for schedule, steps in itertools.product(["linear", "cosine"], [1000, 4000]):
-        ours = create_diffusion(steps=steps, noise_schedule=schedule)
+        ours = create_diffusion(diffusion_steps=steps, noise_schedule=schedule)
         ref = gd.GaussianDiffusion(betas=gd.get_named_beta_schedule(schedule, steps),
                                    model_mean_type=gd.ModelMeanType.EPSILON,
                                    model_var_type=gd.ModelVarType.LEARNED_RANGE, loss_type=gd.LossType.MSE)

@@ -45,7 +45,7 @@ def test_q_sample_and_posterior_match_reference():
 
 def test_posterior_is_bayes_rule():
     """q(x_{t-1}|x_t,x_0) ∝ q(x_t|x_{t-1}) q(x_{t-1}|x_0): product of two Gaussians in x_{t-1}, in float64."""
-    process = create_diffusion(steps=40, noise_schedule="linear")
+    process = create_diffusion(diffusion_steps=40, noise_schedule="linear")
     x0 = toy_data().double()
     xt = torch.randn_like(x0)
     t = _t(1, 5, 20, 39)
@@ -79,7 +79,7 @@ def test_p_mean_variance_matches_reference(mean_type, var_type, clip):
 
 
 def test_clipped_mean_is_posterior_mean_of_clipped_x0():
-    process = create_diffusion(steps=20, var_type="fixed_small", loss_type="simple")
+    process = create_diffusion(diffusion_steps=20, var_type="fixed_small", loss_type="simple")
     model = ToyModel(2, scale=3.0)
     x = torch.randn(4, 2, 3, 3) * 3
     t = _t(3, 8, 12, 19)
@@ -123,7 +123,7 @@ def test_training_losses_match_reference(mean_type, var_type, loss_type, rescale
 
 
 def test_rescaled_kl_is_T_times_vb():
-    process = create_diffusion(steps=40, loss_type="kl", rescale_learned_sigmas=True)
+    process = create_diffusion(diffusion_steps=40, loss_type="kl", rescale_learned_sigmas=True)
     out = process.training_losses(ToyModel(2, learn_sigma=True), toy_data(), _t(0, 3, 9, 39))
     torch.testing.assert_close(out["loss"], 40 * out["vb"])
 
@@ -141,7 +141,7 @@ class _SplitModel(torch.nn.Module):
 
 
 def test_hybrid_vb_does_not_train_the_mean():
-    process = create_diffusion(steps=30, var_type="learned_range", loss_type="hybrid")
+    process = create_diffusion(diffusion_steps=30, var_type="learned_range", loss_type="hybrid")
     model = _SplitModel()
     out = process.training_losses(model, toy_data(), _t(0, 5, 15, 29))
     grad_mean, grad_var = torch.autograd.grad(out["vb"].sum(), [model.mean_scale, model.var_scale],
@@ -198,7 +198,7 @@ def test_calc_bpd_loop_matches_reference(respacing, clip):
 
 
 def test_calc_bpd_loop_explicit_noise_and_generator():
-    process = create_diffusion(steps=6)
+    process = create_diffusion(diffusion_steps=6)
     model = ToyModel(2, learn_sigma=True)
     x0 = toy_data(n=2)
     g = torch.Generator().manual_seed(5)
@@ -217,7 +217,7 @@ def test_calc_bpd_loop_explicit_noise_and_generator():
 
 
 def test_prior_bpd_is_kl_to_standard_normal():
-    process = create_diffusion(steps=60, noise_schedule="linear")
+    process = create_diffusion(diffusion_steps=60, noise_schedule="linear")
     x0 = toy_data(n=2).double()
     ab = process.alphas_cumprod[-1]
     mean, var = ab.sqrt() * x0, 1 - ab
@@ -247,8 +247,8 @@ def test_bad_settings_raise_clear_errors():
 
 
 def test_create_diffusion_respacing():
-    process = create_diffusion(steps=100, timestep_respacing="ddim10", rescale_timesteps=True)
+    process = create_diffusion(diffusion_steps=100, timestep_respacing="ddim10", rescale_timesteps=True)
     assert process.num_timesteps == 10 and process.original_num_steps == 100
     assert process.timestep_map.tolist() == list(range(0, 100, 10))
     assert process.rescale_timesteps
-    assert create_diffusion(steps=100).num_timesteps == 100
+    assert create_diffusion(diffusion_steps=100).num_timesteps == 100

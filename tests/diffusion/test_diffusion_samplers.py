@@ -104,7 +104,7 @@ def test_full_ddim_loop_matches_reference(eta):
 
 
 def test_ddim_eta_one_uses_ddpm_posterior_variance():
-    process = create_diffusion(steps=30, var_type="fixed_small", loss_type="simple")
+    process = create_diffusion(diffusion_steps=30, var_type="fixed_small", loss_type="simple")
     model = ToyModel(2)
     x = torch.randn(2, 2, 3, 3)
     t = torch.tensor([5, 17])
@@ -120,7 +120,7 @@ def test_ddim_eta_one_uses_ddpm_posterior_variance():
 
 
 def test_ddim_eta_zero_is_deterministic_and_ignores_noise():
-    process = create_diffusion(steps=20, timestep_respacing="ddim5")
+    process = create_diffusion(diffusion_steps=20, timestep_respacing="ddim5")
     model = ToyModel(2, learn_sigma=True)
     x = torch.randn(2, 2, 3, 3)
     t = torch.tensor([3, 4])
@@ -130,7 +130,7 @@ def test_ddim_eta_zero_is_deterministic_and_ignores_noise():
 
 
 def test_ancestral_guidance_shifts_mean_by_variance_times_gradient():
-    process = create_diffusion(steps=20)
+    process = create_diffusion(diffusion_steps=20)
     model = ToyModel(2, learn_sigma=True)
     x = torch.randn(3, 2, 3, 3)
     t = torch.tensor([1, 9, 19])
@@ -144,7 +144,7 @@ def test_ancestral_guidance_shifts_mean_by_variance_times_gradient():
 
 
 def test_ddim_guidance_follows_score_formula():
-    process = create_diffusion(steps=40, timestep_respacing="ddim8")
+    process = create_diffusion(diffusion_steps=40, timestep_respacing="ddim8")
     model = ToyModel(2, learn_sigma=True)
     x = torch.randn(3, 2, 3, 3)
     t = torch.tensor([1, 4, 7])
@@ -162,7 +162,7 @@ def test_ddim_guidance_follows_score_formula():
 
 
 def test_same_noise_same_samples_and_generator_reproducible():
-    process = create_diffusion(steps=8)
+    process = create_diffusion(diffusion_steps=8)
     model = ToyModel(2, learn_sigma=True)
     for method in ["ddpm", "ddim"]:
         eta = 0.5 if method == "ddim" else 0.0
@@ -184,7 +184,7 @@ def test_same_noise_same_samples_and_generator_reproducible():
 
 
 def test_cond_fn_can_use_autograd_inside_sampling():
-    process = create_diffusion(steps=4)
+    process = create_diffusion(diffusion_steps=4)
     model = ToyModel(2, learn_sigma=True)
 
     def cond_fn(x, t, **kw):
@@ -197,7 +197,7 @@ def test_cond_fn_can_use_autograd_inside_sampling():
 
 
 def test_sampler_argument_errors():
-    process = create_diffusion(steps=4)
+    process = create_diffusion(diffusion_steps=4)
     model = ToyModel(2, learn_sigma=True)
     with pytest.raises(ValueError, match="ddpm, ddim"):
         sample_loop(process, model, shape=(1, 2, 3, 3), method="euler")

@@ -83,7 +83,7 @@ def test_space_timesteps_errors():
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 @pytest.mark.parametrize("spec", ["25", "ddim10", "5,10,3"])
 def test_respaced_betas_match_reference(schedule, spec):
-    full = create_diffusion(steps=100, noise_schedule=schedule)
+    full = create_diffusion(diffusion_steps=100, noise_schedule=schedule)
     ours = full.respaced(spec)
     ref = ref_respace.SpacedDiffusion(
         use_timesteps=ref_respace.space_timesteps(100, spec), betas=gd.get_named_beta_schedule(schedule, 100),
@@ -99,13 +99,13 @@ def test_respaced_betas_match_reference(schedule, spec):
 
 
 def test_respaced_cosine_last_beta_not_clipped():
-    process = create_diffusion(steps=1000, noise_schedule="cosine", timestep_respacing="250")
+    process = create_diffusion(diffusion_steps=1000, noise_schedule="cosine", timestep_respacing="250")
     assert process.betas[-1].item() == pytest.approx(0.99994, abs=1e-5)
     assert process.betas[-1].item() > 0.999
 
 
 def test_respacing_composes_timestep_maps():
-    full = create_diffusion(steps=100)
+    full = create_diffusion(diffusion_steps=100)
     twice = full.respaced("50").respaced("ddim10")
     assert twice.timestep_map.tolist() == [full.respaced("50").timestep_map[i].item() for i in range(0, 50, 5)]
     torch.testing.assert_close(twice.alphas_cumprod, full.alphas_cumprod[twice.timestep_map], rtol=1e-10, atol=1e-15)

@@ -72,7 +72,7 @@ def _setup(nets, rescale_timesteps, our_classifier=False):
     cosine T = 100 process), which turns the ~1e-9 float32 difference between two correct classifier
     implementations into ~4e-5. Our EncoderUNetModel's gradient is compared with the reference's separately."""
     ref_unet, ours_unet, ref_clf, ours_clf = nets
-    ours = create_diffusion(steps=STEPS, noise_schedule="cosine", var_type="learned_range",
+    ours = create_diffusion(diffusion_steps=STEPS, noise_schedule="cosine", var_type="learned_range",
                             rescale_timesteps=rescale_timesteps, timestep_respacing=RESPACING)  # fmt: skip
     ref = script_util.create_gaussian_diffusion(steps=STEPS, learn_sigma=True, noise_schedule="cosine",
                                                 rescale_timesteps=rescale_timesteps,

@@ -31,7 +31,7 @@ def engine(nets, **kw):
     if kw.pop("guided", False):
         opts.update(classifier=clf, classifier_scale=2.0)
     opts.update(kw)
-    return SampleEngine(net, create_diffusion(steps=10), (1, 8, 8), **opts)
+    return SampleEngine(net, create_diffusion(diffusion_steps=10), (1, 8, 8), **opts)
 
 
 def images(e, indices, batch_size):
@@ -89,10 +89,11 @@ def test_guidance_errors(nets):
     net, _ = nets
     unc = UNetModel(**SMALL)
     with pytest.raises(GuidanceConfigError, match="classifier_scale = 1.0 needs a noisy classifier.*unconditional"):
-        SampleEngine(unc, create_diffusion(steps=10, var_type="fixed_small", loss_type="simple"), (1, 8, 8),
+        SampleEngine(unc, create_diffusion(diffusion_steps=10, var_type="fixed_small", loss_type="simple"), (1, 8, 8),
                      classifier_scale=1.0)  # fmt: skip
     with pytest.raises(GuidanceConfigError, match="needs a model trained with a null class"):
-        SampleEngine(net, create_diffusion(steps=10), (1, 8, 8), class_cond=True, num_classes=3, cfg_scale=1.0)
+        SampleEngine(net, create_diffusion(diffusion_steps=10), (1, 8, 8), class_cond=True, num_classes=3,
+                     cfg_scale=1.0)
     with pytest.raises(ValueError, match="eta 0.5 only applies to method ddim"):
         engine(nets, eta=0.5)
     with pytest.raises(ValueError, match="eta must be >= 0"):

@@ -37,7 +37,8 @@ def test_engine_runs_the_registry_solver(nets, method):  # noqa: F811
     batch = e.sample([0, 1])
     x_t = torch.stack([torch.randn((1, 8, 8), generator=torch.Generator().manual_seed(sample_seed(7, i)))
                        for i in (0, 1)])  # fmt: skip
-    expected = sample_loop(create_diffusion(steps=10), classifier_free_model(net, 1.5, null_class=3), noise=x_t,
+    process = create_diffusion(diffusion_steps=10)
+    expected = sample_loop(process, classifier_free_model(net, 1.5, null_class=3), noise=x_t,
                            method=method, steps="karras4", model_kwargs={"y": batch.labels},
                            cond_fn=classifier_cond_fn(clf, 2.0))  # fmt: skip
     # (the engine casts the weights once and uses channels_last convolutions: float rounding differs slightly)
