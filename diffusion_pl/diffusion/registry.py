@@ -12,7 +12,7 @@ from diffusion_pl.errors import UserInputError
 from .discrete import ddim_step, p_sample
 from .respace import space_timesteps
 from .solvers import dpm_solver_pp_2m, dpm_solver_pp_2m_sde, edm_heun
-from .step_schedules import count_steps, discrete_steps, parse_level_schedule, trained_sigmas
+from .step_schedules import SIGMA_MAX, count_steps, discrete_steps, parse_level_schedule, trained_sigmas
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class SamplerSpec:
     the deterministic method. ``eta``: the allowed range (low, high) of the stochasticity eta, or None when the method
     has none (``eta_help`` says what its ends mean); ``default_eta`` is used when none is given. ``stochastic``:
     always draws noise (ddpm), else only when eta > 0. ``evals_per_step`` / ``min_steps``: see :meth:`nfe` and the
-    registry entries.
+    registry entries. ``max_sigma``: the highest first noise level the method is stable from (None: any).
     """
 
     name: str
@@ -38,6 +38,7 @@ class SamplerSpec:
     stochastic: bool = False
     evals_per_step: int = 1
     min_steps: int = 1
+    max_sigma: float | None = None
 
     def draws_noise(self, eta: float) -> bool:
         return self.stochastic or eta > 0.0
@@ -60,7 +61,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
         SamplerSpec("dpmpp_2m_sde", dpm_solver_pp_2m_sde, "continuous", 2, eta=(0.0, 1.0), default_eta=1.0,
                     eta_help="0: the deterministic dpmpp_2m, 1: the full SDE",
                     min_steps=3, help="DPM-Solver++(2M) SDE, stochastic (eta in [0, 1], default 1; 0 = dpmpp_2m)"),
-        SamplerSpec("heun", edm_heun, "continuous", 2, evals_per_step=2, min_steps=2,
+        SamplerSpec("heun", edm_heun, "continuous", 2, evals_per_step=2, min_steps=2, max_sigma=SIGMA_MAX,
                     help="EDM's deterministic Heun sampler (Karras et al. 2022, Alg. 1); 2 evaluations per step"),
     )
 }  # fmt: skip
@@ -174,8 +175,29 @@ def check_schedule(process, steps: str | int | None, method: str = "ddpm", optio
             "steps"
         ) from e
     check_steps(method, T, spec, option)
+    _require_stable_start(process, spec, level, method, option)
     if level is not None and get_sampler(method).kind == "discrete":
         try:
             discrete_steps(trained_sigmas(process), spec)
         except ValueError as e:
             raise UserInputError(f"{option} {spec!r} with method {method}: {e}") from e
+
+
+def _require_stable_start(process, spec: str, level: tuple[str, int] | None, method: str, option: str) -> None:
+    """UserInputError if the schedule's first noise level is above the method's ``max_sigma``. Heun's trapezoidal
+    correction over the first step multiplies the difference of two denoiser outputs by sigma_0 / sigma_1: from the top
+    of the cosine process (sigma_{T-1} ~ 2e4, the clipped last beta) its samples are noise at any step count."""
+    limit = get_sampler(method).max_sigma
+    if limit is None:
+        return
+    sigmas = trained_sigmas(process)
+    if level is not None:
+        first = float(sigmas[-1]) if level[0] == "uniform" else min(float(sigmas[-1]), SIGMA_MAX)
+    else:
+        first = float(sigmas[max(space_timesteps(len(sigmas), spec)) if spec else -1])
+    if first > limit:
+        raise UserInputError(
+            f"{option} {spec!r} starts at noise level sigma {first:.3g}; method {method} is unstable from above "
+            f"sigma {limit:g} (EDM's sigma_max): use karrasN or logsnrN, which start at sigma <= {limit:g}, or "
+            "method dpmpp_2m"
+        )

@@ -19,6 +19,7 @@ from diffusion_pl.diffusion import (
     schedule_process,
     schedule_sigmas,
 )
+from diffusion_pl.diffusion.registry import check_schedule
 from diffusion_pl.errors import UserInputError
 
 
@@ -149,3 +150,15 @@ def test_sample_loop_runs_every_solver_with_a_classifier(method):
                               return_intermediates=True)  # fmt: skip
     (a, steps_a), (b, _) = run(), run()
     assert torch.equal(a, b) and len(steps_a) == 6 and a.abs().max() <= 1.0
+
+
+@pytest.mark.parametrize("steps", ["uniform20", "50", ""])
+def test_heun_refuses_schedules_that_start_at_the_top_of_the_cosine_process(steps):
+    # sigma_{T-1} ~ 2e4 (the clipped last beta): Heun's correction over the first step gives noise at any step count
+    process = create_diffusion(diffusion_steps=1000, noise_schedule="cosine")
+    message = r"starts at noise level sigma 2\.\d+e\+04; method heun is unstable from above sigma 80 .*use karrasN"
+    with pytest.raises(UserInputError, match=message):
+        check_schedule(process, steps, "heun")
+    check_schedule(process, steps, "dpmpp_2m")  # the other solvers take it
+    for ok in ("karras20", "logsnr20", "ddim25"):  # capped at sigma 80, or below the top step
+        check_schedule(process, ok, "heun")
