@@ -44,13 +44,18 @@ _MAX_LISTED = 12
 RENAMED_HPARAMS = {"steps": "diffusion_steps"}
 
 
+def rename_old_names(hparams: Any) -> None:
+    """In place: a module's settings (a checkpoint's ``hyper_parameters``, a saved config's ``model.init_args``)
+    saved under an old name (RENAMED_HPARAMS) get the current name. Anything that is not a dict is left alone."""
+    if isinstance(hparams, dict):
+        for old, new in RENAMED_HPARAMS.items():
+            if old in hparams and new not in hparams:
+                hparams[new] = hparams.pop(old)
+
+
 def rename_old_hparams(checkpoint: Any) -> Any:
     """``checkpoint`` with its ``hyper_parameters`` saved under an old name (RENAMED_HPARAMS) renamed, in place."""
-    hp = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-    if isinstance(hp, dict):
-        for old, new in RENAMED_HPARAMS.items():
-            if old in hp and new not in hp:
-                hp[new] = hp.pop(old)
+    rename_old_names(checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None)
     return checkpoint
 
 

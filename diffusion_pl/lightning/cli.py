@@ -34,6 +34,7 @@ import diffusion_pl.data  # noqa: F401  (registers the DataModules for short cla
 from diffusion_pl.errors import UserInputError, UserRuntimeError, debug_requested, find_in_chain, find_user_error
 from diffusion_pl.lightning.callbacks import NonFiniteGuard
 from diffusion_pl.lightning.checkpoint_io import AtomicCheckpointIO, InterruptedSaveCleanup, write_error
+from diffusion_pl.lightning.checkpoints import rename_old_names
 from diffusion_pl.lightning.ckpt_path import (
     checkpoint_defaults,
     ckpt_path_argument,
@@ -129,6 +130,8 @@ class SafeSaveConfigCallback(SaveConfigCallback):
             return None
         with fs.open(path, "r") as f:
             existing = yaml.safe_load(f) or {}
+        model = existing.get("model") if isinstance(existing, dict) else None
+        rename_old_names(model.get("init_args") if isinstance(model, dict) else None)  # a run saved before a rename
         return _differing_keys(existing, self._current())
 
     def _target(self, trainer: L.Trainer, run_dir: str, stage: str) -> tuple[str | None, str]:
