@@ -26,8 +26,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
-from diffusion_pl.errors import DiskFullError, UserError, UserRuntimeError, is_disk_full
-from diffusion_pl.utils.files import NOT_WRITABLE_ERRNOS, NotWritableError, atomic_write
+from diffusion_pl.errors import DiskFullError, UserError
+from diffusion_pl.utils.files import NotWritableError, atomic_write, disk_fault
 
 TMP_SUFFIX = ".tmp"  # atomic_write's temporary files: .<name>.<random>.tmp
 
@@ -78,25 +78,25 @@ def checkpoint_write_error(error: BaseException, path: str) -> UserError | None:
 
 
 def write_error(error: BaseException, target: str, kept: str) -> UserError | None:
-    """A full disk / quota (DiskFullError) or a read-only / not writable folder (UserRuntimeError) while writing
+    """A full disk / quota (DiskFullError) or a read-only / not writable folder (NotWritableError) while writing
     ``target``, as one line saying what is ``kept`` and how to go on; None for any other error."""
-    if isinstance(error, UserError) or not isinstance(error, OSError):
-        return None
     resume = "resume with --ckpt_path set to the last checkpoint (e.g. …/checkpoints/last.ckpt)"
-    if is_disk_full(error):
-        return DiskFullError(
+
+    def full(error: OSError) -> str:
+        return (
             f"disk full: no space left on the device while writing {target} ({error.strerror}); {kept}. Free some "
-            f"space (or set a ModelCheckpoint dirpath on a disk with room) and {resume}",
-            error.errno,
+            f"space (or set a ModelCheckpoint dirpath on a disk with room) and {resume}"
         )
-    if error.errno in NOT_WRITABLE_ERRNOS:
+
+    def not_writable(error: OSError) -> str:
         where = f" ({error.filename})" if error.filename and error.filename not in target else ""
-        return UserRuntimeError(
+        return (
             f"cannot write {target}{where}: {error.strerror} (a read-only or not writable folder); {kept}. Make the "
             f"folder writable, or write the run elsewhere (e.g. --trainer.logger.init_args.save_dir or a "
             f"ModelCheckpoint dirpath), and {resume}"
         )
-    return None
+
+    return disk_fault(error, full, not_writable)
 
 
 def remove_interrupted_saves(directory: str) -> list[str]:

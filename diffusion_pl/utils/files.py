@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Callable
 from typing import IO
 
-from diffusion_pl.errors import DiskFullError, UserFileExistsError, UserRuntimeError, is_disk_full
+from diffusion_pl.errors import DiskFullError, UserError, UserFileExistsError, UserRuntimeError, is_disk_full
 
 NOT_WRITABLE_ERRNOS = frozenset(e for e in (getattr(errno, "EROFS", None), errno.EACCES, errno.EPERM) if e)
 
@@ -51,26 +51,34 @@ def creation_mode() -> int:
     return 0o666 & ~current_umask()
 
 
-def disk_fault(error: BaseException, path: str) -> OSError | None:
-    """The one-line user error for a write of ``path`` that failed with a disk fault, or None for any other error.
-
-    ENOSPC / EDQUOT -> DiskFullError; EROFS / EACCES / EPERM -> NotWritableError."""
-    if isinstance(error, DiskFullError | NotWritableError):
-        return error
+def disk_fault(
+    error: BaseException, full: Callable[[OSError], str], not_writable: Callable[[OSError], str]
+) -> DiskFullError | NotWritableError | None:
+    """The one-line user error for a write that failed with a disk fault, or None for any other error (and for one that
+    already is a user error): ENOSPC / EDQUOT -> DiskFullError(full(error)); EROFS / EACCES / EPERM ->
+    NotWritableError(not_writable(error)). The callers word the message (what was written, what is kept, the fix)."""
+    if isinstance(error, UserError) or not isinstance(error, OSError):
+        return None
     if is_disk_full(error):
-        return DiskFullError(
-            f"no space left on the device while writing {path} ({error.strerror}); nothing was written under "
-            "that name (the partial temporary file was removed)",
-            error.errno,
-        )
-    if isinstance(error, OSError) and error.errno in NOT_WRITABLE_ERRNOS:
-        folder = os.path.dirname(os.path.abspath(path))
-        return NotWritableError(
-            f"cannot write {path} ({error.strerror}); nothing was written under that name: make {folder} writable "
-            "(a read-only file system or a folder of another user?) or write elsewhere",
-            error.errno,
-        )
+        return DiskFullError(full(error), error.errno)
+    if error.errno in NOT_WRITABLE_ERRNOS:
+        return NotWritableError(not_writable(error), error.errno)
     return None
+
+
+def _full(path: str) -> Callable[[OSError], str]:
+    return lambda error: (
+        f"no space left on the device while writing {path} ({error.strerror}); nothing was written under that name "
+        "(the partial temporary file was removed)"
+    )
+
+
+def _not_writable(path: str) -> Callable[[OSError], str]:
+    folder = os.path.dirname(os.path.abspath(path))
+    return lambda error: (
+        f"cannot write {path} ({error.strerror}); nothing was written under that name: make {folder} writable (a "
+        "read-only file system or a folder of another user?) or write elsewhere"
+    )
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], overwrite: bool = True) -> str:
@@ -99,8 +107,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], ov
                 os.unlink(tmp)
             except FileNotFoundError:
                 pass
-        fault = disk_fault(error, path)
-        if fault is not None and fault is not error:
+        fault = disk_fault(error, _full(path), _not_writable(path))
+        if fault is not None:
             raise fault from error
         raise
     fsync_directory(directory)

@@ -23,6 +23,7 @@ from diffusion_pl.errors import DiskFullError, UserError
 from diffusion_pl.lightning import AtomicCheckpointIO
 from diffusion_pl.lightning.cli import build_lightning_cli
 from diffusion_pl.lightning.loggers import AppendingCSVLogger
+from diffusion_pl.utils.files import NotWritableError, atomic_write
 
 CSV_LOGGER = "lightning.pytorch.loggers.CSVLogger"
 
@@ -179,6 +180,31 @@ def test_checkpoint_into_a_read_only_folder_is_a_user_error(tmp_path, monkeypatc
                rf"writable folder\); it was not written and the checkpoints already in {tmp_path} are intact")
     with pytest.raises(UserError, match=message):
         AtomicCheckpointIO().save_checkpoint({"step": 1}, str(tmp_path / "last.ckpt"))
+
+
+@pytest.mark.parametrize("code,kind,start", [
+    (errno.ENOSPC, DiskFullError, "disk full: no space left on the device while writing the checkpoint"),
+    (errno.EDQUOT, DiskFullError, "disk full: no space left on the device while writing the checkpoint"),
+    (errno.EROFS, NotWritableError, "cannot write the checkpoint"),
+    (errno.EACCES, NotWritableError, "cannot write the checkpoint"),
+    (errno.EPERM, NotWritableError, "cannot write the checkpoint"),
+    (errno.EIO, OSError, "[Errno"),
+])  # fmt: skip
+def test_checkpoint_saves_and_other_writes_tell_the_same_faults(tmp_path, monkeypatch, code, kind, start):
+    """A checkpoint save and any other atomic write make the same kind of error of the same errno (one classifier),
+    each with its own message; an error that is no disk fault stays as it is."""
+
+    def fail(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    with pytest.raises(OSError) as written:
+        atomic_write(tmp_path / "settings.json", fail)
+    monkeypatch.setattr(torch, "save", fail)
+    with pytest.raises(OSError) as saved:
+        AtomicCheckpointIO().save_checkpoint({"step": 1}, str(tmp_path / "last.ckpt"))
+    assert type(written.value) is type(saved.value) is kind and saved.value.errno == code
+    assert str(saved.value).startswith(start) and isinstance(saved.value, UserError) == (kind is not OSError)
+    assert os.listdir(tmp_path) == []
 
 
 # ------------------------------------------------------------------------------------------------ leftovers
