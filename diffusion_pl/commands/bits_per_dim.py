@@ -80,7 +80,7 @@ def nll_bpd(fabric, model: LoadedModel, data_class: str, data_args: dict[str, An
     loader = evaluation_dataloader(datamodule, split)
     limit = len(loader) if nll_batches is None else min(nll_batches, len(loader))
     local, used = bound_terms(fabric, model, loader, limit, clip_denoised, seed)
-    gathered = {k: all_gather_uneven(v) for k, v in local.items()}
+    gathered = {k: all_gather_uneven(v, fabric) for k, v in local.items()}
     vb = gathered["vb"].double().mean(0)
     result = {
         "num_images": gathered["total_bpd"].shape[0],

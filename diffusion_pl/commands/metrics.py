@@ -15,7 +15,7 @@ import numpy as np
 from diffusion_pl.commands.options import Evaluation
 from diffusion_pl.data.common import EVALUATION_LOADER_VERSION, evaluation_dataloader
 from diffusion_pl.errors import UserFileNotFoundError, UserInputError
-from diffusion_pl.evaluation import evaluate_samples_distributed, load_samples_npz, reference_features
+from diffusion_pl.evaluation import evaluate_samples, load_samples_npz, reference_features
 from diffusion_pl.evaluation.features import (
     InceptionFeatures,
     InceptionWeightsUnavailableError,
@@ -115,7 +115,7 @@ def sample_metrics(fabric, samples_path: str, evaluation: Evaluation) -> dict[st
     if needs_reference(evaluation) and rank == 0:
         _, h, w, c = images.shape
         ref = load_reference_features(evaluation, extractor, (c, h, w))
-    return evaluate_samples_distributed(
+    return evaluate_samples(
         nhwc_to_nchw(images[mine]), ref, feature_extractor=extractor, metrics=list(evaluation.metrics),
-        kid_subset_size=evaluation.kid_subset_size, isc_splits=evaluation.isc_splits, progress=rank == 0,
+        kid_subset_size=evaluation.kid_subset_size, isc_splits=evaluation.isc_splits, launcher=fabric,
     )  # fmt: skip

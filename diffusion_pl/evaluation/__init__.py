@@ -1,18 +1,11 @@
 """diffusion_pl.evaluation: Inception features (torch-fidelity "inception-v3-compat"), FID / IS / precision-recall / KID
-from features (torch-fidelity's feature-level functions), uneven all-gather for DDP, ADM sample npz I/O.
+from features (torch-fidelity's feature-level functions), uneven all-gather over a run's processes, ADM sample npz I/O.
 
 No Lightning imports here. The random-weight Inception builder for tests lives in diffusion_pl.evaluation.testing.
 """
 
-from diffusion_pl.evaluation.distributed import (
-    all_gather_uneven,
-    broadcast_object,
-    compute_on_rank_zero_and_broadcast,
-    get_rank,
-    get_world_size,
-    is_distributed,
-)
-from diffusion_pl.evaluation.evaluate import evaluate_samples, evaluate_samples_distributed, resolve_reference
+from diffusion_pl.evaluation.distributed import Launcher, all_gather_uneven, compute_on_rank_zero_and_broadcast
+from diffusion_pl.evaluation.evaluate import evaluate_samples, resolve_reference
 from diffusion_pl.evaluation.features import (
     INCEPTION_WEIGHTS_FILENAME,
     INCEPTION_WEIGHTS_URL,
@@ -36,20 +29,16 @@ __all__ = [
     "INCEPTION_WEIGHTS_URL",
     "InceptionFeatures",
     "InceptionWeightsUnavailableError",
+    "Launcher",
     "all_gather_uneven",
-    "broadcast_object",
     "check_enough_images",
     "compute_metrics",
     "compute_on_rank_zero_and_broadcast",
     "default_inception_weights_cache_path",
     "evaluate_samples",
-    "evaluate_samples_distributed",
     "fid_statistics",
-    "get_rank",
-    "get_world_size",
     "images_from_folder",
     "images_from_npz",
-    "is_distributed",
     "load_inception_extractor",
     "load_reference",
     "load_samples_npz",

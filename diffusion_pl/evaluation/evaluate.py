@@ -1,4 +1,5 @@
-"""High-level evaluation: generated uint8 images + a reference -> dict of metrics, single-process or DDP."""
+"""High-level evaluation: generated uint8 images + a reference -> dict of metrics, on one process or spread over a
+run's processes."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import torch
 
-from diffusion_pl.evaluation.distributed import all_gather_uneven, compute_on_rank_zero_and_broadcast, get_rank
+from diffusion_pl.evaluation.distributed import Launcher, all_gather_uneven, compute_on_rank_zero_and_broadcast, rank_of
 from diffusion_pl.evaluation.features import InceptionFeatures
 from diffusion_pl.evaluation.metrics import ALL_METRICS, DEFAULT_SEED, compute_metrics
 from diffusion_pl.evaluation.npz import load_samples_npz
@@ -62,13 +63,19 @@ def evaluate_samples(
     kid_subsets: int = 100,
     seed: int = DEFAULT_SEED,
     progress: bool = True,
+    launcher: Launcher | None = None,
 ) -> dict[str, float]:
-    """Single process: features of the generated images, then compute_metrics against the reference.
+    """Features of the generated images, then compute_metrics against the reference.
 
     gen_uint8: uint8 NCHW tensor, uint8 NHWC numpy array, ADM npz path, or iterable of uint8 NCHW batches.
     reference: dict of features/statistics (see compute_metrics), a reference cache file, an ADM npz or an image folder.
     feature_extractor: callable images -> dict(pool, logits);
         default InceptionFeatures(weights_path, device, batch_size).
+    launcher: None for one process. Else the processes of a run (a Lightning Fabric, see
+        diffusion_pl.evaluation.distributed.Launcher), each passing its own shard of the images (shards may differ in
+        size): each extracts its shard's features, they are gathered in rank order, rank 0 resolves the reference
+        (other ranks may pass None) and computes the metrics once, and every process returns that dict, equal to
+        one process evaluating the concatenation of the shards in rank order. A progress bar on rank 0 only.
     """
     metrics = tuple(metrics)
     metric_options = dict(
@@ -78,47 +85,12 @@ def evaluate_samples(
         isc_splits=isc_splits,
         seed=seed,
     )
-    extractor, gen = _extract(gen_uint8, feature_extractor, weights_path, device, batch_size, progress)
-    ref = resolve_reference(reference, extractor, weights_path, device, batch_size) if metrics != ("isc",) else None
-    return compute_metrics(gen, ref, metrics, **metric_options)
-
-
-def evaluate_samples_distributed(
-    gen_shard_uint8,
-    reference,
-    weights_path: str | None = None,
-    device: str | torch.device | None = None,
-    metrics: Iterable[str] = ALL_METRICS,
-    batch_size: int = 64,
-    feature_extractor=None,
-    kid_subset_size: int = 1000,
-    prc_neighborhood: int = 3,
-    isc_splits: int = 10,
-    kid_subsets: int = 100,
-    seed: int = DEFAULT_SEED,
-    progress: bool = True,
-) -> dict[str, float]:
-    """Every rank calls this with its own shard of generated images (shards may differ in size).
-
-    Each rank extracts features of its shard, the features are all-gathered in rank order (uneven sizes), rank 0
-    resolves the reference and computes the metrics once, and the dict is broadcast: every rank returns the same values,
-    equal to evaluate_samples on the concatenation of the shards in rank order. The reference is only used on rank 0
-    (other ranks may pass None). Without an initialised process group this is evaluate_samples.
-    """
-    metrics = tuple(metrics)
-    metric_options = dict(
-        kid_subset_size=kid_subset_size,
-        kid_subsets=kid_subsets,
-        prc_neighborhood=prc_neighborhood,
-        isc_splits=isc_splits,
-        seed=seed,
-    )
-    progress = progress and get_rank() == 0  # a bar for a default extractor on rank 0 only
-    extractor, local = _extract(gen_shard_uint8, feature_extractor, weights_path, device, batch_size, progress)
-    gen = {k: all_gather_uneven(v) for k, v in local.items()}
+    progress = progress and rank_of(launcher) == 0
+    extractor, local = _extract(gen_uint8, feature_extractor, weights_path, device, batch_size, progress)
+    gen = {k: all_gather_uneven(v, launcher) for k, v in local.items()}
 
     def on_rank_zero():
         ref = resolve_reference(reference, extractor, weights_path, device, batch_size) if metrics != ("isc",) else None
         return compute_metrics(gen, ref, metrics, **metric_options)
 
-    return compute_on_rank_zero_and_broadcast(on_rank_zero)
+    return compute_on_rank_zero_and_broadcast(on_rank_zero, launcher)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import os
+from types import SimpleNamespace
 from typing import Literal
 
 import lightning as L
@@ -31,7 +32,7 @@ from diffusion_pl.errors import UserFileNotFoundError, UserInputError
 from diffusion_pl.evaluation import (
     InceptionFeatures,
     check_enough_images,
-    evaluate_samples_distributed,
+    evaluate_samples,
     reference_features,
 )
 from diffusion_pl.evaluation.features import (
@@ -267,9 +268,12 @@ class SampleQualityEvaluation(Callback):
                 if mismatch:
                     self._warned_resolution = True
                     rank_zero_warn(f"SampleQualityEvaluation: {mismatch}")
-                values = evaluate_samples_distributed(
+                launcher = SimpleNamespace(global_rank=rank, world_size=world, device=pl_module.device,
+                                           broadcast=trainer.strategy.broadcast)  # the Trainer's processes
+                values = evaluate_samples(
                     local, ref, feature_extractor=self._inception, metrics=self.metrics,
                     kid_subset_size=self.kid_subset_size, isc_splits=self.isc_splits, progress=False,
+                    launcher=launcher,
                 )  # fmt: skip
         finally:
             pl_module.train(was_training)

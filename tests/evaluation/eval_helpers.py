@@ -81,10 +81,22 @@ def _shard(x: torch.Tensor, sizes, rank: int) -> torch.Tensor:
     return x[start : start + sizes[rank]]
 
 
-def ddp_worker(rank: int, world_size: int, port: int, outdir: str, inception_weights: str | None, inception_ref: str):
-    """Runs in each spawned process (gloo, CPU); saves what it observed to <outdir>/rank<r>.pt for the parent."""
+def start_fabric(rank: int, world_size: int, port: int):
+    """A launched 2-process CPU Fabric (gloo) in a process started from outside, as torchrun would start it."""
     import os
-    from datetime import timedelta
+
+    from lightning.fabric import Fabric
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size), RANK=str(rank),
+                      LOCAL_RANK=str(rank), NODE_RANK="0")  # fmt: skip
+    fabric = Fabric(accelerator="cpu", devices=world_size, strategy="ddp")
+    fabric.launch()
+    return fabric
+
+
+def ddp_worker(rank: int, world_size: int, port: int, outdir: str, inception_weights: str | None, inception_ref: str):
+    """Runs in each spawned process (a Fabric on gloo, CPU); saves what it observed to <outdir>/rank<r>.pt."""
+    import os
 
     import torch.distributed as dist
 
@@ -92,21 +104,20 @@ def ddp_worker(rank: int, world_size: int, port: int, outdir: str, inception_wei
         InceptionFeatures,
         all_gather_uneven,
         compute_on_rank_zero_and_broadcast,
-        evaluate_samples_distributed,
+        evaluate_samples,
     )
 
     torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
+    fabric = start_fabric(rank, world_size, port)
     out: dict = {}
     try:
         rows = DDP_SHARDS[rank]
         local = torch.arange(rows * 3, dtype=torch.float64).reshape(rows, 3) + 1000 * rank
-        out["gather_float"] = all_gather_uneven(local)
-        out["gather_int_empty"] = all_gather_uneven(torch.full((0 if rank == 0 else 4, 2), rank, dtype=torch.int64))
+        out["gather_float"] = all_gather_uneven(local, fabric)
+        empty_on_rank0 = torch.full((0 if rank == 0 else 4, 2), rank, dtype=torch.int64)
+        out["gather_int_empty"] = all_gather_uneven(empty_on_rank0, fabric)
         try:
-            all_gather_uneven(torch.zeros(2, 3 + rank))
+            all_gather_uneven(torch.zeros(2, 3 + rank), fabric)
             out["mismatch_error"] = None
         except ValueError as e:
             out["mismatch_error"] = str(e)
@@ -115,7 +126,7 @@ def ddp_worker(rank: int, world_size: int, port: int, outdir: str, inception_wei
             raise KeyError("reference has no pool")
 
         try:
-            compute_on_rank_zero_and_broadcast(failing)
+            compute_on_rank_zero_and_broadcast(failing, fabric)
             out["rank0_error"] = None
         except Exception as e:  # noqa: BLE001 - recorded for the parent
             out["rank0_error"] = f"{type(e).__name__}: {e}"
@@ -123,15 +134,17 @@ def ddp_worker(rank: int, world_size: int, port: int, outdir: str, inception_wei
         tiny = TinyFeatures()
         ref = TinyFeatures()(ddp_reference_images()) if rank == 0 else None  # only rank 0 needs the reference
         shard = _shard(ddp_generated_images(), DDP_SHARDS, rank)
-        out["tiny_metrics"] = evaluate_samples_distributed(shard, ref, feature_extractor=tiny, **DDP_METRIC_OPTIONS)
+        out["tiny_metrics"] = evaluate_samples(
+            shard, ref, feature_extractor=tiny, launcher=fabric, **DDP_METRIC_OPTIONS
+        )
         out["tiny_images_seen"] = tiny.images_seen
 
         if inception_weights is not None:
             inception = InceptionFeatures(inception_weights, device="cpu", batch_size=8, progress=False)
             ref = torch.load(inception_ref) if rank == 0 else None
             shard = _shard(inception_ddp_generated_images(), INCEPTION_DDP_SHARDS, rank)
-            out["inception_metrics"] = evaluate_samples_distributed(
-                shard, ref, feature_extractor=inception, **INCEPTION_DDP_OPTIONS
+            out["inception_metrics"] = evaluate_samples(
+                shard, ref, feature_extractor=inception, launcher=fabric, **INCEPTION_DDP_OPTIONS
             )
     finally:
         torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))

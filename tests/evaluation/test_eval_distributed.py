@@ -1,4 +1,4 @@
-"""all_gather_uneven / rank-0 compute + broadcast / evaluate_samples_distributed on 2 spawned CPU processes (gloo)."""
+"""all_gather_uneven / rank-0 compute + broadcast / evaluate_samples over the 2 processes of a CPU Fabric (gloo)."""
 
 from __future__ import annotations
 
@@ -21,9 +21,6 @@ from diffusion_pl.evaluation import (
     all_gather_uneven,
     compute_on_rank_zero_and_broadcast,
     evaluate_samples,
-    evaluate_samples_distributed,
-    get_rank,
-    get_world_size,
 )
 
 pytestmark = pytest.mark.ddp
@@ -99,14 +96,19 @@ def test_distributed_inception_metrics_equal_single_process(ranks, inception, in
             assert r["inception_metrics"][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
 
 
-def test_helpers_are_identity_without_process_group():
+def test_one_process_launcher_is_the_plain_call():
+    """launcher=None and a launched one-process Fabric: no gather, no broadcast, the same values."""
+    from lightning.fabric import Fabric
+
     x = torch.randn(3, 2)
-    assert all_gather_uneven(x) is x
-    assert get_rank() == 0 and get_world_size() == 1
-    assert compute_on_rank_zero_and_broadcast(lambda: {"a": 1}) == {"a": 1.0}
+    fabric = Fabric(accelerator="cpu", devices=1)
+    fabric.launch()
+    for launcher in (None, fabric):
+        assert all_gather_uneven(x, launcher) is x
+        assert compute_on_rank_zero_and_broadcast(lambda: {"a": 1}, launcher) == {"a": 1}
     tiny = TinyFeatures()
-    opts = dict(DDP_METRIC_OPTIONS)
     ref = tiny(ddp_reference_images())
-    assert evaluate_samples_distributed(
-        ddp_generated_images(), ref, feature_extractor=tiny, **opts
-    ) == evaluate_samples(ddp_generated_images(), ref, feature_extractor=tiny, **opts)
+    opts = dict(DDP_METRIC_OPTIONS)
+    assert evaluate_samples(ddp_generated_images(), ref, feature_extractor=tiny, launcher=fabric, **opts) == (
+        evaluate_samples(ddp_generated_images(), ref, feature_extractor=tiny, **opts)
+    )
