@@ -23,9 +23,10 @@ def _step_noise(x: torch.Tensor, noise: torch.Tensor | None, generator: torch.Ge
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
-def _nonzero_mask(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """1 where t > 0 and 0 where t == 0 (the last step adds no noise), shaped [N, 1, ...]."""
-    return (t != 0).to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+def _step_result(mean: torch.Tensor, std: torch.Tensor, z: torch.Tensor, t: torch.Tensor, pred_xstart: torch.Tensor):
+    """dict(sample = mean + std z where t > 0, = mean where t == 0 (the last step adds no noise), pred_xstart)."""
+    nonzero = (t != 0).to(mean.dtype).view(-1, *([1] * (mean.ndim - 1)))
+    return {"sample": mean + nonzero * std * z, "pred_xstart": pred_xstart}
 
 
 def p_sample(
@@ -50,8 +51,7 @@ def p_sample(
     mean = out["mean"]
     if cond_fn is not None:
         mean = process.condition_mean(cond_fn, out, x, t, model_kwargs=model_kwargs)
-    sample = mean + _nonzero_mask(t, x) * torch.exp(0.5 * out["log_variance"]) * z
-    return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+    return _step_result(mean, torch.exp(0.5 * out["log_variance"]), z, t, out["pred_xstart"])
 
 
 def ddim_step(
@@ -83,5 +83,4 @@ def ddim_step(
     sigma = eta * torch.sqrt((1.0 - alpha_bar_prev) / (1.0 - alpha_bar)) * torch.sqrt(1.0 - alpha_bar / alpha_bar_prev)
     z = _step_noise(x, noise, generator)
     mean = out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1.0 - alpha_bar_prev - sigma**2) * out["eps"]
-    sample = mean + _nonzero_mask(t, x) * sigma * z
-    return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+    return _step_result(mean, sigma, z, t, out["pred_xstart"])
