@@ -416,19 +416,29 @@ def _plain(value):
     return value
 
 
+def _config_options(cls) -> dict:
+    """The options of ``cls`` in a config and their defaults, in the order of ``--help``, as jsonargparse reads the
+    constructor (following ``**kwargs`` into a base class's signature, as for the DataModules' loader options)."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(cls, "options")
+    parameters = inspect.signature(cls.__init__).parameters
+    return {name: parameters[name].default if name in parameters else default
+            for name, default in parser.get_defaults().options.as_dict().items()}  # fmt: skip
+
+
 @pytest.mark.parametrize("cls", _table_classes(), ids=lambda c: c.__name__)
 def test_config_table_matches_signature(cls):
     cells = _table_rows(_section(CONFIGURATION, f"### {cls.__name__}"))
     rows = {row[0].strip("`"): row[2].strip("`") for row in cells}
-    parameters = {n: p for n, p in inspect.signature(cls.__init__).parameters.items() if n != "self"}
-    assert list(rows) == list(parameters), (
-        f"CONFIGURATION.md table of {cls.__name__} lists {list(rows)}, the constructor takes {list(parameters)}"
+    options = _config_options(cls)
+    assert list(rows) == list(options), (
+        f"CONFIGURATION.md table of {cls.__name__} lists {list(rows)}, the config takes {list(options)}"
     )
-    for name, parameter in parameters.items():
+    for name, default in options.items():
         shown = yaml.safe_load(rows[name])
-        assert shown == _plain(parameter.default), (
-            f"{cls.__name__}.{name}: CONFIGURATION.md says {rows[name]!r}, code {parameter.default!r}"
-        )
+        assert shown == _plain(default), f"{cls.__name__}.{name}: CONFIGURATION.md says {rows[name]!r}, code {default}"
 
 
 def test_published_presets_are_the_released_configs_with_their_parameter_counts():

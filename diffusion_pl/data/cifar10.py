@@ -7,10 +7,11 @@ import pickle
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from diffusion_pl.data.common import ArrayImageDataset, ImageDataModule, check_images, missing_files
+from diffusion_pl.data.common import ArrayImageDataset, PreparedImageDataModule, check_images, missing_files
 from diffusion_pl.errors import UserFileNotFoundError, UserInputError
 
 BASE_FOLDER = "cifar-10-batches-py"
@@ -42,27 +43,20 @@ def read_cifar(root: Path, train: bool) -> tuple[np.ndarray, np.ndarray, list[st
     return images, labels, names
 
 
-class CIFAR10DataModule(ImageDataModule):
+class CIFAR10DataModule(PreparedImageDataModule):
     """CIFAR-10: 3x32x32, 10 classes; train = the 5 training batches, val = test = test_batch (``val_dataset``).
 
     Expects `data_dir/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}` (torchvision's layout).
-    download=True fetches it into a temporary folder that is renamed into place when complete.
-    prepare_data_per_node: Lightning calls prepare_data on the first process of every node (True) or only on global
-    rank 0 (False): set it false when data_dir is on storage all nodes share.
+    download=True fetches it into a temporary folder that is renamed into place when complete. The loader options
+    (num_workers, random_flip, prepare_data_per_node) are those of PreparedImageDataModule.
     """
 
+    image_size, in_channels, num_classes = 32, 3, 10
+
     def __init__(
-        self,
-        data_dir: str = "data/cifar10",
-        batch_size: int = 128,
-        num_workers: int = 4,
-        random_flip: bool = True,
-        download: bool = False,
-        prepare_data_per_node: bool = True,
+        self, data_dir: str = "data/cifar10", batch_size: int = 128, *, download: bool = False, **kwargs: Any
     ) -> None:
-        super().__init__(batch_size, num_workers, random_flip, image_size=32, in_channels=3, num_classes=10)
-        self.save_hyperparameters()
-        self.prepare_data_per_node = prepare_data_per_node  # Lightning's attribute
+        super().__init__(batch_size=batch_size, **kwargs)
         self.data_dir, self.download = data_dir, download
         self.class_names: list[str] | None = None
 

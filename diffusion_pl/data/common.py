@@ -8,7 +8,7 @@ import functools
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -105,15 +105,24 @@ def make_dataloader(
 class ImageDataModule(L.LightningDataModule):
     """Base of the DataModules of diffusion_pl.data: ``setup`` fills ``train_dataset`` and ``val_dataset``; the
     training loader shuffles and drops the last partial batch; validation and test both read ``val_dataset`` in
-    order. ``image_size``, ``in_channels`` and ``num_classes`` describe the images (checked against the network)."""
+    order. Subclasses set ``image_size``, ``in_channels`` and ``num_classes`` (the images, checked against the
+    network).
 
-    def __init__(self, batch_size: int, num_workers: int, random_flip: bool, *, image_size: int, in_channels: int,
-                 num_classes: int) -> None:  # fmt: skip
+    The loader options are declared once, here. A subclass lists only those whose default it changes and passes the
+    rest on with ``**kwargs``, which jsonargparse follows into this signature: configs (``data.init_args.*``) and
+    ``--data.help`` show them with their types and defaults. ``save_hyperparameters`` here also records the
+    subclass's arguments (Lightning reads every ``__init__`` of the call chain)."""
+
+    image_size: int
+    in_channels: int
+    num_classes: int
+
+    def __init__(self, *, batch_size: int = 64, num_workers: int = 4, random_flip: bool = True) -> None:
         super().__init__()
         self.batch_size, self.num_workers, self.random_flip = batch_size, num_workers, random_flip
-        self.image_size, self.in_channels, self.num_classes = image_size, in_channels, num_classes
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
+        self.save_hyperparameters()
 
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:
@@ -134,6 +143,16 @@ class ImageDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset, train=False)
+
+
+class PreparedImageDataModule(ImageDataModule):
+    """An ImageDataModule whose ``prepare_data`` downloads or writes files. prepare_data_per_node: Lightning calls
+    prepare_data on the first process of every node (True) or only on global rank 0 (False): set it false when the
+    files (data_dir, or the cache) are on storage all nodes share."""
+
+    def __init__(self, *, prepare_data_per_node: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.prepare_data_per_node = prepare_data_per_node  # Lightning's attribute
 
 
 # Goes into the cache key of reference features computed from evaluation_dataloader, so that caches made before it

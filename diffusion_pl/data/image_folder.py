@@ -11,7 +11,7 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from diffusion_pl.data.cache import PreparedSplit, atomic_write_json
-from diffusion_pl.data.common import ArrayImageDataset, ImageDataModule
+from diffusion_pl.data.common import ArrayImageDataset, PreparedImageDataModule
 from diffusion_pl.data.folder import (
     CHANNEL_MODES,
     FolderListing,
@@ -31,7 +31,7 @@ CLASSES_FILE = "classes.json"
 SPLITS = ("train", "val")
 
 
-class ImageFolderDataModule(ImageDataModule):
+class ImageFolderDataModule(PreparedImageDataModule):
     """A folder tree of images (png, jpg, jpeg, webp, gif, bmp; nested folders; hidden entries skipped).
 
     class_cond: each first-level sub-folder of data_dir is a class, numbered in sorted name order (num_classes = the
@@ -45,26 +45,25 @@ class ImageFolderDataModule(ImageDataModule):
     then holds each training image reduced only as far as every such crop allows: several times the size).
     prepare_data decodes everything once into cache_dir (default data_dir/.diffusion_pl_cache), in a sub-folder keyed
     by the file listing (names, sizes, mtimes) and these settings: a changed file or setting prepares a new cache.
-    The class mapping is saved there (classes.json) and in checkpoints (this DataModule's state). Lightning runs
-    prepare_data on one process per node (prepare_data_per_node; false: once, for storage all nodes share).
+    The class mapping is saved there (classes.json) and in checkpoints (this DataModule's state). The loader options
+    (batch_size, num_workers, random_flip, prepare_data_per_node: false for a cache on storage all nodes share) are
+    those of PreparedImageDataModule.
     """
 
     def __init__(
         self,
         data_dir: str = "data/images",
+        *,
         image_size: int = 64,
         channels: int = 3,
         class_cond: bool = True,
         val_fraction: float = 0.05,
         split_seed: int = 0,
-        random_flip: bool = True,
         random_crop: bool = False,
         allow_upscale: bool = False,
         skip_bad_images: bool = False,
         cache_dir: str | None = None,
-        batch_size: int = 64,
-        num_workers: int = 4,
-        prepare_data_per_node: bool = True,
+        **kwargs: Any,
     ) -> None:
         if channels not in CHANNEL_MODES:
             raise UserInputError(f"{NAME}: channels must be 1 (greyscale), 3 (RGB) or 4 (RGBA), got {channels}")
@@ -80,10 +79,9 @@ class ImageFolderDataModule(ImageDataModule):
                 f"{NAME}: class_cond is true but {data_dir} has no sub-folders (one per class); put each class's "
                 "images in its own folder, or set class_cond: false"
             )
-        super().__init__(batch_size, num_workers, random_flip, image_size=image_size, in_channels=channels,
-                         num_classes=len(class_names) if class_names is not None else 0)  # fmt: skip
-        self.save_hyperparameters()
-        self.prepare_data_per_node = prepare_data_per_node  # Lightning's attribute
+        super().__init__(**kwargs)
+        self.image_size, self.in_channels = image_size, channels
+        self.num_classes = len(class_names) if class_names is not None else 0
         self.data_dir, self.cache_root, self.class_names = data_dir, cache_root, class_names
         self.class_cond, self.val_fraction, self.split_seed = class_cond, val_fraction, split_seed
         self.allow_upscale, self.skip_bad_images, self.random_crop = allow_upscale, skip_bad_images, random_crop

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_warn
@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from diffusion_pl.data import folder
 from diffusion_pl.data.cache import PreparedSplit
-from diffusion_pl.data.common import ArrayImageDataset, ImageDataModule, check_images
+from diffusion_pl.data.common import ArrayImageDataset, PreparedImageDataModule, check_images
 from diffusion_pl.data.imagenet_classes import devkit_to_sorted, devkit_wnids, sorted_wnids
 from diffusion_pl.errors import UserFileNotFoundError, UserInputError
 
@@ -98,7 +98,7 @@ def _read_npz(path: Path, image_size: int, load_data: bool = True) -> tuple[np.n
     return data, labels.astype(np.int64) - 1
 
 
-class ImageNet64DataModule(ImageDataModule):
+class ImageNet64DataModule(PreparedImageDataModule):
     """ImageNet at image_size (64): 3 channels, 1000 classes (npz) or one class per train sub-folder (folder).
 
     source="npz": the official downsampled batches (train_data_batch_1..10.npz, val_data.npz), whose 1-based labels
@@ -109,22 +109,22 @@ class ImageNet64DataModule(ImageDataModule):
     preprocessing (BOX halving, BICUBIC, centre crop). prepare_data writes uint8 (N, S, S, 3) .npy caches under
     cache_dir (default data_dir/prepared), once and atomically; every process then maps them read-only.
     val = test = the validation split. class_cond=False: num_classes is 0 and y is all zeros (ignore it).
-    prepare_data_per_node: Lightning calls prepare_data on the first process of every node (True) or only on global
-    rank 0 (False): set it false when cache_dir is on storage all nodes share.
+    The loader options (batch_size, num_workers, random_flip, prepare_data_per_node: false when cache_dir is on
+    storage all nodes share) are those of PreparedImageDataModule.
     """
+
+    in_channels = 3
 
     def __init__(
         self,
         data_dir: str = "data/imagenet64",
-        batch_size: int = 64,
-        num_workers: int = 4,
-        random_flip: bool = True,
+        *,
         source: Literal["npz", "folder"] = "npz",
         cache_dir: str | None = None,
         image_size: int = 64,
         class_cond: bool = True,
         label_order: Literal["sorted_wnid", "devkit"] = "sorted_wnid",
-        prepare_data_per_node: bool = True,
+        **kwargs: Any,
     ) -> None:
         if source not in ("npz", "folder"):
             raise UserInputError(f"ImageNet64DataModule: source must be 'npz' or 'folder', got {source!r}")
@@ -142,11 +142,8 @@ class ImageNet64DataModule(ImageDataModule):
             class_names = list_class_folders(Path(data_dir) / "train")
         else:  # WordNet IDs by label (reading the devkit table also checks it)
             class_names = list(sorted_wnids() if label_order == "sorted_wnid" else devkit_wnids())
-        num_classes = len(class_names) if class_cond else 0
-        super().__init__(batch_size, num_workers, random_flip, image_size=image_size, in_channels=3,
-                         num_classes=num_classes)  # fmt: skip
-        self.save_hyperparameters()
-        self.prepare_data_per_node = prepare_data_per_node  # Lightning's attribute
+        super().__init__(**kwargs)
+        self.image_size, self.num_classes = image_size, len(class_names) if class_cond else 0
         self.label_order, self.data_dir, self.source, self.cache_dir = label_order, data_dir, source, cache_dir
         self.class_cond, self.class_names, self.dataset_classes = class_cond, class_names, len(class_names)
 

@@ -84,6 +84,8 @@ class MNIST5kDataModule(ImageDataModule):
     Stratified held-out split of `val_size` examples chosen with `seed`; val and test use the same split.
     """
 
+    image_size, in_channels, num_classes = 32, 1, 10
+
     def __init__(
         self,
         batch_size: int = 128,
@@ -93,8 +95,7 @@ class MNIST5kDataModule(ImageDataModule):
         random_flip: bool = False,
         data_path: str | None = None,
     ) -> None:
-        super().__init__(batch_size, num_workers, random_flip, image_size=32, in_channels=1, num_classes=10)
-        self.save_hyperparameters()
+        super().__init__(batch_size=batch_size, num_workers=num_workers, random_flip=random_flip)
         self.val_size, self.seed, self.data_path = val_size, seed, data_path
 
     def csv_path(self) -> Path:

@@ -1,29 +1,51 @@
 """The DataModules are configurable from YAML (jsonargparse) and run under a Trainer."""
 
-import inspect
+import re
 
 import lightning as L
 import pytest
 import torch
 from jsonargparse import ArgumentParser
 
-from diffusion_pl.data import CIFAR10DataModule, ImageNet64DataModule, MNIST5kDataModule
+from diffusion_pl.data import CIFAR10DataModule, ImageFolderDataModule, ImageNet64DataModule, MNIST5kDataModule
 
-MODULES = [MNIST5kDataModule, CIFAR10DataModule, ImageNet64DataModule]
+LOADER = {"num_workers": 4, "random_flip": True, "prepare_data_per_node": True}
+# Every option of each DataModule with its default, the loader options it passes on to the base (**kwargs) included.
+OPTIONS = {
+    MNIST5kDataModule: dict(batch_size=128, num_workers=0, val_size=500, seed=0, random_flip=False, data_path=None),
+    CIFAR10DataModule: dict(data_dir="data/cifar10", batch_size=128, download=False, **LOADER),
+    ImageNet64DataModule: dict(data_dir="data/imagenet64", source="npz", cache_dir=None, image_size=64,
+                               class_cond=True, label_order="sorted_wnid", batch_size=64, **LOADER),
+    ImageFolderDataModule: dict(data_dir="data/images", image_size=64, channels=3, class_cond=True, val_fraction=0.05,
+                                split_seed=0, random_crop=False, allow_upscale=False, skip_bad_images=False,
+                                cache_dir=None, batch_size=64, **LOADER),
+}  # fmt: skip
 
 
-@pytest.mark.parametrize("cls", MODULES)
-def test_constructor_is_the_config(cls):
-    for name, p in inspect.signature(cls.__init__).parameters.items():
-        if name == "self":
-            continue
-        assert p.kind is p.POSITIONAL_OR_KEYWORD, name
-        assert p.annotation is not p.empty and p.default is not p.empty, name
+@pytest.mark.parametrize("cls", OPTIONS)
+def test_every_option_is_in_the_config_with_its_type_and_default(cls):
+    """jsonargparse reads the options from the constructors, following **kwargs into the base's signature."""
     parser = ArgumentParser()
     parser.add_class_arguments(cls, "data")
-    cfg = parser.parse_args(["--data.batch_size=3"])
+    assert parser.get_defaults().data.as_dict() == OPTIONS[cls]
+    help_text = parser.format_help()
+    for name in OPTIONS[cls]:
+        typed = re.search(rf"\n  --data\.{name}\b[^(]*\(type: ([^)]+?), default:", help_text)
+        assert typed and typed.group(1) != "Any", name
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--data.num_workers=two"])
+
+
+@pytest.mark.parametrize("cls", [MNIST5kDataModule, CIFAR10DataModule, ImageNet64DataModule])
+def test_constructor_is_the_config(cls):
+    parser = ArgumentParser()
+    parser.add_class_arguments(cls, "data")
+    cfg = parser.parse_args(["--data.batch_size=3", "--data.random_flip=false"])
     dm = parser.instantiate(cfg).data
-    assert isinstance(dm, cls) and dm.batch_size == 3
+    assert isinstance(dm, cls) and dm.batch_size == 3 and dm.random_flip is False
+    # The hyperparameters Lightning saves (in checkpoints; validate / test take them back as the data's config) are
+    # the config, the options passed on to the base included.
+    assert dict(dm.hparams) == cfg.data.as_dict()
 
 
 def test_imagenet_source_is_validated(capsys):
