@@ -20,6 +20,8 @@ import inspect
 import re
 from collections.abc import Iterable
 
+from jsonargparse import ArgumentParser
+
 from diffusion_pl.errors import UserInputError
 from diffusion_pl.lightning.checkpoints import RENAMED_HPARAMS
 from diffusion_pl.utils.imports import import_object
@@ -55,6 +57,14 @@ def _did_you_mean(word: str, choices: Iterable[str], quote: str = "'", cutoff: f
 
 
 def _init_options(cls) -> list[str]:
+    """The options a config gives ``cls``, read as jsonargparse reads them (with those that ``**kwargs`` passes on to
+    a base class, e.g. a DataModule's loader options); the constructor's own parameters if jsonargparse cannot."""
+    parser = ArgumentParser(exit_on_error=False)
+    try:
+        parser.add_class_arguments(cls, "options")
+        return list(parser.get_defaults().options.as_dict())
+    except Exception:  # a class jsonargparse cannot read: fall back to the signature
+        pass
     try:
         params = inspect.signature(cls.__init__).parameters.values()
     except (TypeError, ValueError):

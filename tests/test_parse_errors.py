@@ -27,6 +27,8 @@ def class_problem(top: str, class_path: str, inner: str, given: str) -> str:
 
 UNKNOWN_OPTION = class_problem("model", "diffusion_pl.lightning.NoisyClassifierModule",
                                "Option 'weight_decy' is not accepted", "NestedArg(key='weight_decy', val='1')")
+UNKNOWN_BASE_OPTION = class_problem("data", "diffusion_pl.data.CIFAR10DataModule",  # num_workers: the base's option
+                                    "Option 'num_workerz' is not accepted", "NestedArg(key='num_workerz', val='2')")
 NESTED_TYPE = class_problem("data", "diffusion_pl.data.CIFAR10DataModule", """
 Parser key "batch_size":
   Expected a <class 'int'>. Got value: many""", "NestedArg(key='batch_size', val='many')")
@@ -64,6 +66,8 @@ NOT_A_CLASS = """Parser key "data":
 CASES = [
     (UNKNOWN_OPTION, "model.init_args.weight_decy: NoisyClassifierModule has no option 'weight_decy' (did you mean "
      "'weight_decay'?); list its options with `diffusion-pl fit --model.help NoisyClassifierModule`"),
+    (UNKNOWN_BASE_OPTION, "data.init_args.num_workerz: CIFAR10DataModule has no option 'num_workerz' (did you "
+     "mean 'num_workers'?); list its options with `diffusion-pl fit --data.help CIFAR10DataModule`"),
     (NESTED_TYPE, "data.init_args.batch_size: expected int, got 'many'"),
     (NESTED_UNION, "model.init_args.channel_mult: expected int, got 'a' (in [1, 'a'])"),
     (UNION_OF_LITERALS, "trainer.precision: expected one of 64, 32, 16, '16-mixed', 'bf16-mixed', '32-true', got "
@@ -92,7 +96,8 @@ def test_a_list_written_without_brackets_gets_the_bracketed_form(message, expect
     assert condense_parse_error(message, key_prefix="--") == expected
 
 
-IDS = ["unknown-option", "nested-type", "nested-union", "union-literals", "not-a-class", "plain-type", "unrecognized"]
+IDS = ["unknown-option", "unknown-base-option", "nested-type", "nested-union", "union-literals", "not-a-class",
+       "plain-type", "unrecognized"]
 
 
 @pytest.mark.parametrize("message,expected", CASES, ids=IDS)
