@@ -22,19 +22,8 @@ from diffusion_pl.commands.common import (
 )
 from diffusion_pl.commands.options import ClassifierSource, Guidance, ModelSource, SamplingOptions, settings_of
 from diffusion_pl.errors import UserFileExistsError
-from diffusion_pl.sampling import (
-    SAMPLES_NAME,
-    SHARD_DIR,
-    check_guidance,
-    merge_shards,
-    num_batches_of,
-    plan_shards,
-    prepare_shard_dir,
-    rank_shards,
-    run_shards,
-    shard_done,
-    write_outputs,
-)
+from diffusion_pl.sampling import shards
+from diffusion_pl.sampling.engine import check_guidance
 
 
 @dataclass
@@ -48,7 +37,7 @@ class SamplingResult:
 
 def check_no_samples(out_dir: str, overwrite: bool) -> None:
     """Refuse to replace OUT_DIR/samples.npz without --overwrite."""
-    final = os.path.join(out_dir, SAMPLES_NAME)
+    final = os.path.join(out_dir, shards.SAMPLES_NAME)
     if os.path.exists(final) and not overwrite:
         raise UserFileExistsError(
             f"{final} already exists; pass --overwrite to replace it, or choose another --out_dir"
@@ -61,22 +50,22 @@ def run_sampling(fabric, model: LoadedModel, classifier: LoadedClassifier | None
     """Generate into ``out_dir`` on every process of ``fabric``: shard k on rank k mod world size, finished shards
     skipped (resume); rank 0 then merges the shards into samples.npz + grid.png + settings.json."""
     check_no_samples(out_dir, overwrite)
-    rank, shard_dir = fabric.global_rank, os.path.join(out_dir, SHARD_DIR)
-    shards = plan_shards(num_samples, shard_size)
+    rank, shard_dir = fabric.global_rank, os.path.join(out_dir, shards.SHARD_DIR)
+    plan = shards.plan_shards(num_samples, shard_size)
     if rank == 0:
-        prepare_shard_dir(shard_dir, settings, overwrite)
+        shards.prepare_shard_dir(shard_dir, settings, overwrite)
     fabric.barrier()
     label_arr = np.asarray(expand_labels(labels, num_samples), dtype=np.int64) if labels is not None else None
     for net in (model.net, classifier.net if classifier is not None else None):
         if net is not None:
             net.to(fabric.device)
     engine = build_engine(model, classifier, options, device=fabric.device, progress=rank == 0)
-    todo = [s for s in rank_shards(shards, rank, fabric.world_size) if not shard_done(shard_dir, s)]
+    todo = [s for s in shards.rank_shards(plan, rank, fabric.world_size) if not shards.shard_done(shard_dir, s)]
     start_time = time.perf_counter()
-    bar = engine.progress_bar(num_batches_of(todo, batch_size))
+    bar = engine.progress_bar(shards.num_batches_of(todo, batch_size))
     try:
         for shard in todo:  # one shard at a time: each is written (and so kept) as soon as it is done
-            run_shards(engine, [shard], shard_dir, batch_size, labels=label_arr, bar=bar)
+            shards.run_shards(engine, [shard], shard_dir, batch_size, labels=label_arr, bar=bar)
     finally:
         bar.close()  # end the bar's line before any message
     generated = sum(len(s.indices) for s in todo)
@@ -84,9 +73,9 @@ def run_sampling(fabric, model: LoadedModel, classifier: LoadedClassifier | None
     seconds = time.perf_counter() - start_time
     paths: dict[str, str] = {}
     if rank == 0:
-        images, out_labels = merge_shards(shard_dir, shards)
+        images, out_labels = shards.merge_shards(shard_dir, plan)
         summary = dict(settings, num_samples=num_samples, seconds=round(seconds, 3))
-        paths = write_outputs(out_dir, images, out_labels, summary, overwrite=overwrite)
+        paths = shards.write_outputs(out_dir, images, out_labels, summary, overwrite=overwrite)
     fabric.barrier()
     return SamplingResult(paths, num_samples, generated, seconds, total / max(seconds, 1e-9))
 

@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # script again for rank 1, with LOCAL_RANK=1).
 RANK_1_FAILS = """
 import os, sys
-import diffusion_pl.commands.generate as s
+import diffusion_pl.sampling.shards as s
 from diffusion_pl.errors import UserInputError
 real = s.run_shards
 def rank_1_fails(*args, **kwargs):

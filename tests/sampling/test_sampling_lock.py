@@ -26,7 +26,7 @@ FAST = ["--num_samples", "4", "--sample_batch_size", "2", "--shard_size", "2", "
 # A real `diffusion-pl sample` that stops before its second shard until the file GO exists.
 PAUSED_SAMPLE = """
 import os, sys, time
-import diffusion_pl.commands.generate as s
+import diffusion_pl.sampling.shards as s
 real = s.run_shards
 def paused(engine, shards, *args, **kwargs):
     if shards[0].shard_id == 1:

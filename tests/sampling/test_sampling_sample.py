@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from sampling_helpers import run_command
 
-import diffusion_pl.commands.generate as generate_cmd
+import diffusion_pl.sampling.shards as shard_io
 from diffusion_pl.commands.sample import sample
 from diffusion_pl.evaluation import load_samples_npz
 from diffusion_pl.sampling import GuidanceConfigError
@@ -58,7 +58,7 @@ def test_refuses_to_overwrite(reference_run, ckpts):
 def test_resume_after_interruption(reference_run, ckpts, tmp_path, monkeypatch):
     out = str(tmp_path / "out")
     kwargs = dict(out_dir=out, ckpt=ckpts["cond"], classifier_ckpt=ckpts["classifier"], classifier_scale=1.0, **COMMON)
-    real_run_shards = generate_cmd.run_shards
+    real_run_shards = shard_io.run_shards
     calls = []
 
     def interrupted(engine, shards, *args, **kw):
@@ -67,7 +67,7 @@ def test_resume_after_interruption(reference_run, ckpts, tmp_path, monkeypatch):
             raise RuntimeError("simulated interruption")
         return real_run_shards(engine, shards, *args, **kw)
 
-    monkeypatch.setattr(generate_cmd, "run_shards", interrupted)
+    monkeypatch.setattr(shard_io, "run_shards", interrupted)
     with pytest.raises(RuntimeError, match="simulated interruption"):
         run_command(sample, **kwargs)
     assert not os.path.exists(os.path.join(out, "samples.npz"))
@@ -75,7 +75,7 @@ def test_resume_after_interruption(reference_run, ckpts, tmp_path, monkeypatch):
     first_shard_mtime = os.stat(os.path.join(out, "shards", "shard_000000.npz")).st_mtime_ns
 
     calls.clear()
-    monkeypatch.setattr(generate_cmd, "run_shards", lambda *a, **k: (calls.append(1), real_run_shards(*a, **k))[1])
+    monkeypatch.setattr(shard_io, "run_shards", lambda *a, **k: (calls.append(1), real_run_shards(*a, **k))[1])
     run_command(sample, **kwargs)
     assert len(calls) == 2  # shard 0 skipped, shards 1 and 2 generated
     assert os.stat(os.path.join(out, "shards", "shard_000000.npz")).st_mtime_ns == first_shard_mtime
@@ -157,14 +157,14 @@ def test_rank_without_work_waits_for_the_others(reference_run, ckpts, tmp_path, 
     without error: here shards 0 and 1 are done, so on 2 ranks rank 0 has shard 2 and rank 1 nothing."""
     out = str(tmp_path / "resume_ddp")
     kwargs = dict(out_dir=out, ckpt=ckpts["cond"], classifier_ckpt=ckpts["classifier"], classifier_scale=1.0, **COMMON)
-    real_run_shards = generate_cmd.run_shards
+    real_run_shards = shard_io.run_shards
 
     def stop_at_shard_2(engine, shards, *args, **kw):
         if shards[0].shard_id == 2:
             raise RuntimeError("simulated interruption")
         return real_run_shards(engine, shards, *args, **kw)
 
-    monkeypatch.setattr(generate_cmd, "run_shards", stop_at_shard_2)
+    monkeypatch.setattr(shard_io, "run_shards", stop_at_shard_2)
     with pytest.raises(RuntimeError, match="simulated interruption"):
         run_command(sample, **kwargs)
     assert sorted(os.listdir(os.path.join(out, "shards"))) == ["settings.json", "shard_000000.npz", "shard_000001.npz"]
