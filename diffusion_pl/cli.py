@@ -25,7 +25,7 @@ from diffusion_pl.errors import (
     find_in_chain,
     find_lost_peer_error,
     in_distributed_run,
-    process_rank,
+    launcher_rank,
 )
 
 __all__ = ["DEBUG_ENV", "debug_requested", "main", "run_command"]
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug_requested():
             raise
         if user_error is None:
-            rank = process_rank()
+            rank = launcher_rank()
             lost = find_lost_peer_error(error) if rank > 0 or in_distributed_run() else None
             if lost is None:
                 raise

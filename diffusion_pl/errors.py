@@ -90,14 +90,17 @@ class OtherRankError(RuntimeError):
 PEER_LOST_MARKERS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote worker crash")
 
 
-def process_rank() -> int:
-    """This process's rank as its launcher set it (torchrun ``RANK``, SLURM ``SLURM_PROCID``, Lightning's own DDP
-    launcher ``LOCAL_RANK``); 0 outside a distributed run."""
-    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        value = os.environ.get(name, "").strip()
-        if value.isdigit():
-            return int(value)
-    return 0
+def launcher_rank() -> int:
+    """This process's rank as its launcher set it, readable before any process group exists (the one place the package
+    reads it from the environment): torchrun ``RANK``, SLURM ``SLURM_PROCID``, else Lightning's own launcher
+    ``LOCAL_RANK`` on node ``NODE_RANK`` (torchrun: ``GROUP_RANK``). 0 for the first process of the whole run and
+    outside a distributed run; on node n > 0 Lightning's first process gets n (its global rank needs the devices per
+    node). Lightning's ``rank_zero_only.rank`` is not used: it reads ``LOCAL_RANK`` only, so it is 0 on the first
+    process of every node, and it is read once, when lightning is imported."""
+    values = [os.environ.get(name, "").strip() for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK")]
+    rank = next((int(v) for v in values if v.isdigit()), 0)
+    node = os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "")).strip()
+    return rank or (int(node) if node.isdigit() else 0)
 
 
 def in_distributed_run() -> bool:

@@ -82,7 +82,13 @@ def test_a_linked_lock_file_is_refused(tmp_path):
     assert target.read_text() == "precious"
 
 
-@pytest.mark.parametrize("env", [{"LOCAL_RANK": "1"}, {"RANK": "3"}, {"SLURM_PROCID": "1"}, {"NODE_RANK": "1"}])
+@pytest.mark.parametrize(
+    "env",
+    # LOCAL_RANK 0 on NODE_RANK 1: the first process of the second node of a Lightning-launched run (not rank 0 of
+    # the run; Lightning's rank_zero_only.rank, from LOCAL_RANK, would say 0 there)
+    [{"LOCAL_RANK": "1"}, {"RANK": "3"}, {"SLURM_PROCID": "1"}, {"NODE_RANK": "1"},
+     {"LOCAL_RANK": "0", "NODE_RANK": "1"}],  # fmt: skip
+)
 def test_only_the_first_process_of_a_run_takes_the_lock(tmp_path, monkeypatch, env):
     """Ranks > 0 (launched by the rank-0 process, or by torchrun / SLURM) write the folder of the same run."""
     with FolderLock(tmp_path, "--out_dir"):

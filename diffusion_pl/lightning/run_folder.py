@@ -19,8 +19,9 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import Callback
 
+from diffusion_pl.errors import launcher_rank
 from diffusion_pl.utils.files import replace_link_with_copy
-from diffusion_pl.utils.folder_lock import FolderLock, launcher_rank
+from diffusion_pl.utils.folder_lock import FolderLock
 
 #: the files Lightning's CSV / TensorBoard loggers (re)write by name in their log folder
 LOGGER_FILES = ("hparams.yaml", "metrics.csv")

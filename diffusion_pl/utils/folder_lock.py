@@ -8,9 +8,9 @@ reach other hosts. A second writer is refused with one line naming the folder, t
 - a lock file whose flock is free, written on this host: its run is gone (crashed): taken over, with a note;
 - a lock file written on another host: that run may still be going, refused; remove the file if it is gone.
 
-Only the first process of a distributed run takes the lock (global rank 0: torchrun ``RANK``, SLURM ``SLURM_PROCID``,
-Lightning's launcher ``LOCAL_RANK`` / ``NODE_RANK``); the processes it launches belong to the same run and write the
-same folder. On release the file is removed, and so are the folders the lock itself created if they are empty.
+Only the first process of a distributed run takes the lock (rank 0 by :func:`diffusion_pl.errors.launcher_rank`); the
+processes it launches belong to the same run and write the same folder. On release the file is removed, and so are
+the folders the lock itself created if they are empty.
 """
 
 from __future__ import annotations
@@ -27,19 +27,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from diffusion_pl.errors import UserRuntimeError, process_rank
+from diffusion_pl.errors import UserRuntimeError, launcher_rank
 
 LOCK_NAME = ".diffusion-pl.lock"
 
 
 class FolderInUseError(UserRuntimeError):
     """Another run writes the output folder."""
-
-
-def launcher_rank() -> int:
-    """The global rank as the launcher set it: 0 only for the first process of the whole run."""
-    node = os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "")).strip()
-    return process_rank() or (int(node) if node.isdigit() else 0)
 
 
 def describe_holder(holder: dict[str, Any]) -> str:
