@@ -88,7 +88,36 @@ class NonFiniteGuard(Callback):
             self._fail(trainer, f"non-finite loss ({value} on rank {trainer.global_rank})")
 
 
-class GuidedSampler(Callback):
+class ValidationWeightsCallback(Callback):
+    """Base of the callbacks that sample once per validation run with the weights validation uses.
+
+    EMAWeightAveraging (any WeightAveraging) swaps the averaged weights in at on_validation_epoch_start and out at
+    on_validation_epoch_end, and callbacks run in list order: a callback after it in the list finds them in place at
+    both hooks, one before it only at on_validation_epoch_end. ``on_validation_weights`` is called at the hook where
+    they are in place. Subclasses that override ``setup`` call ``super().setup``.
+    """
+
+    at_start = False  # call at on_validation_epoch_start (else at on_validation_epoch_end); set by setup
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        callbacks = trainer.callbacks
+        averaging = [i for i, c in enumerate(callbacks) if isinstance(c, WeightAveraging)]
+        mine = callbacks.index(self) if self in callbacks else len(callbacks)
+        self.at_start = bool(averaging) and min(averaging) < mine
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.at_start:
+            self.on_validation_weights(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.at_start:
+            self.on_validation_weights(trainer, pl_module)
+
+    def on_validation_weights(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        raise NotImplementedError
+
+
+class GuidedSampler(ValidationWeightsCallback):
     """Draw a fixed-seed sample grid every ``every_n_val_runs`` validation runs and at the end of fit.
 
     The grid has a row per class (``classes``, default the first ``max_classes``) and ``samples_per_class`` columns
@@ -149,7 +178,6 @@ class GuidedSampler(Callback):
         self.clip_denoised = clip_denoised
         self.key = key
         self._classifier: L.LightningModule | None = None
-        self._draw_at_start = False
         self._val_runs = 0
         self._last_step: int | None = None
         self._out_dir: str | None = None
@@ -172,28 +200,15 @@ class GuidedSampler(Callback):
             check_classifier_file(self.classifier_path, hp, "GuidedSampler.classifier_path")
         check_respacing(pl_module.diffusion, self.respacing, "GuidedSampler.respacing",
                         self._method(self.method, self.respacing))  # fmt: skip
-        # EMAWeightAveraging swaps the EMA weights in at on_validation_epoch_start and out at
-        # on_validation_epoch_end; callbacks run in list order, so draw at the hook where they are in place.
-        callbacks = trainer.callbacks
-        ema_positions = [i for i, c in enumerate(callbacks) if isinstance(c, WeightAveraging)]
-        mine = callbacks.index(self) if self in callbacks else len(callbacks)
-        self._draw_at_start = bool(ema_positions) and min(ema_positions) < mine
+        super().setup(trainer, pl_module, stage)
         # trainer.log_dir broadcasts: read it here, where every rank calls it, never from rank 0 alone.
         self._out_dir = os.path.join(trainer.log_dir or trainer.default_root_dir, "samples")
-
-    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._draw_at_start:
-            self._maybe_draw(trainer, pl_module)
-
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self._draw_at_start:
-            self._maybe_draw(trainer, pl_module)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.at_fit_end and self._last_step != trainer.global_step:
             self._draw_and_log(trainer, pl_module)
 
-    def _maybe_draw(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_validation_weights(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
         self._val_runs += 1

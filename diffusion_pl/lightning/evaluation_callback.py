@@ -22,8 +22,6 @@ from typing import Literal
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.callbacks.weight_averaging import WeightAveraging
 from lightning.pytorch.utilities import rank_zero_warn
 
 from diffusion_pl.data.common import EVALUATION_LOADER_VERSION, evaluation_dataloader
@@ -42,6 +40,7 @@ from diffusion_pl.evaluation.features import (
 )
 from diffusion_pl.evaluation.reference import load_reference, read_cache, resolution_mismatch
 from diffusion_pl.lightning.callbacks import (
+    ValidationWeightsCallback,
     check_classifier_compatible,
     check_classifier_file,
     validation_follows_checkpoint,
@@ -53,7 +52,7 @@ from diffusion_pl.utils.images import to_uint8
 Method = Literal[SAMPLING_METHODS]  # type: ignore[valid-type]  (the sampler registry's names)
 
 
-class SampleQualityEvaluation(Callback):
+class SampleQualityEvaluation(ValidationWeightsCallback):
     """Sample-quality metrics every ``every_n_steps`` steps, logged as ``<prefix>/fid``, ``<prefix>/isc_mean``,
     ``<prefix>/precision``, ``<prefix>/recall`` (and KID) against the global step.
 
@@ -124,7 +123,6 @@ class SampleQualityEvaluation(Callback):
         self.prefix = prefix
         self.last_step: int | None = None
         self.last_metrics: dict[str, float] = {}
-        self._at_start = False
         self._inception: InceptionFeatures | None = None
         self._classifier = None
         self._reference_cache: str | None = None
@@ -155,18 +153,7 @@ class SampleQualityEvaluation(Callback):
                 f"({default_inception_weights_cache_path()}); they will be downloaded at the first evaluation. On a "
                 "machine without internet access set inception_weights to a local copy now."
             )
-        # EMAWeightAveraging swaps EMA weights in at on_validation_epoch_start and out at ..._end (list order).
-        ema = [i for i, c in enumerate(trainer.callbacks) if isinstance(c, WeightAveraging)]
-        mine = trainer.callbacks.index(self) if self in trainer.callbacks else len(trainer.callbacks)
-        self._at_start = bool(ema) and min(ema) < mine
-
-    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._at_start:
-            self._maybe_evaluate(trainer, pl_module)
-
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self._at_start:
-            self._maybe_evaluate(trainer, pl_module)
+        super().setup(trainer, pl_module, stage)
 
     def state_dict(self) -> dict:
         return {"last_step": self.last_step}
@@ -185,7 +172,7 @@ class SampleQualityEvaluation(Callback):
             return False
         return self.last_step is None or trainer.global_step - self.last_step >= self.every_n_steps
 
-    def _maybe_evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_validation_weights(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._due(trainer):  # global_step is the same on every rank: all ranks decide alike
             return
         self.last_step = trainer.global_step
