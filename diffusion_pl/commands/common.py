@@ -12,7 +12,15 @@ import torch
 import yaml
 from torch import nn
 
-from diffusion_pl.commands.options import ClassifierSource, Guidance, ModelSource, SamplingOptions
+from diffusion_pl.commands.options import (
+    OPENAI_MODEL_OPTIONS,
+    ClassifierSource,
+    Guidance,
+    ModelSource,
+    SamplingOptions,
+    given,
+    refuse_options,
+)
 from diffusion_pl.diffusion import GaussianDiffusion, create_diffusion
 from diffusion_pl.errors import UserFileNotFoundError, UserInputError
 from diffusion_pl.models import (
@@ -140,6 +148,8 @@ def load_model(chosen: ModelSource) -> LoadedModel:
     if (ckpt is None) == (openai_ckpt is None):
         raise UserInputError("give exactly one of --ckpt (a diffusion-pl checkpoint) or --openai_ckpt (with --arch)")
     if ckpt is not None:
+        refuse_options(given(chosen, OPENAI_MODEL_OPTIONS), "to a --ckpt (it carries its own architecture and "
+                       "training process; these options describe an --openai_ckpt)")  # fmt: skip
         from diffusion_pl.lightning import DiffusionModule
         from diffusion_pl.lightning.checkpoints import load_module
 
@@ -201,6 +211,9 @@ def load_classifier(model: LoadedModel, chosen: ClassifierSource) -> LoadedClass
 
     if classifier_ckpt is not None and classifier_openai_ckpt is not None:
         raise UserInputError("give at most one of --classifier_ckpt and --classifier_openai_ckpt")
+    if classifier_openai_ckpt is None:
+        refuse_options(given(chosen, ["classifier_arch"]), "without --classifier_openai_ckpt (a --classifier_ckpt "
+                       "carries its own architecture)")  # fmt: skip
     if classifier_ckpt is not None:
         from diffusion_pl.lightning import NoisyClassifierModule
         from diffusion_pl.lightning.checkpoints import load_module

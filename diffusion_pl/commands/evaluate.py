@@ -29,6 +29,8 @@ from diffusion_pl.commands.options import (
     Launch,
     ModelSource,
     SamplingOptions,
+    given,
+    refuse_options,
 )
 from diffusion_pl.commands.sample import print_summary
 from diffusion_pl.errors import UserFileExistsError, UserInputError
@@ -36,6 +38,31 @@ from diffusion_pl.evaluation import check_enough_images
 from diffusion_pl.evaluation.npz import check_samples_npz
 from diffusion_pl.sampling import SAMPLES_NAME
 from diffusion_pl.utils.folder_lock import holds_output_folder
+
+NUM_SAMPLES = 1000  # the default of --num_samples
+# What --nll uses of the sampling and evaluation groups (with the model and the launch options).
+NLL_SAMPLING, NLL_DATA = ("seed", "clip_denoised"), ("data_class", "data_args", "split")
+
+
+def refuse_unused_options(samples: str | None, nll: bool, nll_batches: int | None, num_samples: int,
+                          groups: dict[str, Any]) -> None:  # fmt: skip
+    """The options the chosen job would ignore, refused in one line: with --nll the sample-quality options, with
+    --samples the sampling options (``groups``: the command's option groups by parameter name)."""
+    num = ["num_samples"] if num_samples != NUM_SAMPLES else []
+    if nll:
+        sampling = [n for n in given(groups["sampling"]) if n not in NLL_SAMPLING]
+        metrics = [n for n in given(groups["evaluation"]) if n not in NLL_DATA]
+        unused = (["samples"] if samples is not None else []) + num + given(groups["classifier"])
+        refuse_options(unused + given(groups["guidance"]) + sampling + metrics,
+                       "to evaluate --nll true (bits/dim of the model on --data_class --split)")  # fmt: skip
+    elif nll_batches is not None:
+        refuse_options(["nll_batches"], "without --nll true")
+    elif samples is not None:
+        # (--samples with --ckpt / --openai_ckpt is refused as "not both" by check_sample_inputs)
+        unused = [n for n in given(groups["model"]) if n not in ("ckpt", "openai_ckpt")]
+        unused += [n for k in ("classifier", "guidance", "sampling") for n in given(groups[k])] + num
+        refuse_options(unused, "to evaluate --samples (the images of the npz are evaluated as they are; these "
+                       "options are for sampling from --ckpt / --openai_ckpt)")  # fmt: skip
 
 
 def evaluate_bits_per_dim(model: ModelSource, sampling: SamplingOptions, evaluation: Evaluation, launch: Launch,
@@ -81,10 +108,10 @@ def evaluate_sample_quality(samples: str | None, model: ModelSource, classifier:
     """Metrics of --samples, or of num_samples fresh samples of the model (written to OUT_DIR/samples, resumable);
     writes metrics.json."""
     check_sample_inputs(samples, model, evaluation, num_samples)
+    source = SampleSource.load(model, classifier, sampling) if samples is None else None  # checked before launching
     fabric = start(launch)
     info: dict[str, Any] = {}
-    if samples is None:
-        source = SampleSource.load(model, classifier, sampling)
+    if source is not None:
         sample_dir = os.path.join(os.path.dirname(out_json), "samples")
         result = source.generate(fabric, guidance, sample_dir, num_samples=num_samples, overwrite=overwrite)
         if fabric.global_rank == 0:
@@ -113,7 +140,7 @@ def evaluate(
     launch: Launch = Launch(),
     samples: str | None = None,
     out_dir: str = "evaluation",
-    num_samples: int = 1000,
+    num_samples: int = NUM_SAMPLES,
     nll: bool = False,
     nll_batches: int | None = None,
     overwrite: bool = False,
@@ -124,6 +151,10 @@ def evaluate(
     Samples: --samples (an ADM npz) or --ckpt / --openai_ckpt (num_samples fresh samples written to OUT_DIR/samples).
     Reference: --reference (image folder, ADM reference npz, or a diffusion-pl reference cache) or --data_class
     (+ --data_args, --split). Writes OUT_DIR/metrics.json, or with --nll OUT_DIR/nll.json + nll_terms.csv.
+
+    The model, classifier, guidance and sampling options apply only when it samples (--ckpt / --openai_ckpt); with
+    --samples they are refused. With --nll true only the model options, --seed, --clip_denoised, --data_class,
+    --data_args, --split and the process options apply, and the others are refused.
 
     Args:
         samples: ADM sample npz to evaluate (arr_0 uint8 NHWC)
@@ -137,6 +168,8 @@ def evaluate(
     # Every input is checked before processes are launched, models loaded or anything written.
     check_out_dir(out_dir)
     check_launch(launch)
+    groups = dict(model=model, classifier=classifier, guidance=guidance, sampling=sampling, evaluation=evaluation)
+    refuse_unused_options(samples, nll, nll_batches, num_samples, groups)
     out_json = os.path.join(out_dir, "nll.json" if nll else "metrics.json")
     if os.path.exists(out_json) and not overwrite:
         raise UserFileExistsError(

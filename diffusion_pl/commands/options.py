@@ -8,10 +8,12 @@ typed, defaulted and described in one place.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from diffusion_pl.diffusion import DEFAULT_METHOD, SAMPLERS, check_method_options, methods_help
+from diffusion_pl.errors import UserInputError
 from diffusion_pl.sampling.engine import METHODS
 
 # The sampling methods: the sampler registry's (SampleEngine runs them all), so a method added there is an option here.
@@ -28,10 +30,12 @@ class ModelSource:
         ckpt: a diffusion-pl DiffusionModule checkpoint (it carries its config; EMA weights if trained with EMA)
         openai_ckpt: a released OpenAI guided-/improved-diffusion checkpoint (.pt), with --arch
         arch: released preset name (e.g. adm_imagenet64) or a YAML file of UNetModel arguments (with --openai_ckpt)
-        diffusion_steps: T, the number of steps of the OpenAI model's training process (a --ckpt carries its own)
-        noise_schedule: beta schedule of the OpenAI model's training process
-        var_type: variance of the OpenAI model; auto = learned_range if the arch learns sigma, else fixed_large
-        rescale_timesteps: the OpenAI model takes t * 1000 / T (improved-diffusion models)
+        diffusion_steps: T, the number of steps of the OpenAI model's training process (with --openai_ckpt; a --ckpt
+            carries its own)
+        noise_schedule: beta schedule of the OpenAI model's training process (with --openai_ckpt)
+        var_type: variance of the OpenAI model (with --openai_ckpt); auto = learned_range if the arch learns sigma,
+            else fixed_large
+        rescale_timesteps: the OpenAI model takes t * 1000 / T (with --openai_ckpt; improved-diffusion models)
     """
 
     ckpt: str | None = None
@@ -51,7 +55,7 @@ class ClassifierSource:
         classifier_ckpt: a diffusion-pl NoisyClassifierModule checkpoint
         classifier_openai_ckpt: a released OpenAI classifier (.pt), with --classifier_arch
         classifier_arch: released classifier preset (e.g. adm_imagenet64_classifier) or a YAML file of EncoderUNetModel
-            arguments
+            arguments (with --classifier_openai_ckpt)
     """
 
     classifier_ckpt: str | None = None
@@ -82,7 +86,8 @@ class SamplingOptions:
         method: {methods}
         eta: {eta}
         clip_denoised: clamp the predicted x_0 to [-1, 1]
-        label_mode: random (uniform, per-sample seeded) or balanced (sample i gets class i mod K)
+        label_mode: the classes of a class-conditional or classifier-guided model's samples: random (uniform,
+            per-sample seeded) or balanced (sample i gets class i mod K)
         seed: run seed
         precision: autocast of the networks, spelt as Lightning does: 32-true, bf16-mixed, or 16-mixed (fp16, for
             GPUs without bf16)
@@ -168,3 +173,26 @@ def settings_of(*groups: Any, **more: Any) -> dict[str, Any]:
         out.update((k, v) for k, v in asdict(group).items() if k not in NOT_SETTINGS)
     out.update(more)
     return {k: (os.path.abspath(v) if k.endswith("ckpt") and isinstance(v, str) else v) for k, v in out.items()}
+
+
+# The options of ModelSource that describe a released OpenAI checkpoint (a diffusion-pl checkpoint carries its own).
+OPENAI_MODEL_OPTIONS = ("arch", "diffusion_steps", "noise_schedule", "var_type", "rescale_timesteps")
+
+
+def given(group: Any, names: Iterable[str] | None = None) -> list[str]:
+    """The fields of an option group (of ``names``, default all) set to other than their defaults: the options the user
+    gave (one given at its default value cannot be told from one left out, and changes nothing)."""
+    out = []
+    for f in fields(group):
+        default = f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc]
+        if (names is None or f.name in names) and getattr(group, f.name) != default:
+            out.append(f.name)
+    return out
+
+
+def refuse_options(names: Iterable[str], where: str) -> None:
+    """A one-line UserInputError naming the options of ``names`` (given, but not used ``where``), if there are any."""
+    names = [f"--{n}" for n in names]
+    if names:
+        verb, pronoun = ("does", "it") if len(names) == 1 else ("do", "them")
+        raise UserInputError(f"{', '.join(names)} {verb} not apply {where}; leave {pronoun} out")

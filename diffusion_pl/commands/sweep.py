@@ -116,8 +116,8 @@ def sweep(
     check_launch(launch)
     check_evaluation_inputs(evaluation)
     check_enough_images(evaluation.metrics, num_samples, isc_splits=evaluation.isc_splits)
-    fabric = start(launch)
     source = SampleSource.load(model, classifier, sampling)
+    fabric = start(launch)
     # Every point is checked before anything is sampled: the guidance of each, then the shared options.
     for guidance in plan:
         source.check_guidance(guidance)

@@ -106,6 +106,13 @@ SAMPLE_CASES = [
      r"--steps '2000' does not fit the model's T = 10 .*asks for 2000.*Use a step count 1..10"),
     ("eta-with-ddpm", ["--ckpt", "{cond}", "--eta", "0.5"], r"--eta 0.5 only applies to method ddim"),
     ("eta-negative", ["--ckpt", "{cond}", "--method", "ddim", "--eta", "-1"], r"--eta must be >= 0 \(0: deterministic"),
+    ("openai-options-with-ckpt", ["--ckpt", "{cond}", "--diffusion_steps", "100", "--var_type", "fixed_small"],
+     r"--diffusion_steps, --var_type do not apply to a --ckpt \(it carries its own architecture and training "
+     r"process; these options describe an --openai_ckpt\); leave them out$"),
+    ("classifier-arch-with-ckpt", ["--ckpt", "{cond}", "--classifier_ckpt", "{classifier}", "--classifier_arch",
+                                   "adm_imagenet64_classifier", "--classifier_scale", "1"],
+     r"--classifier_arch does not apply without --classifier_openai_ckpt \(a --classifier_ckpt carries its own "
+     r"architecture\); leave it out$"),
 ]  # fmt: skip
 
 
@@ -149,6 +156,15 @@ EVALUATE_CASES = [
      r"--out_dir \S+ is a file, not a directory"),
     ("samples-and-ckpt", ["--samples", "{good_npz}", "--ckpt", "{cond}"], r"give --samples or a model .*not both"),
     ("nll-without-data", ["--ckpt", "{cond}", "--nll", "true"], r"--nll needs --data_class \(and --data_args\)"),
+    ("sampling-options-with-samples", ["--samples", "{good_npz}", "--steps", "50", "--num_samples", "8"],
+     r"--steps, --num_samples do not apply to evaluate --samples \(the images of the npz are evaluated as they are; "
+     r"these options are for sampling from --ckpt / --openai_ckpt\); leave them out$"),
+    ("metric-options-with-nll", ["--ckpt", "{cond}", "--nll", "true", "--data_class", "MNIST5kDataModule",
+                                 "--metrics", "[fid]", "--cfg_scale", "2"],
+     r"--cfg_scale, --metrics do not apply to evaluate --nll true \(bits/dim of the model on --data_class "
+     r"--split\); leave them out$"),
+    ("nll-batches-without-nll", ["--samples", "{good_npz}", "--nll_batches", "1"],
+     r"--nll_batches does not apply without --nll true; leave it out$"),
 ]  # fmt: skip
 
 
