@@ -1,10 +1,13 @@
-"""`diffusion-pl evaluate`: metrics equal torch_fidelity.calculate_metrics on the same images; --nll bits/dim."""
+"""`diffusion-pl evaluate`: metrics equal torch_fidelity.calculate_metrics on the same images, and on 2 processes equal
+those of one; --nll bits/dim."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -17,6 +20,7 @@ from diffusion_pl.commands.evaluate import evaluate
 from diffusion_pl.evaluation import save_samples_npz
 
 N, KID_SUBSET, ISC_SPLITS = 10, 5, 2
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def smooth(n: int, seed: int, shift: float = 0.0) -> np.ndarray:
@@ -84,3 +88,26 @@ def test_nll_bits_per_dim(ckpts, tmp_path):
         rows = list(csv.DictReader(f))
     assert [int(r["t"]) for r in rows] == list(range(10))
     assert sum(float(r["vb_bpd"]) for r in rows) == pytest.approx(sum(vb), rel=1e-6)
+
+
+@pytest.mark.ddp
+def test_two_processes_give_the_metrics_of_one(tmp_path, random_inception_weights):
+    """`evaluate --samples --devices 2`: each process extracts the Inception features of its part of the npz (4 and 3
+    images), they are gathered through the command's Fabric, rank 0 computes: the metrics of one process."""
+    gen = np.concatenate([smooth(4, 5, 20.0), smooth(3, 6, -40.0)])
+    npz = save_samples_npz(str(tmp_path / "gen.npz"), gen)
+    real = write_folder(tmp_path / "real", smooth(6, 7))
+    options = ["--samples", npz, "--reference", real, "--inception_weights", random_inception_weights, "--metrics",
+               "[isc, prc, kid]", "--kid_subset_size", "3", "--isc_splits", "1", "--inception_batch_size", "8",
+               "--cache_dir", str(tmp_path / "cache"), "--accelerator", "cpu"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    for devices in ("1", "2"):
+        proc = subprocess.run([sys.executable, "-m", "diffusion_pl.cli", "evaluate", *options, "--devices", devices,
+                               "--out_dir", str(tmp_path / devices)], capture_output=True, text=True, timeout=300,
+                              env=env, cwd=ROOT)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (json.loads((tmp_path / d / "metrics.json").read_text())["metrics"] for d in ("1", "2"))
+    assert set(one) >= {"isc_mean", "precision", "recall", "kid_mean"} and one.keys() == two.keys()
+    for key, value in one.items():  # other batch sizes per process: float32 conv noise only
+        assert two[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
