@@ -8,7 +8,6 @@ import os
 from collections.abc import Callable, Mapping
 
 import torch
-import torch.distributed as dist
 
 from diffusion_pl.errors import UserInputError
 from diffusion_pl.utils.seeds import derive_seed
@@ -98,7 +97,7 @@ def make_all_gather(module) -> Callable[[torch.Tensor], torch.Tensor] | None:
     Built on LightningModule.all_gather (which stacks a new leading rank dimension) and used by
     LossSecondMomentSampler.update_with_local_losses, so every rank records every rank's losses.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+    if module.trainer.world_size <= 1:
         return None
 
     def all_gather(tensor: torch.Tensor) -> torch.Tensor:
