@@ -22,6 +22,8 @@ from diffusion_pl.commands.options import (
     Launch,
     ModelSource,
     SamplingOptions,
+    given,
+    refuse_options,
 )
 from diffusion_pl.errors import UserInputError
 from diffusion_pl.evaluation import check_enough_images
@@ -112,6 +114,8 @@ def sweep(
         overwrite: regenerate samples and replace outputs
     """
     plan = sweep_plan(classifier_scales, cfg_scales)
+    if not classifier_scales:
+        refuse_options(given(classifier), "without --classifier_scales (only classifier guidance uses a classifier)")
     check_out_dir(out_dir)
     check_launch(launch)
     check_evaluation_inputs(evaluation)

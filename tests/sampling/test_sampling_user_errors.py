@@ -173,6 +173,14 @@ def test_evaluate_user_errors(files, tmp_path, capsys, args, pattern):
     check_refused_before_writing(capsys, tmp_path, files, ["evaluate", "--accelerator", "cpu"], args, pattern)
 
 
+def test_sweep_refuses_a_classifier_it_would_not_use(files, tmp_path, capsys):
+    """Only --classifier_scales points use a classifier: with --cfg_scales alone it would be loaded and ignored."""
+    args = ["--ckpt", "{cond}", "--cfg_scales", "[0, 1]", "--classifier_ckpt", "{classifier}", "--metrics", "[isc]"]
+    check_refused_before_writing(capsys, tmp_path, files, ["sweep", "--accelerator", "cpu"], args,
+                                 r"--classifier_ckpt does not apply without --classifier_scales \(only classifier "
+                                 r"guidance uses a classifier\); leave it out$")  # fmt: skip
+
+
 @pytest.mark.parametrize("fail_on", ["second-shard", "samples.npz"])
 def test_full_disk_keeps_finished_shards_and_resumes(files, tmp_path, capsys, monkeypatch, fail_on):
     """ENOSPC while writing: the message says disk full, names the file, keeps finished shards and says how to
