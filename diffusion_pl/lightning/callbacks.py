@@ -89,7 +89,8 @@ class NonFiniteGuard(Callback):
 
 
 class ValidationWeightsCallback(Callback):
-    """Base of the callbacks that sample once per validation run with the weights validation uses.
+    """Base of the callbacks that sample once per validation run with the weights validation uses, optionally guided
+    by a noisy classifier checkpoint (``classifier_path``).
 
     EMAWeightAveraging (any WeightAveraging) swaps the averaged weights in at on_validation_epoch_start and out at
     on_validation_epoch_end, and callbacks run in list order: a callback after it in the list finds them in place at
@@ -98,6 +99,8 @@ class ValidationWeightsCallback(Callback):
     """
 
     at_start = False  # call at on_validation_epoch_start (else at on_validation_epoch_end); set by setup
+    classifier_path: str | None = None
+    _classifier: L.LightningModule | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         callbacks = trainer.callbacks
@@ -115,6 +118,19 @@ class ValidationWeightsCallback(Callback):
 
     def on_validation_weights(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         raise NotImplementedError
+
+    def guiding_classifier(self, pl_module: L.LightningModule) -> L.LightningModule:
+        """The NoisyClassifierModule checkpoint at ``self.classifier_path`` on the module's device: loaded and checked
+        against the diffusion model on first use, then held by the callback (outside the LightningModule, so weight
+        averaging never touches it)."""
+        from diffusion_pl.lightning.classifier_module import NoisyClassifierModule
+
+        if self._classifier is None:
+            option = f"{type(self).__name__}.classifier_path"
+            classifier = load_module(NoisyClassifierModule, self.classifier_path, option, map_location=pl_module.device)
+            check_classifier_compatible(classifier.hparams, pl_module.hparams, self.classifier_path)
+            self._classifier = classifier.eval().requires_grad_(False)
+        return self._classifier.to(pl_module.device)
 
 
 class GuidedSampler(ValidationWeightsCallback):
@@ -243,24 +259,13 @@ class GuidedSampler(ValidationWeightsCallback):
         self.last_grid = grid
         self._log_grid(trainer, grid)
 
-    def _load_classifier(self, pl_module: L.LightningModule) -> L.LightningModule:
-        from diffusion_pl.lightning.classifier_module import NoisyClassifierModule
-
-        if self._classifier is None:
-            classifier = load_module(NoisyClassifierModule, self.classifier_path, "GuidedSampler.classifier_path",
-                                     map_location=pl_module.device)  # fmt: skip
-            classifier.eval().requires_grad_(False)
-            check_classifier_compatible(classifier.hparams, pl_module.hparams, self.classifier_path)
-            self._classifier = classifier
-        return self._classifier.to(pl_module.device)
-
     def labels(self, pl_module: L.LightningModule) -> torch.Tensor | None:
         """The class of each grid cell (row-major), or None for an unconditional, unguided model."""
         hp = pl_module.hparams
         if hp.get("class_cond", False):
             num_classes = int(hp.num_classes)
         elif self.classifier_path is not None:
-            num_classes = int(self._load_classifier(pl_module).hparams.out_channels)
+            num_classes = int(self.guiding_classifier(pl_module).hparams.out_channels)
         else:
             return None
         classes = self.classes if self.classes is not None else list(range(min(num_classes, self.max_classes)))
@@ -285,7 +290,7 @@ class GuidedSampler(ValidationWeightsCallback):
             model = classifier_free_model(model_fn, self.cfg_scale, null_class=int(hp.num_classes))
         cond_fn = None
         if self.classifier_path is not None:
-            cond_fn = classifier_cond_fn(self._load_classifier(pl_module), self.classifier_scale)
+            cond_fn = classifier_cond_fn(self.guiding_classifier(pl_module), self.classifier_scale)
         generator = torch.Generator(device=device).manual_seed(self.seed)
         shape = (n, int(hp.in_channels), int(hp.image_size), int(hp.image_size))
         return sample_loop(

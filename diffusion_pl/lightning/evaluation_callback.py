@@ -41,11 +41,9 @@ from diffusion_pl.evaluation.features import (
 from diffusion_pl.evaluation.reference import load_reference, read_cache, resolution_mismatch
 from diffusion_pl.lightning.callbacks import (
     ValidationWeightsCallback,
-    check_classifier_compatible,
     check_classifier_file,
     validation_follows_checkpoint,
 )
-from diffusion_pl.lightning.checkpoints import load_module
 from diffusion_pl.sampling import SampleEngine, check_eta, check_respacing
 from diffusion_pl.utils.images import to_uint8
 
@@ -189,14 +187,7 @@ class SampleQualityEvaluation(ValidationWeightsCallback):
         hp = pl_module.hparams
         classifier = None
         if self.classifier_path is not None and self.classifier_scale != 0.0:
-            if self._classifier is None:
-                from diffusion_pl.lightning.classifier_module import NoisyClassifierModule
-
-                option = "SampleQualityEvaluation.classifier_path"
-                clf = load_module(NoisyClassifierModule, self.classifier_path, option)
-                check_classifier_compatible(clf.hparams, hp, self.classifier_path)
-                self._classifier = clf.eval().requires_grad_(False)
-            classifier = self._classifier.to(pl_module.device)
+            classifier = self.guiding_classifier(pl_module)
         num_classes = int(classifier.hparams.out_channels) if classifier else None
         if hp.class_cond:
             num_classes = int(hp.num_classes)
