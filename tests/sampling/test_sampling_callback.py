@@ -58,7 +58,7 @@ def test_callback_two_ranks(tmp_path, random_inception_weights):
         "from test_sampling_callback import run_fit\n"
         "if __name__ == '__main__':\n"
         f"    cb = run_fit({str(tmp_path)!r}, {random_inception_weights!r}, devices=2)\n"
-        "    print('METRICS', cb.last_step, sorted(cb.last_metrics))\n"
+        "    sys.stdout.write(f'METRICS {cb.last_step} {sorted(cb.last_metrics)}\\n')\n"  # one write per rank
     )
     path = tmp_path / "run_ddp.py"
     path.write_text(script)
@@ -104,3 +104,21 @@ def test_reference_of_another_resolution_is_warned_once(tmp_path, random_incepti
         trainer.fit(module, datamodule=TinyDataModule(n_train=8, n_val=4, batch_size=4))
     assert sum("reference images are 16x16" in str(r.message) for r in w) == 1
     assert callback.last_step == 2 and callback.last_metrics["fid"] > 0
+
+
+def test_guiding_classifier_is_loaded_once_and_checked(ckpts):
+    """classifier_path: the checkpoint is loaded on first use, held (not reloaded at the next evaluation) and guides
+    the engine; a classifier of another image size is refused with the settings that differ."""
+    from diffusion_pl.lightning.checkpoints import load_module
+
+    model = load_module(DiffusionModule, ckpts["cond"], "ckpt")
+    callback = SampleQualityEvaluation(classifier_path=ckpts["classifier"], classifier_scale=1.0, steps="4",
+                                       metrics=["isc"], isc_splits=1, num_samples=2)  # fmt: skip
+    engine = callback._engine(model)
+    classifier = callback.guiding_classifier(model)
+    assert engine.classifier is classifier and callback._engine(model).classifier is classifier
+    assert not any(p.requires_grad for p in classifier.parameters()) and not classifier.training
+    other = SampleQualityEvaluation(classifier_path=ckpts["classifier16"], classifier_scale=1.0, metrics=["isc"],
+                                    isc_splits=1, num_samples=2)  # fmt: skip
+    with pytest.raises(ValueError, match="image_size: classifier 16 vs diffusion model 8"):
+        other.guiding_classifier(model)
