@@ -70,8 +70,8 @@ def evaluate_bits_per_dim(model: ModelSource, sampling: SamplingOptions, evaluat
     """Bits/dim of the model on --data_class --split (noise seeded by --seed); writes nll.json and nll_terms.csv."""
     if evaluation.data_class is None:
         raise UserInputError("--nll needs --data_class (and --data_args) naming the data to evaluate")
+    loaded = load_model(model)  # checked before the processes are launched
     fabric = start(launch)
-    loaded = load_model(model)
     result = nll_bpd(fabric, loaded, evaluation.data_class, evaluation.data_args, evaluation.split, nll_batches,
                      sampling.clip_denoised, sampling.seed)  # fmt: skip
     result.update(source=os.path.abspath(model.ckpt or model.openai_ckpt), data_class=evaluation.data_class,
@@ -153,8 +153,8 @@ def evaluate(
     (+ --data_args, --split). Writes OUT_DIR/metrics.json, or with --nll OUT_DIR/nll.json + nll_terms.csv.
 
     The model, classifier, guidance and sampling options apply only when it samples (--ckpt / --openai_ckpt); with
-    --samples they are refused. With --nll true only the model options, --seed, --clip_denoised, --data_class,
-    --data_args, --split and the process options apply, and the others are refused.
+    --samples they are refused. With --nll true the model options, --seed, --clip_denoised, --data_class, --data_args,
+    --split, --nll_batches and the process options apply; the others are refused.
 
     Args:
         samples: ADM sample npz to evaluate (arr_0 uint8 NHWC)
