@@ -95,8 +95,9 @@ def launcher_rank() -> int:
     reads it from the environment): torchrun ``RANK``, SLURM ``SLURM_PROCID``, else Lightning's own launcher
     ``LOCAL_RANK`` on node ``NODE_RANK`` (torchrun: ``GROUP_RANK``). 0 for the first process of the whole run and
     outside a distributed run; on node n > 0 Lightning's first process gets n (its global rank needs the devices per
-    node). Lightning's ``rank_zero_only.rank`` is not used: it reads ``LOCAL_RANK`` only, so it is 0 on the first
-    process of every node, and it is read once, when lightning is imported."""
+    node). Lightning's ``rank_zero_only.rank`` is not used: before Lightning's launcher has run it is read from
+    ``RANK`` / ``LOCAL_RANK`` / ``SLURM_PROCID`` without ``NODE_RANK``, so it is 0 on the first process of every node
+    of a multi-node run that Lightning launches, and it is read once, when lightning is imported."""
     values = [os.environ.get(name, "").strip() for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK")]
     rank = next((int(v) for v in values if v.isdigit()), 0)
     node = os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "")).strip()
