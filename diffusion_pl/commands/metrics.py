@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from diffusion_pl.commands.options import Evaluation
+from diffusion_pl.commands.options import Evaluation, given, refuse_options
 from diffusion_pl.data.common import EVALUATION_LOADER_VERSION, evaluation_dataloader
 from diffusion_pl.errors import UserFileNotFoundError, UserInputError
 from diffusion_pl.evaluation import evaluate_samples, load_samples_npz, reference_features
@@ -71,6 +71,8 @@ def needs_reference(evaluation: Evaluation) -> bool:
 def check_evaluation_inputs(evaluation: Evaluation) -> None:
     """The reference and Inception weights options, checked before any sampling or feature extraction."""
     reference, inception_weights = evaluation.reference, evaluation.inception_weights
+    if evaluation.data_class is None:
+        refuse_options(given(evaluation, ("data_args", "split")), "without --data_class (they choose its data)")
     if needs_reference(evaluation) and (reference is None) == (evaluation.data_class is None):
         raise UserInputError(
             "give exactly one reference: --reference (a folder of images, an ADM reference npz or a diffusion-pl "

@@ -139,8 +139,8 @@ class Evaluation:
         reference: an image folder, an ADM reference npz, or a diffusion-pl reference cache npz
         data_class: a LightningDataModule class (short names resolve in diffusion_pl.data) whose split is the
             reference, or the data of --nll
-        data_args: its constructor arguments
-        split: the DataModule split
+        data_args: its constructor arguments (with --data_class)
+        split: the DataModule split (with --data_class)
         inception_weights: a local Inception weights file (default: torch-fidelity's cache / download)
         metrics: subset of fid, isc (Inception Score), prc (precision/recall), kid
         kid_subset_size: KID subset size

@@ -110,7 +110,7 @@ def sweep(
         out_dir: output directory
         num_samples: samples per scale
         wandb: log the table and the plot to W&B (the active run, else a new one in --wandb_project)
-        wandb_project: W&B project of a new run
+        wandb_project: W&B project of a new run (with --wandb true)
         overwrite: regenerate samples and replace outputs
     """
     plan = sweep_plan(classifier_scales, cfg_scales)

@@ -163,6 +163,8 @@ EVALUATE_CASES = [
                                  "--metrics", "[fid]", "--cfg_scale", "2"],
      r"--cfg_scale, --metrics do not apply to evaluate --nll true \(bits/dim of the model on --data_class "
      r"--split\); leave them out$"),
+    ("data-options-without-data-class", ["--samples", "{good_npz}", "--reference", "{good_npz}", "--split", "train"],
+     r"--split does not apply without --data_class \(they choose its data\); leave it out$"),
     ("nll-batches-without-nll", ["--samples", "{good_npz}", "--nll_batches", "1"],
      r"--nll_batches does not apply without --nll true; leave it out$"),
 ]  # fmt: skip
