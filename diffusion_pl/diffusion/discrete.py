@@ -1,9 +1,8 @@
 """The two discrete-time samplers of the reference, one step each, over a (respaced) GaussianDiffusion.
 
 Ancestral sampling (DDPM; Ho et al. 2020, ADM Alg. 1 for classifier guidance) and DDIM (Song et al. 2021, eq. 12;
-ADM Alg. 2 for classifier guidance). Randomness: each step uses the ``noise`` argument if given, else
-``torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)``; with ``generator=None`` this draws from
-the global RNG exactly like ``torch.randn_like(x)``.
+ADM Alg. 2 for classifier guidance). Randomness: each step adds the ``noise`` it is given (z ~ N(0, I), like x), or
+draws ``torch.randn_like(x)`` from the global RNG; the sampling loop draws it (from its generator) and passes it in.
 """
 
 from __future__ import annotations
@@ -15,12 +14,12 @@ import torch
 from .process import GaussianDiffusion
 
 
-def _step_noise(x: torch.Tensor, noise: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
-    if noise is not None:
-        if noise.shape != x.shape:
-            raise ValueError(f"noise has shape {tuple(noise.shape)} but x has shape {tuple(x.shape)}")
-        return noise
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+def _step_noise(x: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+    if noise is None:
+        return torch.randn_like(x)
+    if noise.shape != x.shape:
+        raise ValueError(f"noise has shape {tuple(noise.shape)} but x has shape {tuple(x.shape)}")
+    return noise
 
 
 def _step_result(mean: torch.Tensor, std: torch.Tensor, z: torch.Tensor, t: torch.Tensor, pred_xstart: torch.Tensor):
@@ -38,7 +37,6 @@ def p_sample(
     model_kwargs: dict | None = None,
     cond_fn: Callable[..., torch.Tensor] | None = None,
     noise: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
     """One ancestral (DDPM) step: x_{t-1} = mu + exp(0.5 log sigma^2) z, z ~ N(0, I), no noise at t = 0.
 
@@ -47,7 +45,7 @@ def p_sample(
     """
     model_kwargs = model_kwargs or {}
     out = process.p_mean_variance(model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
-    z = _step_noise(x, noise, generator)
+    z = _step_noise(x, noise)
     mean = out["mean"]
     if cond_fn is not None:
         mean = process.condition_mean(cond_fn, out, x, t, model_kwargs=model_kwargs)
@@ -64,7 +62,6 @@ def ddim_step(
     model_kwargs: dict | None = None,
     cond_fn: Callable[..., torch.Tensor] | None = None,
     noise: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
     """One DDIM step (Song et al. 2021, eq. 12) from index t to t - 1 of ``process`` (respaced or not).
 
@@ -81,6 +78,6 @@ def ddim_step(
     alpha_bar = process.gather(process.alphas_cumprod, t, x)
     alpha_bar_prev = process.gather(process.alphas_cumprod_prev, t, x)
     sigma = eta * torch.sqrt((1.0 - alpha_bar_prev) / (1.0 - alpha_bar)) * torch.sqrt(1.0 - alpha_bar / alpha_bar_prev)
-    z = _step_noise(x, noise, generator)
+    z = _step_noise(x, noise)
     mean = out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1.0 - alpha_bar_prev - sigma**2) * out["eps"]
     return _step_result(mean, sigma, z, t, out["pred_xstart"])
