@@ -2,15 +2,18 @@
 
     python benchmarks/bench_solvers.py --model random                    # randomly initialised CPU-sized ADM
     python benchmarks/bench_solvers.py --model mnist --ckpt CKPT         # the quickstart model (diffusion-pl demo)
+    python benchmarks/bench_solvers.py --model mnist_accuracy --ckpt CKPT --samples 500   # digit accuracy only
+    python benchmarks/bench_solvers.py --model mnist_order --ckpt CKPT --samples 16   # solver order, clamp on / off
     python benchmarks/bench_solvers.py --model speed                     # images/s vs the reference, guided
     python benchmarks/bench_solvers.py --render results/*.json           # write the section into BENCHMARKS.md
 
 Every sample set uses SampleEngine with the same seed, so sample i starts from the same x_T for every method.
 * RMS: root-mean-square distance (images in [-1, 1]) of x_0 to the same-noise 1000-step DDIM (eta 0) solution, for the
-  deterministic methods at NFE 5, 10, 20, 50 (ddim: respacing "N"; dpmpp_2m: karrasN and logsnrN; heun: karrasK with
-  2K - 1 <= NFE). MNIST: with classifier-free guidance w = --cfg; random ADM: class-conditional, unguided.
+  deterministic methods at NFE 5, 10, 20, 50 (ddim: respacing "N"; dpmpp_2m: karrasN, logsnrN and uniformN; heun:
+  karrasK with 2K - 1 <= NFE). MNIST: with classifier-free guidance w = --cfg; random ADM: class-conditional, unguided.
 * Digit accuracy (MNIST): the demo's 3-nearest-neighbour vote of the training digits (diffusion_pl.commands.demo) on
-  balanced labels, for every method including ancestral (ddpm) and dpmpp_2m_sde, and for 100-step ancestral sampling.
+  balanced labels, for every method including ancestral (ddpm) and dpmpp_2m_sde, and for 100-step ancestral sampling;
+  --model mnist_accuracy measures it alone on many samples for --runs (a few dozen samples cannot resolve 0.02).
 * Speed: classifier-guided sampling (scale 1) of the CPU-sized ADM of benchmarks/bench_sampling.py, ours with
   dpmpp_2m karras20 vs the reference's 250-step ancestral p_sample_loop (time per step measured on --ref-steps steps,
   images/s for 250 steps extrapolated from it), interleaved.
@@ -41,7 +44,7 @@ def schedules(nfe: int) -> list[tuple[str, str]]:
     """(method, --steps) pairs with at most ``nfe`` network evaluations."""
     heun_steps = (nfe + 1) // 2
     return [("ddim", str(nfe)), ("dpmpp_2m", f"karras{nfe}"), ("dpmpp_2m", f"logsnr{nfe}"),
-            ("heun", f"karras{heun_steps}")]  # fmt: skip
+            ("dpmpp_2m", f"uniform{nfe}"), ("heun", f"karras{heun_steps}")]  # fmt: skip
 
 
 def draw(model, diffusion, shape, method, steps, n, batch, **kw) -> torch.Tensor:
@@ -107,6 +110,77 @@ def mnist(args) -> dict:
     return result
 
 
+ACCURACY_RUNS = "ddpm:100,dpmpp_2m:karras20,dpmpp_2m:uniform20,dpmpp_2m_sde:karras20,ddim:20,ddim:100"
+
+
+def mnist_accuracy(args) -> dict:
+    """Digit accuracy only (no 1000-step reference), for many samples: --runs METHOD:STEPS,..."""
+    from diffusion_pl.commands.demo import knn_digit_accuracy, mnist_split
+    from diffusion_pl.diffusion import get_sampler
+    from diffusion_pl.lightning import DiffusionModule
+    from diffusion_pl.utils.images import to_uint8
+
+    module = DiffusionModule.load_from_checkpoint(args.ckpt, map_location="cpu").eval()
+    hp = module.hparams
+    train_x, train_y = mnist_split("train")
+    labels = (torch.arange(args.samples) % int(hp.num_classes)).numpy()
+    rows = []
+    for method, steps in (run.split(":") for run in args.runs.split(",")):
+        t0 = time.perf_counter()
+        x = draw(module, module.diffusion, (int(hp.in_channels), int(hp.image_size), int(hp.image_size)), method,
+                 steps, args.samples, args.batch, class_cond=True, num_classes=int(hp.num_classes),
+                 null_class=module.null_label, cfg_scale=args.cfg, label_mode="balanced", precision=args.precision)
+        accuracy = knn_digit_accuracy(to_uint8(x).permute(0, 2, 3, 1).numpy(), labels, train_x, train_y)
+        levels = int("".join(ch for ch in steps if ch.isdigit()))
+        rows.append({"method": method, "steps": steps, "nfe": get_sampler(method).nfe(levels),
+                     "digit_accuracy": round(accuracy, 4), "seconds": round(time.perf_counter() - t0, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+    return {"accuracy_rows": rows, "samples": args.samples, "guidance": f"classifier-free w = {args.cfg}",
+            "precision": args.precision,
+            "model": f"quickstart MNIST-5k model {args.ckpt} (global step {_global_step(args.ckpt)})"}  # fmt: skip
+
+
+def ddim_on_levels(denoiser, x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """DDIM (eta 0) between arbitrary noise levels: x_{i+1} = D_i + (sigma_{i+1} / sigma_i) (x_i - D_i)."""
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+        denoised = denoiser(x, sigma)
+        x = denoised + float(sigma_next / sigma) * (x - denoised)
+    return x
+
+
+def mnist_order(args) -> dict:
+    """Order of DDIM and DPM-Solver++(2M) on the trained model's probability-flow ODE from sigma = 80, with and without
+    clamping D to [-1, 1]: RMS of x_0 to a 400-level DPM-Solver++(2M) solution, logSNR-uniform levels."""
+    from diffusion_pl.diffusion import DiscreteTimeDenoiser, classifier_free_model, dpm_solver_pp_2m
+    from diffusion_pl.diffusion.step_schedules import SIGMA_MAX, logsnr_sigmas, trained_sigmas
+    from diffusion_pl.lightning import DiffusionModule
+
+    module = DiffusionModule.load_from_checkpoint(args.ckpt, map_location="cpu").eval()
+    hp = module.hparams
+    model = classifier_free_model(module, args.cfg, module.null_label) if args.cfg else module
+    y = torch.arange(args.samples) % int(hp.num_classes)
+    shape = (args.samples, int(hp.in_channels), int(hp.image_size), int(hp.image_size))
+    x_start = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * (1.0 + SIGMA_MAX**2) ** 0.5
+    sigma_min = float(trained_sigmas(module.diffusion)[0])
+
+    def levels(n: int) -> torch.Tensor:
+        return torch.cat([logsnr_sigmas(n, sigma_min, SIGMA_MAX), torch.zeros(1, dtype=torch.float64)])
+
+    rows = []
+    for clip in (False, True):
+        denoiser = DiscreteTimeDenoiser(module.diffusion, model, {"y": y}, clip_denoised=clip)
+        with torch.no_grad():
+            reference = dpm_solver_pp_2m(denoiser, x_start, levels(400)).clamp(-1, 1)
+            for n in (10, 20, 50):
+                for name, solver in (("ddim", ddim_on_levels), ("dpmpp_2m", dpm_solver_pp_2m)):
+                    x = solver(denoiser, x_start, levels(n)).clamp(-1, 1)
+                    rows.append({"clip_denoised": clip, "method": name, "steps": f"logsnr{n}", "nfe": n,
+                                 "rms": round(rms(x, reference), 5)})  # fmt: skip
+                    print(json.dumps(rows[-1]), flush=True)
+    return {"order_rows": rows, "samples": args.samples, "guidance": f"classifier-free w = {args.cfg}",
+            "model": f"quickstart MNIST-5k model {args.ckpt} (global step {_global_step(args.ckpt)})"}  # fmt: skip
+
+
 def _global_step(path: str) -> int:
     return int(torch.load(path, map_location="cpu", weights_only=False).get("global_step", -1))
 
@@ -158,7 +232,8 @@ def machine() -> dict:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=["random", "mnist", "speed"])
+    p.add_argument("--model", choices=["random", "mnist", "mnist_accuracy", "mnist_order", "speed"])
+    p.add_argument("--runs", default=ACCURACY_RUNS, help="--model mnist_accuracy: METHOD:STEPS,...")
     p.add_argument("--ckpt", help="the quickstart DiffusionModule checkpoint (--model mnist)")
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--batch", type=int, default=8)
@@ -177,7 +252,8 @@ def main(argv=None) -> None:
         return
     started = time.time()
     before = machine()
-    result = {"random": random_adm, "mnist": mnist, "speed": speed}[args.model](args)
+    result = {"random": random_adm, "mnist": mnist, "mnist_accuracy": mnist_accuracy, "mnist_order": mnist_order,
+              "speed": speed}[args.model](args)
     result.update(kind=args.model, machine=before, load_after=machine()["load_average"],
                   seconds=round(time.time() - started), command="python benchmarks/bench_solvers.py "
                   + " ".join(sys.argv[1:] if argv is None else argv))  # fmt: skip

@@ -53,6 +53,18 @@ def render(results: list[dict]) -> str:
         if "rows" in result:
             lines += [f"{result['samples']} samples, guidance: {result['guidance']}, precision {result['precision']}.",
                       "", *_quality_table(result), ""]  # fmt: skip
+        if "accuracy_rows" in result:
+            lines += [f"{result['samples']} samples (balanced labels), guidance: {result['guidance']}, precision "
+                      f"{result['precision']}.", "", "| method | --steps | NFE | digit accuracy | s |",
+                      "|---|---|---|---|---|"]  # fmt: skip
+            lines += [f"| {r['method']} | {r['steps']} | {r['nfe']} | {r['digit_accuracy']:.3f} | {r['seconds']} |"
+                      for r in result["accuracy_rows"]] + [""]  # fmt: skip
+        if "order_rows" in result:
+            lines += [f"{result['samples']} samples, guidance: {result['guidance']}, 32-true; RMS of x_0 to a "
+                      "400-level DPM-Solver++(2M) solution from sigma = 80 (logSNR-uniform levels).", "",
+                      "| clip_denoised | method | --steps | NFE | RMS |", "|---|---|---|---|---|"]  # fmt: skip
+            lines += [f"| {r['clip_denoised']} | {r['method']} | {r['steps']} | {r['nfe']} | {r['rms']:.4f} |"
+                      for r in result["order_rows"]] + [""]  # fmt: skip
         if "speed" in result:
             s = result["speed"]
             lines += ["| sampler | images/s |", "|---|---|",

@@ -55,9 +55,9 @@ def test_demo_runs_every_step_and_a_rerun_keeps_them(tmp_path, capsys):
         assert Image.open(out / "samples" / mode / "grid.png").size[0] > 0
     # The fast solver next to ancestral sampling, with its network evaluations.
     assert summary["samples"]["classifier_free"]["sampler"] == "ddpm 2 (2 NFE)"
-    assert summary["samples"]["classifier_free_fast"]["sampler"] == "dpmpp_2m karras3 (3 NFE)"
+    assert summary["samples"]["classifier_free_fast"]["sampler"] == "dpmpp_2m_sde karras3 (3 NFE)"
     fast = next(s for s in summary["steps"] if s["name"] == "sample classifier_free_fast")
-    assert "--method dpmpp_2m --steps karras3 --cfg_scale 3.0" in fast["command"]
+    assert "--method dpmpp_2m_sde --steps karras3 --cfg_scale 3.0" in fast["command"]
     assert summary["bits_per_dim"]["num_images"] == 2 and summary["bits_per_dim"]["total_bpd"] > 0
     assert summary["inception_metrics"].startswith("skipped") or "computed" in summary["inception_metrics"]
     assert (out / "diffusion" / "checkpoints" / "last.ckpt").is_file()

@@ -163,7 +163,7 @@ def check_demo_options(
     steps: str,
     samples_per_class: int,
     nll_examples: int,
-    fast_method: str = "dpmpp_2m",
+    fast_method: str = "dpmpp_2m_sde",
     fast_steps: str = "karras20",
 ) -> None:
     """The demo's own options, before any training (a bad --steps would otherwise fail after the training)."""
@@ -239,7 +239,7 @@ def demo(
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto",
     nll_examples: int = 16,
     inception_weights: str | None = None,
-    fast_method: Literal[SAMPLING_METHODS] = "dpmpp_2m",  # type: ignore[valid-type]
+    fast_method: Literal[SAMPLING_METHODS] = "dpmpp_2m_sde",  # type: ignore[valid-type]
     fast_steps: str = "karras20",
 ) -> dict:
     """Run the quickstart end to end on MNIST-5k and write everything under OUT_DIR.
@@ -257,7 +257,7 @@ def demo(
     :param nll_examples: held-out digits for bits/dim (each costs T = 1000 network evaluations)
     :param inception_weights: Inception weights for FID / IS / precision / recall (default: torch-fidelity's cache)
     :param fast_method: the fast sampler shown next to ancestral sampling (classifier-free guidance; docs/SAMPLERS.md)
-    :param fast_steps: its step schedule (karras20: 20 network evaluations with dpmpp_2m)
+    :param fast_steps: its step schedule (karras20: 20 network evaluations with dpmpp_2m_sde)
     """
     started = time.perf_counter()
     configs = find_config_dir(config_dir)

@@ -130,7 +130,7 @@ def _discrete_loop(spec, process, model, x, eta, clip_denoised, model_kwargs, co
     timesteps = torch.arange(process.num_timesteps - 1, -1, -1, device=x.device)
     for step in tqdm(timesteps, disable=not progress, desc=f"{spec.name} sampling"):
         t = step.expand(x.shape[0])
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)  # every step, as the reference
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)  # each step, as the reference
         out = spec.function(process, model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs,
                             cond_fn=cond_fn, noise=noise, **extra)  # fmt: skip
         x = out["sample"]
