@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -88,7 +89,7 @@ class NonFiniteGuard(Callback):
             self._fail(trainer, f"non-finite loss ({value} on rank {trainer.global_rank})")
 
 
-class ValidationWeightsCallback(Callback):
+class ValidationWeightsCallback(Callback, ABC):
     """Base of the callbacks that sample once per validation run with the weights validation uses, optionally guided
     by a noisy classifier checkpoint (``classifier_path``).
 
@@ -116,8 +117,9 @@ class ValidationWeightsCallback(Callback):
         if not self.at_start:
             self.on_validation_weights(trainer, pl_module)
 
+    @abstractmethod
     def on_validation_weights(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        raise NotImplementedError
+        """Sample / evaluate with the validation weights in place (the subclass's job)."""
 
     def guiding_classifier(self, pl_module: L.LightningModule) -> L.LightningModule:
         """The NoisyClassifierModule checkpoint at ``self.classifier_path`` on the module's device: loaded and checked
