@@ -20,22 +20,18 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-
-def example_seed(seed: int, epoch: int, position: int, rank: int) -> int:
-    """A 63-bit seed for one example of one epoch (numpy SeedSequence over the four integers)."""
-    parts = [int(p) & 0xFFFFFFFF for p in (seed, epoch, position, rank)]
-    return int(np.random.SeedSequence(parts).generate_state(2, np.uint64)[0] >> 1)
+from diffusion_pl.utils.seeds import derive_seed
 
 
 class ResumableSampler(DistributedSampler):
     """DistributedSampler over this process's rank (one replica without torch.distributed) that yields
-    ``(index, example_seed)`` and can start an epoch at a given position (``start``, in examples)."""
+    ``(index, derive_seed(seed, epoch, position, rank))`` and can start an epoch at a given position (``start``, in
+    examples)."""
 
     def __init__(self, dataset: Dataset, shuffle: bool = True, seed: int | None = None, drop_last: bool = False):
         distributed = dist.is_available() and dist.is_initialized()
@@ -53,7 +49,7 @@ class ResumableSampler(DistributedSampler):
         start, self.start = self.start, 0
         indices = list(super().__iter__())
         for position in range(start, len(indices)):
-            yield indices[position], example_seed(self.seed, self.epoch, position, self.rank)
+            yield indices[position], derive_seed(self.seed, self.epoch, position, self.rank)
 
 
 class SeededDataset(Dataset):
@@ -68,7 +64,7 @@ class SeededDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> Any:
         index, seed = key
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # the CPU generator only, the one fork_rng restores
             return self.dataset[index]
 
 
