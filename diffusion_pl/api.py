@@ -32,16 +32,6 @@ from diffusion_pl.lightning.checkpoints import read_checkpoint
 from diffusion_pl.sampling.shards import grid_images
 from diffusion_pl.utils.images import image_grid, nchw_to_nhwc, to_uint8
 
-#: the diffusion process each released network was trained with (a .pt file does not record it): T, schedule, t*1000/T
-RELEASED_PROCESS = {
-    "adm_imagenet64": (1000, "cosine", False),
-    "adm_imagenet128": (1000, "linear", False),
-    "adm_imagenet256": (1000, "linear", False),
-    "adm_imagenet256_uncond": (1000, "linear", False),
-    "iddpm_cifar10": (4000, "cosine", True),
-    "iddpm_imagenet64_uncond": (4000, "cosine", True),
-    "iddpm_imagenet64_cond": (4000, "cosine", False),
-}
 LabelsArg = int | str | Sequence[int | str] | None
 
 
@@ -55,8 +45,9 @@ def load(checkpoint: str, preset: str | None = None, *, device: str | torch.devi
          rescale_timesteps: bool | None = None) -> Sampler:  # fmt: skip
     """A :class:`Sampler` for a diffusion-pl checkpoint (``preset`` None: the file carries its settings) or a released
     OpenAI ``.pt`` (``preset``: a name of ``diffusion_pl.models.RELEASED_CONFIGS`` such as "adm_imagenet64", or a YAML
-    file of UNetModel arguments). The process of a released file comes from the preset (:data:`RELEASED_PROCESS`;
-    ``diffusion_steps`` / ``noise_schedule`` / ``rescale_timesteps`` override it). ``device``: default the GPU if
+    file of UNetModel arguments). The process of a released file comes from the preset
+    (``diffusion_pl.models.RELEASED_PROCESS``; ``diffusion_steps`` / ``noise_schedule`` / ``rescale_timesteps`` override
+    it). ``device``: default the GPU if
     there is one; ``precision``: "32-true", "bf16-mixed" or "16-mixed" (autocast around the network)."""
     if preset is None and any(v is not None for v in (diffusion_steps, noise_schedule, rescale_timesteps)):
         raise UserInputError("diffusion_steps / noise_schedule / rescale_timesteps apply to released .pt files (with "
@@ -65,12 +56,8 @@ def load(checkpoint: str, preset: str | None = None, *, device: str | torch.devi
         loaded = load_model(ModelSource(ckpt=checkpoint))
         class_names = _checkpoint_class_names(checkpoint)
     else:
-        steps, schedule, rescale = RELEASED_PROCESS.get(preset, (1000, "cosine", False))
-        source = ModelSource(openai_ckpt=checkpoint, arch=preset,
-                             diffusion_steps=diffusion_steps if diffusion_steps is not None else steps,
-                             noise_schedule=noise_schedule or schedule,
-                             rescale_timesteps=rescale if rescale_timesteps is None else rescale_timesteps)  # fmt: skip
-        loaded = load_model(source)
+        loaded = load_model(ModelSource(openai_ckpt=checkpoint, arch=preset, diffusion_steps=diffusion_steps,
+                                        noise_schedule=noise_schedule, rescale_timesteps=rescale_timesteps))
         class_names = list(sorted_wnids()) if loaded.num_classes == 1000 else None
     return Sampler(loaded, device=device or default_device(), precision=precision, class_names=class_names)
 

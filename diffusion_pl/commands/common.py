@@ -24,14 +24,16 @@ from diffusion_pl.commands.options import (
 from diffusion_pl.diffusion import GaussianDiffusion, create_diffusion
 from diffusion_pl.errors import UserFileNotFoundError, UserInputError
 from diffusion_pl.models import (
+    DEFAULT_PROCESS,
     RELEASED_CONFIGS,
+    RELEASED_PROCESS,
     EncoderUNetModel,
     OpenAICheckpointError,
     UNetModel,
     load_openai_state_dict,
     released_config,
 )
-from diffusion_pl.sampling import SampleEngine, check_eta, check_guidance, check_respacing
+from diffusion_pl.sampling import SampleEngine, check_guidance, check_respacing
 
 # Which option takes which kind of checkpoint file (diffusion_pl.lightning.checkpoints.checkpoint_kind names): used
 # in the message when a file is given to the wrong option.
@@ -142,6 +144,15 @@ def load_openai_file(cls: type, kwargs: dict[str, Any], path: str, option: str, 
     return model
 
 
+def openai_process(chosen: ModelSource) -> tuple[int, str, bool]:
+    """(T, noise schedule, rescale_timesteps) of an --openai_ckpt: each option as given, else the --arch preset's
+    (RELEASED_PROCESS), else DEFAULT_PROCESS (a YAML arch)."""
+    preset = RELEASED_PROCESS.get(str(chosen.arch), DEFAULT_PROCESS)
+    given_values = (chosen.diffusion_steps, chosen.noise_schedule, chosen.rescale_timesteps)
+    steps, schedule, rescale = (p if g is None else g for g, p in zip(given_values, preset, strict=True))
+    return int(steps), str(schedule), bool(rescale)
+
+
 def load_model(chosen: ModelSource) -> LoadedModel:
     """A diffusion-pl checkpoint (it carries its config) or a released OpenAI checkpoint + arch + process settings."""
     ckpt, openai_ckpt, arch = chosen.ckpt, chosen.openai_ckpt, chosen.arch
@@ -172,8 +183,8 @@ def load_model(chosen: ModelSource) -> LoadedModel:
     kwargs = resolve_arch(arch, UNetModel, "arch")
     net = load_openai_file(UNetModel, kwargs, openai_ckpt, "--openai_ckpt", "openai-unet", f"--arch {arch}").eval()
     learn_sigma = bool(kwargs.get("learn_sigma", False))
-    diffusion_steps, noise_schedule, var_type = chosen.diffusion_steps, chosen.noise_schedule, chosen.var_type
-    rescale_timesteps = chosen.rescale_timesteps
+    diffusion_steps, noise_schedule, rescale_timesteps = openai_process(chosen)
+    var_type = chosen.var_type
     if var_type == "auto":  # guided-diffusion: learn_sigma -> learned range, else fixed large (sigma_small False)
         var_type = "learned_range" if learn_sigma else "fixed_large"
     diffusion = create_diffusion(
@@ -243,11 +254,11 @@ def load_classifier(model: LoadedModel, chosen: ClassifierSource) -> LoadedClass
 def engine_options(model: LoadedModel, classifier: LoadedClassifier | None, sampling: SamplingOptions,
                    guidance: Guidance) -> dict[str, Any]:  # fmt: skip
     """Keyword arguments of SampleEngine (minus model/diffusion/classifier/device), after checking the options against
-    the model and classifier (guidance, --steps against T, --eta), before anything is written."""
+    the model and classifier (guidance, --steps against T; --eta is checked by SamplingOptions), before anything is
+    written."""
     check_guidance(model.class_cond, model.null_class, classifier is not None, guidance.classifier_scale,
                    guidance.cfg_scale)  # fmt: skip
     check_respacing(model.diffusion, sampling.steps, "--steps", sampling.method)
-    check_eta(sampling.method, sampling.eta, "--eta")
     num_classes = model.num_classes if model.class_cond else (classifier.num_classes if classifier else None)
     return dict(
         image_shape=model.image_shape, respacing=sampling.steps, method=sampling.method, eta=sampling.eta,

@@ -30,21 +30,23 @@ class ModelSource:
         ckpt: a diffusion-pl DiffusionModule checkpoint (it carries its config; EMA weights if trained with EMA)
         openai_ckpt: a released OpenAI guided-/improved-diffusion checkpoint (.pt), with --arch
         arch: released preset name (e.g. adm_imagenet64) or a YAML file of UNetModel arguments (with --openai_ckpt)
-        diffusion_steps: T, the number of steps of the OpenAI model's training process (with --openai_ckpt; a --ckpt
-            carries its own)
-        noise_schedule: beta schedule of the OpenAI model's training process (with --openai_ckpt)
+        diffusion_steps: T, the number of steps of the OpenAI model's training process (with --openai_ckpt; default:
+            the --arch preset's, 1000 for a YAML arch; a --ckpt carries its own)
+        noise_schedule: beta schedule of the OpenAI model's training process (with --openai_ckpt; default: the
+            preset's, cosine for a YAML arch)
         var_type: variance of the OpenAI model (with --openai_ckpt); auto = learned_range if the arch learns sigma,
             else fixed_large
-        rescale_timesteps: the OpenAI model takes t * 1000 / T (with --openai_ckpt; improved-diffusion models)
+        rescale_timesteps: the OpenAI model takes t * 1000 / T (with --openai_ckpt; default: the preset's, false for a
+            YAML arch)
     """
 
     ckpt: str | None = None
     openai_ckpt: str | None = None
     arch: str | None = None
-    diffusion_steps: int = 1000
-    noise_schedule: Literal["linear", "cosine"] = "cosine"
+    diffusion_steps: int | None = None
+    noise_schedule: Literal["linear", "cosine"] | None = None
     var_type: Literal["auto", "fixed_small", "fixed_large", "learned", "learned_range"] = "auto"
-    rescale_timesteps: bool = False
+    rescale_timesteps: bool | None = None
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from .openai_checkpoint import (
     load_openai_state_dict,
     openai_key_map,
 )
-from .presets import RELEASED_CONFIGS, build_released, released_config
+from .presets import DEFAULT_PROCESS, RELEASED_CONFIGS, RELEASED_PROCESS, build_released, released_config
 from .unet import EncoderUNetModel, UNetModel, default_channel_mult
 
 __all__ = [
@@ -22,6 +22,8 @@ __all__ = [
     "released_config",
     "build_released",
     "RELEASED_CONFIGS",
+    "RELEASED_PROCESS",
+    "DEFAULT_PROCESS",
     "default_channel_mult",
     "timestep_embedding",
     "GroupNorm32",

@@ -13,7 +13,7 @@ import torch
 
 from .unet import EncoderUNetModel, UNetModel
 
-__all__ = ["RELEASED_CONFIGS", "released_config", "build_released"]
+__all__ = ["RELEASED_CONFIGS", "RELEASED_PROCESS", "DEFAULT_PROCESS", "released_config", "build_released"]
 
 _ADM_COMMON = dict(use_scale_shift_norm=True, resblock_updown=True, learn_sigma=True)
 _CLASSIFIER_COMMON = dict(num_head_channels=64, use_scale_shift_norm=True, resblock_updown=True, pool="attention")
@@ -43,6 +43,20 @@ RELEASED_CONFIGS: dict[str, tuple[type, dict, int]] = {
     "iddpm_imagenet64_cond": (UNetModel, dict(image_size=64, model_channels=192, channel_mult=(1, 2, 3, 4),
         num_res_blocks=3, attention_resolutions=(16, 8), num_classes=1000, **_IDDPM_COMMON), 273_049_350),
 }  # fmt: skip
+
+#: the diffusion process each released network was trained with (a .pt file does not record it):
+#: (T, noise schedule, rescale_timesteps: the network takes t * 1000 / T)
+RELEASED_PROCESS: dict[str, tuple[int, str, bool]] = {
+    "adm_imagenet64": (1000, "cosine", False),
+    "adm_imagenet128": (1000, "linear", False),
+    "adm_imagenet256": (1000, "linear", False),
+    "adm_imagenet256_uncond": (1000, "linear", False),
+    "iddpm_cifar10": (4000, "cosine", True),
+    "iddpm_imagenet64_uncond": (4000, "cosine", True),
+    "iddpm_imagenet64_cond": (4000, "cosine", False),
+}
+#: the process of an --arch given as a YAML file of UNetModel arguments (ADM ImageNet-64's)
+DEFAULT_PROCESS: tuple[int, str, bool] = (1000, "cosine", False)
 
 
 def released_config(name: str) -> tuple[type, dict]:
