@@ -16,6 +16,7 @@ import warnings
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
@@ -63,6 +64,14 @@ class AppendingCSVLogger(CSVLogger):
             get_filesystem(self.root_dir).makedirs(self.root_dir, exist_ok=True)
             self.appending_writer = AppendingExperimentWriter(log_dir=self.log_dir)
         return self.appending_writer
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        """Flush the appending writer (Lightning's finalize only flushes the writer it created itself)."""
+        if self.appending_writer is not None:
+            self.save()
+        else:
+            super().finalize(status)
 
 
 def use_appending_csv_logger(logger_config: object) -> None:

@@ -221,3 +221,15 @@ def test_temporary_files_of_an_interrupted_save_are_removed_at_the_next_start(tm
     assert not leftover.exists() and notes.read_text() == "mine"
     assert f"Removed 1 temporary file(s) of an interrupted checkpoint save from {checkpoints}: " \
            ".last.ckpt.k3j2h1x0.tmp" in caplog.text  # fmt: skip
+
+
+def test_finalize_flushes_the_appending_logger(tmp_path):
+    """Lightning's CSVLogger.finalize flushes only the writer it created itself; the appending one must be flushed too:
+    metrics logged and then finalized (no explicit save) are in metrics.csv."""
+    logger = AppendingCSVLogger(save_dir=str(tmp_path), name="run", version=0)
+    for step in range(3):
+        logger.log_metrics({"loss": float(step)}, step=step)
+    logger.finalize("success")
+    with open(tmp_path / "run" / "version_0" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["loss"]) for r in rows] == [0.0, 1.0, 2.0]
