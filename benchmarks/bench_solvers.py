@@ -74,8 +74,7 @@ def quality_run(model, diffusion, shape, n, batch, knn=None, **kw) -> dict:
         t0 = time.perf_counter()
         x = draw(model, diffusion, shape, method, steps, n, batch, **kw)
         spec = get_sampler(method)
-        levels = int("".join(ch for ch in steps if ch.isdigit()))
-        row = {"method": method, "steps": steps, "nfe": spec.nfe(levels),
+        row = {"method": method, "steps": steps, "nfe": nfe_of(method, steps),
                "rms": None if spec.draws_noise(spec.default_eta) else round(rms(x, reference), 5),
                "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
         if knn is not None:
@@ -87,7 +86,16 @@ def quality_run(model, diffusion, shape, n, batch, knn=None, **kw) -> dict:
     return {"rows": rows, "samples": n}
 
 
-def mnist(args) -> dict:
+def nfe_of(method: str, steps: str) -> int:
+    """Network evaluations per sample of ``method`` on the step schedule ``steps`` ("50", "karras20", ...)."""
+    from diffusion_pl.diffusion import get_sampler
+
+    return get_sampler(method).nfe(int("".join(ch for ch in steps if ch.isdigit())))
+
+
+def quickstart(args):
+    """The quickstart DiffusionModule of --ckpt, its image shape, the SampleEngine options of a balanced-label CFG run
+    (sample i has class i mod 10), the demo's kNN digit accuracy of images in that label order, and a description."""
     from diffusion_pl.commands.demo import knn_digit_accuracy, mnist_split
     from diffusion_pl.lightning import DiffusionModule
     from diffusion_pl.utils.images import to_uint8
@@ -95,18 +103,23 @@ def mnist(args) -> dict:
     module = DiffusionModule.load_from_checkpoint(args.ckpt, map_location="cpu").eval()
     hp = module.hparams
     train_x, train_y = mnist_split("train")
-    labels = torch.arange(args.samples) % int(hp.num_classes)  # balanced labels: sample i has class i mod 10
 
     def knn(images: torch.Tensor) -> float:
+        labels = (torch.arange(len(images)) % int(hp.num_classes)).numpy()
         pixels = to_uint8(images).permute(0, 2, 3, 1).numpy()
-        return round(knn_digit_accuracy(pixels, labels.numpy(), train_x, train_y), 4)
+        return round(knn_digit_accuracy(pixels, labels, train_x, train_y), 4)
 
-    result = quality_run(module, module.diffusion, (int(hp.in_channels), int(hp.image_size), int(hp.image_size)),
-                         args.samples, args.batch, knn=knn, class_cond=True, num_classes=int(hp.num_classes),
-                         null_class=module.null_label, cfg_scale=args.cfg, label_mode="balanced",
-                         precision=args.precision)  # fmt: skip
-    result.update(model=f"quickstart MNIST-5k model {args.ckpt} (global step {_global_step(args.ckpt)})",
-                  guidance=f"classifier-free w = {args.cfg}", precision=args.precision)  # fmt: skip
+    options = dict(class_cond=True, num_classes=int(hp.num_classes), null_class=module.null_label,
+                   cfg_scale=args.cfg, label_mode="balanced", precision=args.precision)  # fmt: skip
+    shape = (int(hp.in_channels), int(hp.image_size), int(hp.image_size))
+    model = f"quickstart MNIST-5k model {args.ckpt} (global step {_global_step(args.ckpt)})"
+    return module, shape, options, knn, model
+
+
+def mnist(args) -> dict:
+    module, shape, options, knn, model = quickstart(args)
+    result = quality_run(module, module.diffusion, shape, args.samples, args.batch, knn=knn, **options)
+    result.update(model=model, guidance=f"classifier-free w = {args.cfg}", precision=args.precision)
     return result
 
 
@@ -115,29 +128,16 @@ ACCURACY_RUNS = "ddpm:100,dpmpp_2m:karras20,dpmpp_2m:uniform20,dpmpp_2m_sde:karr
 
 def mnist_accuracy(args) -> dict:
     """Digit accuracy only (no 1000-step reference), for many samples: --runs METHOD:STEPS,..."""
-    from diffusion_pl.commands.demo import knn_digit_accuracy, mnist_split
-    from diffusion_pl.diffusion import get_sampler
-    from diffusion_pl.lightning import DiffusionModule
-    from diffusion_pl.utils.images import to_uint8
-
-    module = DiffusionModule.load_from_checkpoint(args.ckpt, map_location="cpu").eval()
-    hp = module.hparams
-    train_x, train_y = mnist_split("train")
-    labels = (torch.arange(args.samples) % int(hp.num_classes)).numpy()
+    module, shape, options, knn, model = quickstart(args)
     rows = []
     for method, steps in (run.split(":") for run in args.runs.split(",")):
         t0 = time.perf_counter()
-        x = draw(module, module.diffusion, (int(hp.in_channels), int(hp.image_size), int(hp.image_size)), method,
-                 steps, args.samples, args.batch, class_cond=True, num_classes=int(hp.num_classes),
-                 null_class=module.null_label, cfg_scale=args.cfg, label_mode="balanced", precision=args.precision)
-        accuracy = knn_digit_accuracy(to_uint8(x).permute(0, 2, 3, 1).numpy(), labels, train_x, train_y)
-        levels = int("".join(ch for ch in steps if ch.isdigit()))
-        rows.append({"method": method, "steps": steps, "nfe": get_sampler(method).nfe(levels),
-                     "digit_accuracy": round(accuracy, 4), "seconds": round(time.perf_counter() - t0, 1)})
+        x = draw(module, module.diffusion, shape, method, steps, args.samples, args.batch, **options)
+        rows.append({"method": method, "steps": steps, "nfe": nfe_of(method, steps), "digit_accuracy": knn(x),
+                     "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
     return {"accuracy_rows": rows, "samples": args.samples, "guidance": f"classifier-free w = {args.cfg}",
-            "precision": args.precision,
-            "model": f"quickstart MNIST-5k model {args.ckpt} (global step {_global_step(args.ckpt)})"}  # fmt: skip
+            "precision": args.precision, "model": model}  # fmt: skip
 
 
 def ddim_on_levels(denoiser, x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
@@ -153,14 +153,12 @@ def mnist_order(args) -> dict:
     clamping D to [-1, 1]: RMS of x_0 to a 400-level DPM-Solver++(2M) solution, logSNR-uniform levels."""
     from diffusion_pl.diffusion import DiscreteTimeDenoiser, classifier_free_model, dpm_solver_pp_2m
     from diffusion_pl.diffusion.step_schedules import SIGMA_MAX, logsnr_sigmas, trained_sigmas
-    from diffusion_pl.lightning import DiffusionModule
 
-    module = DiffusionModule.load_from_checkpoint(args.ckpt, map_location="cpu").eval()
-    hp = module.hparams
+    module, shape, options, _, description = quickstart(args)
     model = classifier_free_model(module, args.cfg, module.null_label) if args.cfg else module
-    y = torch.arange(args.samples) % int(hp.num_classes)
-    shape = (args.samples, int(hp.in_channels), int(hp.image_size), int(hp.image_size))
-    x_start = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * (1.0 + SIGMA_MAX**2) ** 0.5
+    y = torch.arange(args.samples) % options["num_classes"]
+    noise = torch.randn((args.samples, *shape), generator=torch.Generator().manual_seed(0))
+    x_start = noise * (1.0 + SIGMA_MAX**2) ** 0.5
     sigma_min = float(trained_sigmas(module.diffusion)[0])
 
     def levels(n: int) -> torch.Tensor:
@@ -178,7 +176,7 @@ def mnist_order(args) -> dict:
                                  "rms": round(rms(x, reference), 5)})  # fmt: skip
                     print(json.dumps(rows[-1]), flush=True)
     return {"order_rows": rows, "samples": args.samples, "guidance": f"classifier-free w = {args.cfg}",
-            "model": f"quickstart MNIST-5k model {args.ckpt} (global step {_global_step(args.ckpt)})"}  # fmt: skip
+            "model": description}
 
 
 def _global_step(path: str) -> int:

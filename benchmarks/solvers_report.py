@@ -78,9 +78,7 @@ def render(results: list[dict]) -> str:
 
 def render_into(path: str, results: list[dict]) -> None:
     """Replace (or append) the marked section of ``path`` with the rendering of ``results``."""
+    from diffusion_pl.utils.files import write_text
+
     old = open(path).read() if os.path.isfile(path) else "# Benchmarks\n"
-    text = keep_section(render(results), old) if section_of(old) else old.rstrip() + "\n\n" + render(results) + "\n"
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_text(path, keep_section(render(results), old))

@@ -97,7 +97,7 @@ def test_distributed_inception_metrics_equal_single_process(ranks, inception, in
 
 
 def test_one_process_launcher_is_the_plain_call():
-    """launcher=None and a launched one-process Fabric: no gather, no broadcast, the same values."""
+    """launcher=None and a launched one-process Fabric: no gather (the same tensor object back), no broadcast."""
     from lightning.fabric import Fabric
 
     x = torch.randn(3, 2)
@@ -106,9 +106,3 @@ def test_one_process_launcher_is_the_plain_call():
     for launcher in (None, fabric):
         assert all_gather_uneven(x, launcher) is x
         assert compute_on_rank_zero_and_broadcast(lambda: {"a": 1}, launcher) == {"a": 1}
-    tiny = TinyFeatures()
-    ref = tiny(ddp_reference_images())
-    opts = dict(DDP_METRIC_OPTIONS)
-    assert evaluate_samples(ddp_generated_images(), ref, feature_extractor=tiny, launcher=fabric, **opts) == (
-        evaluate_samples(ddp_generated_images(), ref, feature_extractor=tiny, **opts)
-    )
