@@ -78,7 +78,10 @@ def test_lock_of_a_killed_run_is_taken_over(ckpts, tmp_path, capsys):
     killed.send_signal(signal.SIGKILL)
     killed.communicate(timeout=60)
     assert json.loads((out / LOCK_NAME).read_text())["pid"] == killed.pid  # left behind by kill -9
+    first_shard = out / "shards" / "shard_000000.npz"  # written by the killed run before it paused
+    first_shard_mtime = first_shard.stat().st_mtime_ns
     assert main(["sample", *FAST, "--ckpt", ckpts["cond"], "--out_dir", str(out), "--seed", "1"]) == 0
+    assert first_shard.stat().st_mtime_ns == first_shard_mtime  # resumed: the killed run's shard is kept, not redone
     err = capsys.readouterr().err
     assert f"{out} was locked by diffusion-pl sample (pid {killed.pid} on host " in err
     assert "which is no longer running; taking the lock over" in err
