@@ -124,11 +124,13 @@ def test_hardware_is_resolved_for_the_machine(monkeypatch, cuda, bf16, accelerat
 
 @pytest.mark.parametrize("args,message", [
     (["--steps", "200"], r"--steps '200' does not fit the model's T = 100 training steps"),
+    (["--fast_steps", "karras2"], r"--fast_steps 'karras2' gives 2 step.*method dpmpp_2m_sde needs at least 3"),
     (["--max_steps", "0"], r"demo: --max_steps must be >= 1, got 0"),
     (["--classifier_max_steps", "-1"], r"demo: --classifier_max_steps must be >= 1, got -1"),
     (["--samples_per_class", "0"], r"demo: --samples_per_class must be >= 1, got 0"),
     (["--nll_examples", "0"], r"demo: --nll_examples must be >= 1, got 0"),
-], ids=["steps-over-T", "max-steps", "classifier-max-steps", "samples-per-class", "nll-examples"])  # fmt: skip
+], ids=["steps-over-T", "fast-steps-too-few", "max-steps", "classifier-max-steps", "samples-per-class",
+        "nll-examples"])  # fmt: skip
 def test_bad_demo_options_are_refused_before_training(args, message, tmp_path, capsys, monkeypatch):
     """Checked against the config's T before anything runs: a bad --steps would otherwise fail after minutes of
     training, when the first sampling step starts."""

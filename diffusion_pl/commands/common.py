@@ -21,7 +21,7 @@ from diffusion_pl.commands.options import (
     given,
     refuse_options,
 )
-from diffusion_pl.diffusion import GaussianDiffusion, create_diffusion
+from diffusion_pl.diffusion import GaussianDiffusion, check_schedule, create_diffusion
 from diffusion_pl.errors import UserFileNotFoundError, UserInputError
 from diffusion_pl.models import (
     DEFAULT_PROCESS,
@@ -33,7 +33,7 @@ from diffusion_pl.models import (
     load_openai_state_dict,
     released_config,
 )
-from diffusion_pl.sampling import SampleEngine, check_guidance, check_respacing
+from diffusion_pl.sampling import SampleEngine, check_guidance
 
 # Which option takes which kind of checkpoint file (diffusion_pl.lightning.checkpoints.checkpoint_kind names): used
 # in the message when a file is given to the wrong option.
@@ -258,7 +258,7 @@ def engine_options(model: LoadedModel, classifier: LoadedClassifier | None, samp
     written."""
     check_guidance(model.class_cond, model.null_class, classifier is not None, guidance.classifier_scale,
                    guidance.cfg_scale)  # fmt: skip
-    check_respacing(model.diffusion, sampling.steps, "--steps", sampling.method)
+    check_schedule(model.diffusion, sampling.steps, sampling.method, "--steps")
     num_classes = model.num_classes if model.class_cond else (classifier.num_classes if classifier else None)
     return dict(
         image_shape=model.image_shape, respacing=sampling.steps, method=sampling.method, eta=sampling.eta,

@@ -29,10 +29,9 @@ import numpy as np
 import torch
 import yaml
 
-from diffusion_pl.diffusion import SAMPLING_METHODS, create_diffusion, get_sampler
+from diffusion_pl.diffusion import SAMPLING_METHODS, check_schedule, create_diffusion, get_sampler
 from diffusion_pl.diffusion.step_schedules import count_steps
 from diffusion_pl.errors import UserFileNotFoundError, UserInputError
-from diffusion_pl.sampling.engine import check_respacing
 from diffusion_pl.utils.files import write_text
 
 # The last mode repeats classifier-free guidance with a fast solver of the sampler registry (--fast_method,
@@ -176,8 +175,8 @@ def check_demo_options(
     with open(config) as f:
         init_args = (yaml.safe_load(f).get("model") or {}).get("init_args") or {}
     process = create_diffusion(diffusion_steps=int(init_args.get("diffusion_steps", 1000)))
-    check_respacing(process, steps, "--steps")
-    check_respacing(process, fast_steps, "--fast_steps", fast_method)
+    check_schedule(process, steps, option="--steps")
+    check_schedule(process, fast_steps, fast_method, "--fast_steps")
 
 
 def sampler_text(method: str, steps: str, T: int = 1000) -> str:

@@ -12,12 +12,11 @@ from collections.abc import Iterable
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Literal
 
-from diffusion_pl.diffusion import DEFAULT_METHOD, SAMPLERS, check_method_options, methods_help
+from diffusion_pl.diffusion import DEFAULT_METHOD, SAMPLERS, SAMPLING_METHODS, check_method_options, methods_help
 from diffusion_pl.errors import UserInputError
-from diffusion_pl.sampling.engine import METHODS
 
 # The sampling methods: the sampler registry's (SampleEngine runs them all), so a method added there is an option here.
-Method = Literal[METHODS]  # type: ignore[valid-type]
+Method = Literal[SAMPLING_METHODS]  # type: ignore[valid-type]
 Metric = Literal["fid", "isc", "prc", "kid"]
 ALL_METRICS: tuple[str, ...] = ("fid", "isc", "prc", "kid")
 

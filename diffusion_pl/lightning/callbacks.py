@@ -17,6 +17,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from diffusion_pl.diffusion import (
     SAMPLING_METHODS,
     auto_method,
+    check_schedule,
     classifier_cond_fn,
     classifier_free_model,
     resolve_eta,
@@ -24,7 +25,6 @@ from diffusion_pl.diffusion import (
 )
 from diffusion_pl.errors import UserFileNotFoundError, UserInputError, UserRuntimeError
 from diffusion_pl.lightning.checkpoints import load_module, read_module_checkpoint
-from diffusion_pl.sampling.engine import check_respacing
 from diffusion_pl.utils.files import atomic_write
 from diffusion_pl.utils.images import image_grid, to_uint8
 
@@ -216,8 +216,8 @@ class GuidedSampler(ValidationWeightsCallback):
         # Checked now, not at the first grid many steps later.
         if self.classifier_path is not None:
             check_classifier_file(self.classifier_path, hp, "GuidedSampler.classifier_path")
-        check_respacing(pl_module.diffusion, self.respacing, "GuidedSampler.respacing",
-                        self._method(self.method, self.respacing))  # fmt: skip
+        check_schedule(pl_module.diffusion, self.respacing, self._method(self.method, self.respacing),
+                       "GuidedSampler.respacing")  # fmt: skip
         super().setup(trainer, pl_module, stage)
         # trainer.log_dir broadcasts: read it here, where every rank calls it, never from rank 0 alone.
         self._out_dir = os.path.join(trainer.log_dir or trainer.default_root_dir, "samples")

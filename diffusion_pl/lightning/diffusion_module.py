@@ -19,7 +19,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from diffusion_pl.data.resumable import sync_sampler_epoch
-from diffusion_pl.diffusion import LossSecondMomentSampler, create_diffusion, create_timestep_sampler
+from diffusion_pl.diffusion import LossSecondMomentSampler, check_schedule, create_diffusion, create_timestep_sampler
 from diffusion_pl.errors import UserInputError
 from diffusion_pl.lightning.checkpoints import apply_optimizer_settings, check_checkpoint_fits, load_kwargs
 from diffusion_pl.lightning.common import (
@@ -35,7 +35,6 @@ from diffusion_pl.lightning.common import (
 )
 from diffusion_pl.lightning.init_weights import init_network_from
 from diffusion_pl.models import UNetModel
-from diffusion_pl.sampling.engine import check_respacing
 from diffusion_pl.utils.device import prepare_device
 
 SAMPLER_STATE_KEY = "diffusion_pl_timestep_sampler"
@@ -144,7 +143,7 @@ class DiffusionModule(L.LightningModule):
             self.timestep_sampler = create_timestep_sampler(timestep_sampler, diffusion_steps)
         if val_bpd_batches < 0:
             raise UserInputError(f"model.init_args.val_bpd_batches must be >= 0, got {val_bpd_batches}")
-        check_respacing(self.diffusion, val_bpd_respacing, "model.init_args.val_bpd_respacing")
+        check_schedule(self.diffusion, val_bpd_respacing, option="model.init_args.val_bpd_respacing")
         self.unet = network_from_hparams(
             UNetModel, self.hparams, out_channels=in_channels, num_classes=num_classes if class_cond else None,
             learn_sigma=self.diffusion.learns_variance,

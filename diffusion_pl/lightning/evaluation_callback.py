@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from diffusion_pl.data.common import EVALUATION_LOADER_VERSION, evaluation_dataloader
-from diffusion_pl.diffusion import DEFAULT_METHOD, SAMPLING_METHODS
+from diffusion_pl.diffusion import DEFAULT_METHOD, SAMPLING_METHODS, check_schedule
 from diffusion_pl.errors import UserFileNotFoundError, UserInputError
 from diffusion_pl.evaluation import (
     InceptionFeatures,
@@ -44,7 +44,7 @@ from diffusion_pl.lightning.callbacks import (
     check_classifier_file,
     validation_follows_checkpoint,
 )
-from diffusion_pl.sampling import SampleEngine, check_eta, check_respacing
+from diffusion_pl.sampling import SampleEngine, check_eta
 from diffusion_pl.utils.images import to_uint8
 
 Method = Literal[SAMPLING_METHODS]  # type: ignore[valid-type]  (the sampler registry's names)
@@ -135,7 +135,7 @@ class SampleQualityEvaluation(ValidationWeightsCallback):
         # Inputs are checked now, not at the first evaluation many steps later.
         if self.classifier_path is not None and self.classifier_scale != 0.0:
             check_classifier_file(self.classifier_path, pl_module.hparams, "SampleQualityEvaluation.classifier_path")
-        check_respacing(pl_module.diffusion, self.steps, "SampleQualityEvaluation.steps", self.method)
+        check_schedule(pl_module.diffusion, self.steps, self.method, "SampleQualityEvaluation.steps")
         if self.reference is not None and not os.path.exists(self.reference):
             raise UserFileNotFoundError(
                 f"SampleQualityEvaluation.reference {self.reference}: no such file or directory (expected a folder "

@@ -3,14 +3,11 @@
 from diffusion_pl.diffusion import check_eta
 from diffusion_pl.sampling.engine import (
     LABEL_MODES,
-    METHODS,
     PRECISIONS,
     GuidanceConfigError,
     SampleBatch,
     SampleEngine,
     check_guidance,
-    check_respacing,
-    resolve_respacing,
     sample_seed,
 )
 from diffusion_pl.sampling.shards import (
@@ -33,7 +30,6 @@ from diffusion_pl.sampling.shards import (
 __all__ = [
     "GRID_NAME",
     "LABEL_MODES",
-    "METHODS",
     "PRECISIONS",
     "SAMPLES_NAME",
     "SETTINGS_NAME",
@@ -44,7 +40,6 @@ __all__ = [
     "Shard",
     "check_eta",
     "check_guidance",
-    "check_respacing",
     "grid_layout",
     "merge_shards",
     "num_batches_of",
@@ -52,7 +47,6 @@ __all__ = [
     "plan_shards",
     "prepare_shard_dir",
     "rank_shards",
-    "resolve_respacing",
     "run_shards",
     "sample_seed",
     "write_outputs",

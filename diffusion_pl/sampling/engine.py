@@ -22,7 +22,6 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from diffusion_pl.diffusion import (
-    SAMPLING_METHODS,
     DiscreteTimeDenoiser,
     GaussianDiffusion,
     check_schedule,
@@ -39,8 +38,6 @@ from diffusion_pl.sampling.weights import frozen, sampling_weights
 from diffusion_pl.utils.device import prepare_device
 from diffusion_pl.utils.seeds import derive_seed
 
-# Every method of the sampler registry runs here (discrete steps, or an ODE/SDE solver over noise levels).
-METHODS = SAMPLING_METHODS
 # Precisions as Lightning spells them -> the autocast dtype of the networks (None: float32, no autocast).
 PRECISIONS = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 LABEL_MODES = ("random", "balanced")
@@ -54,20 +51,6 @@ class GuidanceConfigError(UserInputError):
 def sample_seed(seed: int, index: int, stream: int = _NOISE_STREAM) -> int:
     """The seed of sample ``index``'s ``stream`` in a run seeded ``seed`` (all 64 bits of ``seed`` count)."""
     return derive_seed(seed, int(seed) >> 32, index, stream)
-
-
-def resolve_respacing(diffusion: GaussianDiffusion, respacing: str | int | None) -> GaussianDiffusion:
-    """The process a discrete method (ddpm, ddim) samples: ``""``/None/0 = all T steps, an int or "250" = that many
-    steps, "10,10,20", "ddim50", or a noise-level schedule mapped to trained steps ("karras20", ...)."""
-    return schedule_process(diffusion, None if respacing == 0 else respacing)
-
-
-def check_respacing(
-    diffusion: GaussianDiffusion, respacing: str | int | None, option: str = "--steps", method: str = "ddpm"
-) -> None:
-    """Raise UserInputError naming ``option`` unless ``method`` can sample ``diffusion`` with the step schedule
-    ``respacing`` (:func:`diffusion_pl.diffusion.check_schedule`)."""
-    check_schedule(diffusion, respacing, method, option)
 
 
 @dataclass(frozen=True)
@@ -135,11 +118,11 @@ class SampleEngine:
         if label_mode not in LABEL_MODES:
             raise UserInputError(f"unknown label_mode {label_mode!r}; choose from {', '.join(LABEL_MODES)}")
         check_guidance(class_cond, null_class, classifier is not None, classifier_scale, cfg_scale)
-        check_respacing(diffusion, respacing, "respacing", method)
+        check_schedule(diffusion, respacing, method, "respacing")
         self.model = model
         self.timestep_mode = timestep_mode
         if self.spec.kind == "discrete":
-            self.process, self.sigmas = resolve_respacing(diffusion, respacing), None
+            self.process, self.sigmas = schedule_process(diffusion, respacing), None
         else:  # the solvers visit noise levels of the full process (possibly between its trained steps)
             self.process = diffusion
             self.sigmas = schedule_sigmas(DiscreteTimeDenoiser(diffusion, model, timestep_mode=timestep_mode),

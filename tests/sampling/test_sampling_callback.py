@@ -82,6 +82,18 @@ def test_settings_that_cannot_work_are_refused_when_built(kwargs, message):
     SampleQualityEvaluation(**{**kwargs, "num_samples": 20, "isc_splits": 4, "eta": 0.0})
 
 
+def test_steps_that_do_not_fit_the_model_are_refused_before_training(tmp_path):
+    """The step schedule is checked against the model's T = 10 in setup, naming the callback's option."""
+    from diffusion_pl.errors import UserInputError
+
+    callback = SampleQualityEvaluation(num_samples=20, metrics=["prc"], isc_splits=1, steps="ddim7")
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, default_root_dir=tmp_path, callbacks=[callback])  # fmt: skip
+    with pytest.raises(UserInputError, match=r"SampleQualityEvaluation.steps 'ddim7' does not fit the model's T = 10"):
+        trainer.fit(DiffusionModule(**tiny_diffusion_kwargs()), datamodule=TinyDataModule(n_train=8, n_val=4))
+    assert trainer.global_step == 0
+
+
 def test_reference_of_another_resolution_is_warned_once(tmp_path, random_inception_weights):
     """A reference folder of other-sized images than the model's samples: the curves are still logged, with one
     warning naming both shapes."""
