@@ -179,7 +179,9 @@ class GuidedSampler(ValidationWeightsCallback):
             raise UserInputError(f"GuidedSampler.every_n_val_runs must be >= 1, got {every_n_val_runs}")
         if classifier_path is not None and not os.path.isfile(classifier_path):
             raise UserFileNotFoundError(f"GuidedSampler.classifier_path: no file at {classifier_path!r}")
-        resolve_eta(self._method(method, respacing), eta, "GuidedSampler.eta")
+        # ``method`` stays as written ("auto" too); ``sampling_method`` is the registry name every grid is drawn with.
+        self.sampling_method = auto_method(respacing) if method == "auto" else method
+        resolve_eta(self.sampling_method, eta, "GuidedSampler.eta")
         self.every_n_val_runs = every_n_val_runs
         self.at_fit_end = at_fit_end
         self.respacing = respacing
@@ -216,8 +218,7 @@ class GuidedSampler(ValidationWeightsCallback):
         # Checked now, not at the first grid many steps later.
         if self.classifier_path is not None:
             check_classifier_file(self.classifier_path, hp, "GuidedSampler.classifier_path")
-        check_schedule(pl_module.diffusion, self.respacing, self._method(self.method, self.respacing),
-                       "GuidedSampler.respacing")  # fmt: skip
+        check_schedule(pl_module.diffusion, self.respacing, self.sampling_method, "GuidedSampler.respacing")
         super().setup(trainer, pl_module, stage)
         # trainer.log_dir broadcasts: read it here, where every rank calls it, never from rank 0 alone.
         self._out_dir = os.path.join(trainer.log_dir or trainer.default_root_dir, "samples")
@@ -299,7 +300,7 @@ class GuidedSampler(ValidationWeightsCallback):
             pl_module.diffusion,
             model,
             shape=shape,
-            method=self._method(self.method, self.respacing),
+            method=self.sampling_method,
             eta=self.eta,
             steps=self.respacing,
             clip_denoised=self.clip_denoised,
@@ -308,10 +309,6 @@ class GuidedSampler(ValidationWeightsCallback):
             generator=generator,
             device=device,
         )
-
-    @staticmethod
-    def _method(method: str, respacing: str) -> str:
-        return auto_method(respacing) if method == "auto" else method
 
     def make_grid(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 grid [C, rows * H, samples_per_class * W] (row r = class r when conditional)."""

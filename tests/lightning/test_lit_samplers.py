@@ -4,16 +4,21 @@ range, step schedules of the solvers."""
 from __future__ import annotations
 
 import typing
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from lit_helpers import tiny_diffusion_kwargs
 
 from diffusion_pl.diffusion import SAMPLING_METHODS
 from diffusion_pl.errors import UserInputError
 from diffusion_pl.lightning import DiffusionModule, GuidedSampler
 from diffusion_pl.lightning.callbacks import GridMethod
+from diffusion_pl.lightning.cli import build_lightning_cli
 from diffusion_pl.lightning.evaluation_callback import Method, SampleQualityEvaluation
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_choices_are_the_registry():
@@ -25,7 +30,20 @@ def test_choices_are_the_registry():
 @pytest.mark.parametrize("respacing, method", [("ddim4", "ddim"), ("karras4", "dpmpp_2m"), ("4", "ddpm"),
                                                ("", "ddpm")])  # fmt: skip
 def test_auto_rule(respacing, method):
-    assert GuidedSampler._method("auto", respacing) == method
+    sampler = GuidedSampler(respacing=respacing)
+    assert (sampler.method, sampler.sampling_method) == ("auto", method)
+
+
+def test_auto_is_resolved_for_sampling_and_saved_as_written(tmp_path, monkeypatch):
+    """The quickstart config's GuidedSampler (respacing ddim25, method left at "auto") draws with ddim, and the
+    config a run saves still says "auto"."""
+    monkeypatch.chdir(tmp_path)
+    cli = build_lightning_cli(args=["--config", str(ROOT / "configs" / "quickstart.yaml")], run=False)
+    (sampler,) = [c for c in cli.trainer.callbacks if isinstance(c, GuidedSampler)]
+    assert (sampler.method, sampler.sampling_method) == ("auto", "ddim")
+    saved = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
+    (entry,) = [c for c in saved["trainer"]["callbacks"] if c["class_path"].endswith("GuidedSampler")]
+    assert entry["init_args"]["method"] == "auto"
 
 
 def test_guided_sampler_draws_with_a_solver():
