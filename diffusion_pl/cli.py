@@ -78,10 +78,11 @@ def run_command(command: str, args: list[str]) -> None:
         module_name, function_name = EXTRA_COMMANDS[command].split(":")
         function = getattr(importlib.import_module(module_name), function_name)
         prog, exit_on_error = f"diffusion-pl {command}", debug_requested()  # debug: jsonargparse's own report
+        parser = build_parser(function, prog, partial(ArgumentParser, exit_on_error=exit_on_error))
         try:  # parse errors raise ArgumentError: one line in main
-            call_with_args(function, args[1:], prog, parser_class=partial(ArgumentParser, exit_on_error=exit_on_error))
+            call_with_args(function, args[1:], parser)
         except ArgumentError as error:
-            options = [f"--{key}" for key in build_parser(function, prog).get_defaults().keys()]
+            options = [f"--{key}" for key in parser.get_defaults().keys()]
             raise parse_error(error, prog, options, key_prefix="--") from error
     else:
         run_lightning_cli(args)

@@ -95,10 +95,17 @@ SAMPLE_PARSE_ERRORS = [
 @pytest.mark.parametrize("args,expected", SAMPLE_PARSE_ERRORS, ids=["type", "misspelt-option", "choice"])
 def test_parse_errors_are_one_line(args, expected, monkeypatch, capsys):
     """jsonargparse's parse errors (wrong type, unknown option, a value outside a choice) as one line with exit
-    status 2, like every other user error; DIFFUSION_PL_DEBUG=1 shows jsonargparse's full report."""
+    status 2, like every other user error; DIFFUSION_PL_DEBUG=1 shows jsonargparse's full report. The message's
+    option list comes from the parser that failed: the command's parser is built once."""
+    import diffusion_pl.commands.parser as command_parser
+
+    built = []
+    build_parser = command_parser.build_parser
+    monkeypatch.setattr(command_parser, "build_parser", lambda *a, **k: built.append(a) or build_parser(*a, **k))
     monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
     assert cli.main(["sample", *args]) == 2
     assert capsys.readouterr().err == f"diffusion-pl sample: error: {expected}\n"
+    assert len(built) == 1
     monkeypatch.setenv(cli.DEBUG_ENV, "1")
     with pytest.raises(SystemExit):
         cli.main(["sample", *args])

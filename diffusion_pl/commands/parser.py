@@ -62,8 +62,7 @@ def grouped(function: Callable, values: Any) -> dict[str, Any]:
     return kwargs
 
 
-def call_with_args(function: Callable, args: list[str], prog: str,
-                   parser_class: type[ArgumentParser] = ArgumentParser) -> Any:  # fmt: skip
-    """Parse ``args`` with :func:`build_parser` and call ``function`` with its option groups built from them."""
-    cfg = build_parser(function, prog, parser_class).parse_args(args)
-    return function(**grouped(function, cfg.as_dict()))
+def call_with_args(function: Callable, args: list[str], parser: ArgumentParser) -> Any:
+    """Parse ``args`` with ``parser`` (:func:`build_parser` of ``function``) and call ``function`` with its option
+    groups built from them."""
+    return function(**grouped(function, parser.parse_args(args).as_dict()))
