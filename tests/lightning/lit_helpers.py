@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
@@ -107,3 +108,25 @@ class CheckpointedTinyDataModule(TinyDataModule):
 
     def test_dataloader(self):
         return self.val_dataloader()
+
+
+class LockProbe(L.Callback):
+    """At each training batch end, reads ``folder``'s lock file and tries to take the folder's lock as a second
+    writer would (a FolderLock of its own: another open file, so flock refuses it even in this process)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self.holders: list[dict] = []
+        self.refusals: list[str] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        from diffusion_pl.utils.folder_lock import LOCK_NAME, FolderInUseError, FolderLock
+
+        self.holders.append(json.loads((Path(self.folder) / LOCK_NAME).read_text()))
+        second = FolderLock(self.folder, "the run folder", "a second writer")
+        try:
+            second.acquire()
+        except FolderInUseError as refused:
+            self.refusals.append(str(refused))
+        else:  # the run's lock was not held: give this one back, the test fails on the missing refusal
+            second.release()

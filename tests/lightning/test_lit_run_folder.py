@@ -11,7 +11,7 @@ import time
 
 import pytest
 import yaml
-from lit_helpers import write_tiny_classifier_config
+from lit_helpers import LockProbe, write_tiny_classifier_config
 
 from diffusion_pl.lightning.cli import build_lightning_cli
 from diffusion_pl.lightning.run_folder import RunFolderLock
@@ -60,15 +60,23 @@ def test_fit_into_a_run_folder_another_run_writes_is_refused(tmp_path):
     assert (run / "metrics.csv").read_text() == "epoch,step,train_loss\n0,0,1.5\n"
 
 
-def test_fit_releases_the_lock_when_it_ends(tmp_path):
-    cli = build_lightning_cli(["fit", "--config", csv_config(tmp_path)])
+def test_fit_holds_the_lock_while_it_trains_and_releases_it_when_it_ends(tmp_path):
     run = tmp_path / "csv" / "lightning_logs" / "version_0"
-    assert [c for c in cli.trainer.callbacks if isinstance(c, RunFolderLock)][0].lock.folder == str(run)
+    probe = ["--trainer.callbacks+=lit_helpers.LockProbe", f"--trainer.callbacks.folder={run}"]
+    cli = build_lightning_cli(["fit", "--config", csv_config(tmp_path), *probe])
+    (lock,) = [c.lock for c in cli.trainer.callbacks if isinstance(c, RunFolderLock)]
+    (seen,) = [c for c in cli.trainer.callbacks if isinstance(c, LockProbe)]
+    assert lock.folder == str(run)
+    # During training: the lock file names this process, and a second writer is refused.
+    assert [(h["pid"], h["command"]) for h in seen.holders] == [(os.getpid(), "diffusion-pl fit")]
+    assert len(seen.refusals) == 1
+    assert seen.refusals[0].startswith(f"the run folder {run} is in use by diffusion-pl fit (pid {os.getpid()} ")
+    assert "which is writing there now" in seen.refusals[0]
     assert not (run / LOCK_NAME).exists()
     with pytest.raises(RuntimeError, match="holds a different configuration"):  # refused in setup: released too
-        build_lightning_cli(["fit", "--config", csv_config(tmp_path, "other", max_steps=2)])
+        build_lightning_cli(["fit", "--config", csv_config(tmp_path, "other", max_steps=2), *probe])
     assert not (run / LOCK_NAME).exists()
-    build_lightning_cli(["fit", "--config", csv_config(tmp_path)])  # the same config again: not refused
+    build_lightning_cli(["fit", "--config", csv_config(tmp_path), *probe])  # the same config again: not refused
 
 
 def test_linked_logger_files_are_replaced_and_their_targets_untouched(tmp_path, capsys):
