@@ -1,9 +1,8 @@
-"""The callbacks take their sampling methods from the sampler registry: choices, the "auto" rule, eta defaults and
-range, step schedules of the solvers."""
+"""The callbacks take their sampling methods from the sampler registry: the "auto" rule, eta defaults and range, step
+schedules of the solvers (their method choices: sampling/test_sampling_method_options.py)."""
 
 from __future__ import annotations
 
-import typing
 from pathlib import Path
 
 import pytest
@@ -11,20 +10,12 @@ import torch
 import yaml
 from lit_helpers import tiny_diffusion_kwargs
 
-from diffusion_pl.diffusion import SAMPLING_METHODS
 from diffusion_pl.errors import UserInputError
 from diffusion_pl.lightning import DiffusionModule, GuidedSampler
-from diffusion_pl.lightning.callbacks import GridMethod
 from diffusion_pl.lightning.cli import build_lightning_cli
-from diffusion_pl.lightning.evaluation_callback import Method, SampleQualityEvaluation
+from diffusion_pl.lightning.evaluation_callback import SampleQualityEvaluation
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def test_choices_are_the_registry():
-    assert typing.get_args(GridMethod) == ("auto", *SAMPLING_METHODS)
-    assert typing.get_args(Method) == SAMPLING_METHODS
-    assert "dpmpp_2m" in SAMPLING_METHODS and "heun" in SAMPLING_METHODS
 
 
 @pytest.mark.parametrize("respacing, method", [("ddim4", "ddim"), ("karras4", "dpmpp_2m"), ("4", "ddpm"),

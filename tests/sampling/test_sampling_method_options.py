@@ -1,23 +1,63 @@
-"""`--method` / `--steps` / `--eta` of the commands come from the sampler registry: bad values are refused before
-any file is read or network loaded; a solver's samples depend only on their seeds, also across 2 processes."""
+"""`--method` / `--steps` / `--eta` of the commands (and the callbacks' method) come from the sampler registry: bad
+values are refused before any file is read or network loaded; a solver's samples depend only on their seeds, also
+across 2 processes."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from functools import partial
 
 import numpy as np
 import pytest
+from jsonargparse import ArgumentError, ArgumentParser
 from sampling_helpers import run_command
 from test_sampling_user_errors import run_user_error
 
+from diffusion_pl.commands.demo import demo
+from diffusion_pl.commands.evaluate import evaluate
+from diffusion_pl.commands.parser import build_parser
 from diffusion_pl.commands.sample import sample
+from diffusion_pl.commands.sweep import sweep
+from diffusion_pl.diffusion import SAMPLING_METHODS
 from diffusion_pl.evaluation import load_samples_npz
+from diffusion_pl.lightning import GuidedSampler
+from diffusion_pl.lightning.evaluation_callback import SampleQualityEvaluation
+from diffusion_pl.parse_errors import parse_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SOLVER = dict(method="dpmpp_2m_sde", steps="karras3", num_samples=6, shard_size=2, accelerator="cpu",
               classifier_scale=1.0, cfg_scale=1.5)  # fmt: skip
+
+
+def command_parser(function):
+    return build_parser(function, "p", partial(ArgumentParser, exit_on_error=False))
+
+
+def callback_parser(callback):  # as LightningCLI reads a callback's init_args from a config
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(callback, "callback")
+    return parser
+
+
+@pytest.mark.parametrize("parser, option, extra", [
+    (command_parser(sample), "--method", ()),
+    (command_parser(evaluate), "--method", ()),
+    (command_parser(sweep), "--method", ()),
+    (command_parser(demo), "--fast_method", ()),
+    (callback_parser(GuidedSampler), "--callback.method", ("auto",)),
+    (callback_parser(SampleQualityEvaluation), "--callback.method", ()),
+], ids=["sample", "evaluate", "sweep", "demo", "GuidedSampler", "SampleQualityEvaluation"])  # fmt: skip
+def test_method_choices_are_the_registry(parser, option, extra):
+    """Every name of the sampler registry parses, and a name outside it is refused with exactly the registry's names
+    listed (plus "auto" where the option has it): a sampler added to the registry is a choice everywhere."""
+    names = (*extra, *SAMPLING_METHODS)
+    assert [parser.parse_args([option, name])[option[2:]] for name in names] == list(names)
+    with pytest.raises(ArgumentError) as refused:
+        parser.parse_args([option, "euler"])
+    choices = ", ".join(repr(name) for name in names)
+    assert str(parse_error(refused.value, "p")) == f"{option[2:]}: expected one of {choices}, got 'euler'"
 
 
 @pytest.mark.parametrize(
