@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion_pl.commands.common import build_engine, engine_options, load_model
-from diffusion_pl.commands.options import Guidance, ModelSource, SamplingOptions
-from diffusion_pl.utils.images import nchw_to_nhwc, to_uint8
+from diffusion_pl.cli import main
+from diffusion_pl.evaluation import load_samples_npz
+from diffusion_pl.sampling import SAMPLES_NAME
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "NOTEBOOK.md"
 
@@ -43,19 +43,20 @@ def test_page_runs_and_computes_what_it_says(page):
     assert ns["squares"].shape == (4, 8, 8, 3)
 
 
-def test_the_api_is_the_engine_of_the_sample_command(page):
-    """The Sampler's images equal SampleEngine's, built the way `diffusion-pl sample` builds it."""
+def test_the_page_draws_the_images_of_the_sample_command(page, tmp_path, capsys):
+    """The page's last `images, labels` (9 random-label ddim samples, 10 steps, seed 2) are the samples.npz that
+    `diffusion-pl sample` writes with the same options, run as a user runs it (batch 4, not the API's 16)."""
     folder, ns = page
-    sampler = ns["sampler"]
-    ours = sampler.sample(num_images=3, labels=[2, 0, 1], method="ddpm", steps=7, seed=5, progress=False)
-    source = ModelSource(openai_ckpt=str(folder / "tiny_diffusion.pt"), arch=str(folder / "tiny_unet.yaml"),
-                         diffusion_steps=100)  # fmt: skip
-    model = load_model(source)
-    options = engine_options(model, None, SamplingOptions(steps="7", method="ddpm", seed=5), Guidance())
-    batch = build_engine(model, None, options, device="cpu", progress=False).sample([0, 1, 2], [2, 0, 1])
-    assert np.array_equal(ours, nchw_to_nhwc(to_uint8(batch.images)))
-    # a different seed, method or guidance changes the images
-    assert not np.array_equal(ours, sampler.sample(num_images=3, labels=[2, 0, 1], method="ddpm", steps=7, seed=6))
+    out = tmp_path / "samples"
+    args = ["sample", "--openai_ckpt", str(folder / "tiny_diffusion.pt"), "--arch", str(folder / "tiny_unet.yaml"),
+            "--diffusion_steps", "100", "--num_samples", "9", "--method", "ddim", "--steps", "10", "--seed", "2",
+            "--sample_batch_size", "4", "--accelerator", "cpu", "--out_dir", str(out)]  # fmt: skip
+    assert main(args) == 0, capsys.readouterr().err
+    images, labels = load_samples_npz(str(out / SAMPLES_NAME))
+    assert labels is not None and labels.shape == (9,) and images.shape == (9, 8, 8, 3)
+    assert np.array_equal(ns["images"], images) and np.array_equal(ns["labels"], labels)
+    other = ns["sampler"].sample(num_images=9, steps=10, seed=3, progress=False)  # another seed: other images
+    assert other.shape == images.shape and not np.array_equal(other, images)
 
 
 def test_labels_by_name_and_errors(page):
