@@ -42,7 +42,7 @@ NFES = (5, 10, 20, 50)
 
 def schedules(nfe: int) -> list[tuple[str, str]]:
     """(method, --steps) pairs with at most ``nfe`` network evaluations."""
-    heun_steps = (nfe + 1) // 2
+    heun_steps = nfe // 2 + 1  # 2K - 2 evaluations: the top crossing is one Euler step
     return [("ddim", str(nfe)), ("dpmpp_2m", f"karras{nfe}"), ("dpmpp_2m", f"logsnr{nfe}"),
             ("dpmpp_2m", f"uniform{nfe}"), ("heun", f"karras{heun_steps}")]  # fmt: skip
 
@@ -74,7 +74,7 @@ def quality_run(model, diffusion, shape, n, batch, knn=None, **kw) -> dict:
         t0 = time.perf_counter()
         x = draw(model, diffusion, shape, method, steps, n, batch, **kw)
         spec = get_sampler(method)
-        row = {"method": method, "steps": steps, "nfe": nfe_of(method, steps),
+        row = {"method": method, "steps": steps, "nfe": nfe_of(diffusion, method, steps),
                "rms": None if spec.draws_noise(spec.default_eta) else round(rms(x, reference), 5),
                "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
         if knn is not None:
@@ -86,11 +86,11 @@ def quality_run(model, diffusion, shape, n, batch, knn=None, **kw) -> dict:
     return {"rows": rows, "samples": n}
 
 
-def nfe_of(method: str, steps: str) -> int:
+def nfe_of(diffusion, method: str, steps: str) -> int:
     """Network evaluations per sample of ``method`` on the step schedule ``steps`` ("50", "karras20", ...)."""
-    from diffusion_pl.diffusion import get_sampler
+    from diffusion_pl.diffusion.registry import schedule_nfe
 
-    return get_sampler(method).nfe(int("".join(ch for ch in steps if ch.isdigit())))
+    return schedule_nfe(diffusion, method, steps)
 
 
 def quickstart(args):
@@ -133,8 +133,8 @@ def mnist_accuracy(args) -> dict:
     for method, steps in (run.split(":") for run in args.runs.split(",")):
         t0 = time.perf_counter()
         x = draw(module, module.diffusion, shape, method, steps, args.samples, args.batch, **options)
-        rows.append({"method": method, "steps": steps, "nfe": nfe_of(method, steps), "digit_accuracy": knn(x),
-                     "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
+        rows.append({"method": method, "steps": steps, "nfe": nfe_of(module.diffusion, method, steps),
+                     "digit_accuracy": knn(x), "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
     return {"accuracy_rows": rows, "samples": args.samples, "guidance": f"classifier-free w = {args.cfg}",
             "precision": args.precision, "model": model}  # fmt: skip

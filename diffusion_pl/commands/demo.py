@@ -29,8 +29,8 @@ import numpy as np
 import torch
 import yaml
 
-from diffusion_pl.diffusion import SAMPLING_METHODS, check_schedule, create_diffusion, get_sampler
-from diffusion_pl.diffusion.step_schedules import count_steps
+from diffusion_pl.diffusion import SAMPLING_METHODS, GaussianDiffusion, check_schedule, create_diffusion
+from diffusion_pl.diffusion.registry import schedule_nfe
 from diffusion_pl.errors import UserFileNotFoundError, UserInputError
 from diffusion_pl.utils.files import write_text
 
@@ -164,8 +164,9 @@ def check_demo_options(
     nll_examples: int,
     fast_method: str = "dpmpp_2m_sde",
     fast_steps: str = "karras20",
-) -> None:
-    """The demo's own options, before any training (a bad --steps would otherwise fail after the training)."""
+) -> GaussianDiffusion:
+    """The demo's own options, before any training (a bad --steps would otherwise fail after the training); returns
+    the noise process of ``config``."""
     for name, value in (("--max_steps", max_steps), ("--classifier_max_steps", classifier_max_steps)):
         if value is not None and value < 1:
             raise UserInputError(f"demo: {name} must be >= 1, got {value}")
@@ -177,15 +178,16 @@ def check_demo_options(
     process = create_diffusion(diffusion_steps=int(init_args.get("diffusion_steps", 1000)))
     check_schedule(process, steps, option="--steps")
     check_schedule(process, fast_steps, fast_method, "--fast_steps")
+    return process
 
 
-def sampler_text(method: str, steps: str, T: int = 1000) -> str:
+def sampler_text(process: GaussianDiffusion, method: str, steps: str) -> str:
     """e.g. "dpmpp_2m karras20 (20 NFE)": a method, its --steps and its network evaluations per sample."""
-    return f"{method} {steps} ({get_sampler(method).nfe(count_steps(T, steps))} NFE)"
+    return f"{method} {steps} ({schedule_nfe(process, method, steps)} NFE)"
 
 
 def sample_steps(out: Path, common: list[str], guidance: dict[str, list[str]], steps: str, fast_method: str,
-                 fast_steps: str) -> list[Step]:  # fmt: skip
+                 fast_steps: str, process: GaussianDiffusion) -> list[Step]:  # fmt: skip
     """One `diffusion-pl sample` per mode: ancestral sampling with --steps, the fast mode with the solver."""
     result = []
     for mode in SAMPLE_MODES:
@@ -193,7 +195,8 @@ def sample_steps(out: Path, common: list[str], guidance: dict[str, list[str]], s
         method, mode_steps = (fast_method, fast_steps) if fast else ("ddpm", steps)
         folder = out / "samples" / mode
         result.append(Step(
-            name=f"sample {mode}", done=folder / "samples.npz", extra={"sampler": sampler_text(method, mode_steps)},
+            name=f"sample {mode}", done=folder / "samples.npz",
+            extra={"sampler": sampler_text(process, method, mode_steps)},
             args=["sample", *common, "--method", method, "--steps", mode_steps,
                   *guidance[mode.removesuffix("_fast")], "--out_dir", str(folder)],
         ))  # fmt: skip
@@ -260,7 +263,7 @@ def demo(
     """
     started = time.perf_counter()
     configs = find_config_dir(config_dir)
-    check_demo_options(configs / "quickstart.yaml", max_steps, classifier_max_steps, steps, samples_per_class,
+    process = check_demo_options(configs / "quickstart.yaml", max_steps, classifier_max_steps, steps, samples_per_class,
                        nll_examples, fast_method, fast_steps)  # fmt: skip
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -286,7 +289,7 @@ def demo(
         "classifier_guided": ["--classifier_ckpt", classifier_ckpt, "--classifier_scale", str(classifier_scale)],
         "classifier_free": ["--cfg_scale", str(cfg_scale)],
     }
-    samplings = sample_steps(out, common, guidance, steps, fast_method, fast_steps)
+    samplings = sample_steps(out, common, guidance, steps, fast_method, fast_steps, process)
     all_steps = [diffusion_fit, classifier_fit, *samplings,
                  *evaluation_steps(out, model_ckpt, accelerator, nll_examples, weights)]  # fmt: skip
     for step in all_steps:

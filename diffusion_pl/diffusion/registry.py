@@ -24,7 +24,8 @@ class SamplerSpec:
     the deterministic method. ``eta``: the allowed range (low, high) of the stochasticity eta, or None when the method
     has none (``eta_help`` says what its ends mean); ``default_eta`` is used when none is given. ``stochastic``:
     always draws noise (ddpm), else only when eta > 0. ``evals_per_step`` / ``min_steps``: see :meth:`nfe` and the
-    registry entries. ``max_sigma``: the highest first noise level the method is stable from (None: any).
+    registry entries. ``euler_above``: passed to a 2-evaluation solver, which takes a one-evaluation (Euler) step from a
+    level above it (the top crossing of step_schedules.py; None: never).
     """
 
     name: str
@@ -38,14 +39,16 @@ class SamplerSpec:
     stochastic: bool = False
     evals_per_step: int = 1
     min_steps: int = 1
-    max_sigma: float | None = None
+    euler_above: float | None = None
 
     def draws_noise(self, eta: float) -> bool:
         return self.stochastic or eta > 0.0
 
-    def nfe(self, steps: int) -> int:
-        """Network evaluations for ``steps`` noise levels (a 2-evaluation step does one at its final level 0)."""
-        return self.evals_per_step * steps - (self.evals_per_step - 1)
+    def nfe(self, steps: int, first_sigma: float = 0.0) -> int:
+        """Network evaluations for ``steps`` noise levels starting at ``first_sigma``: ``evals_per_step`` per step, one
+        for the final step to 0 and one for a first step from above ``euler_above``."""
+        single = 1 + (self.euler_above is not None and first_sigma > self.euler_above and steps > 1)
+        return self.evals_per_step * steps - (self.evals_per_step - 1) * single
 
 
 SAMPLERS: dict[str, SamplerSpec] = {
@@ -61,7 +64,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
         SamplerSpec("dpmpp_2m_sde", dpm_solver_pp_2m_sde, "continuous", 2, eta=(0.0, 1.0), default_eta=1.0,
                     eta_help="0: the deterministic dpmpp_2m, 1: the full SDE",
                     min_steps=3, help="DPM-Solver++(2M) SDE, stochastic (eta in [0, 1], default 1; 0 = dpmpp_2m)"),
-        SamplerSpec("heun", edm_heun, "continuous", 2, evals_per_step=2, min_steps=2, max_sigma=SIGMA_MAX,
+        SamplerSpec("heun", edm_heun, "continuous", 2, evals_per_step=2, min_steps=3, euler_above=SIGMA_MAX,
                     help="EDM's deterministic Heun sampler (Karras et al. 2022, Alg. 1); 2 evaluations per step"),
     )
 }  # fmt: skip
@@ -139,6 +142,14 @@ def _require_steps(spec: SamplerSpec, steps: str | int | None, n: int, option: s
         )
 
 
+def schedule_nfe(process, method: str, steps: str | int | None) -> int:
+    """Network evaluations per sample of ``method`` over the step schedule ``steps`` of the T-step ``process``."""
+    T = process.num_timesteps
+    text = "" if steps is None else str(steps).strip()
+    top = T - 1 if parse_level_schedule(text) is not None or text in ("", "0") else max(space_timesteps(T, text))
+    return get_sampler(method).nfe(count_steps(T, text), float(trained_sigmas(process)[top]))
+
+
 def check_method_options(method: str, eta: float | None, steps: str | int | None, eta_option: str = "eta",
                          steps_option: str = "--steps") -> None:  # fmt: skip
     """What can be checked without the model: ``method`` exists, ``eta`` fits it, and ``steps`` gives at least its
@@ -175,29 +186,8 @@ def check_schedule(process, steps: str | int | None, method: str = "ddpm", optio
             "steps"
         ) from e
     check_steps(method, T, spec, option)
-    _require_stable_start(process, spec, level, method, option)
     if level is not None and get_sampler(method).kind == "discrete":
         try:
             discrete_steps(trained_sigmas(process), spec)
         except ValueError as e:
             raise UserInputError(f"{option} {spec!r} with method {method}: {e}") from e
-
-
-def _require_stable_start(process, spec: str, level: tuple[str, int] | None, method: str, option: str) -> None:
-    """UserInputError if the schedule's first noise level is above the method's ``max_sigma``. Heun's trapezoidal
-    correction over the first step multiplies the difference of two denoiser outputs by sigma_0 / sigma_1: from the top
-    of the cosine process (sigma_{T-1} ~ 2e4, the clipped last beta) its samples are noise at any step count."""
-    limit = get_sampler(method).max_sigma
-    if limit is None:
-        return
-    sigmas = trained_sigmas(process)
-    if level is not None:
-        first = float(sigmas[-1]) if level[0] == "uniform" else min(float(sigmas[-1]), SIGMA_MAX)
-    else:
-        first = float(sigmas[max(space_timesteps(len(sigmas), spec)) if spec else -1])
-    if first > limit:
-        raise UserInputError(
-            f"{option} {spec!r} starts at noise level sigma {first:.3g}; method {method} is unstable from above "
-            f"sigma {limit:g} (EDM's sigma_max): use karrasN or logsnrN, which start at sigma <= {limit:g}, or "
-            "method dpmpp_2m"
-        )

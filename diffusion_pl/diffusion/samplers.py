@@ -51,6 +51,8 @@ def solve(
     """
     x = x_start * float((1.0 + sigmas[0] ** 2).sqrt())
     extra = {"eta": eta, "noise": noise_fn} if spec.eta is not None else {}
+    if spec.euler_above is not None:
+        extra["euler_above"] = spec.euler_above
     return spec.function(denoiser, x, sigmas, callback=callback, **extra)
 
 

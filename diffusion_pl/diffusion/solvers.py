@@ -78,20 +78,28 @@ def dpm_solver_pp_2m(
 
 
 def edm_heun(
-    denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, callback: StepCallback | None = None
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    callback: StepCallback | None = None,
+    euler_above: float = math.inf,
 ) -> torch.Tensor:
     """EDM's deterministic sampler (Karras et al. 2022, Alg. 1): Heun's 2nd-order method on the probability-flow ODE.
 
     d_i = (x_i - D(x_i; sigma_i)) / sigma_i, x' = x_i + (sigma_{i+1} - sigma_i) d_i (Euler), then, unless
-    sigma_{i+1} = 0, the trapezoidal correction x_{i+1} = x_i + (sigma_{i+1} - sigma_i) (d_i + d'_i) / 2 with
-    d'_i = (x' - D(x'; sigma_{i+1})) / sigma_{i+1}. 2N - 1 network evaluations for N noise levels.
+    sigma_{i+1} = 0 or sigma_i > ``euler_above``, the trapezoidal correction x_{i+1} = x_i + (sigma_{i+1} - sigma_i)
+    (d_i + d'_i) / 2 with d'_i = (x' - D(x'; sigma_{i+1})) / sigma_{i+1}. 2N - 1 network evaluations for N noise levels
+    (one fewer per step from above ``euler_above``). EDM starts at sigma_max = 80; the registry passes
+    euler_above = 80 so that the top crossing of a discrete process (step_schedules.py; sigma ~2e4 -> 80 in one step)
+    is the Euler step, which is the DDIM step: the correction over it would be (sigma_{i+1} - sigma_i) /
+    (2 sigma_{i+1}) ~ -10^2 times a difference of two denoiser outputs.
     """
     levels = _levels(sigmas)
     for i, (sigma, sigma_next) in enumerate(zip(levels, levels[1:], strict=False)):
         denoised = denoiser(x, sigmas[i])
         d = (x - denoised) / sigma
         x_euler = x + (sigma_next - sigma) * d
-        if sigma_next == 0.0:
+        if sigma_next == 0.0 or sigma > euler_above:
             x = x_euler
         else:
             d_next = (x_euler - denoiser(x_euler, sigmas[i + 1])) / sigma_next

@@ -8,13 +8,17 @@ Respacings of the trained T-step process (the reference's; :func:`space_timestep
 Noise-level schedules for the ODE / SDE solvers (N noise levels; see continuous.py for sigma_t):
     "uniformN"    time-uniform: N step indices evenly spaced from T - 1 to 0, sigma interpolated in log sigma between
                   trained steps (k-diffusion's DiscreteSchedule.get_sigmas)
-    "logsnrN"     logSNR-uniform: log sigma evenly spaced from s_max to s_min (logSNR = -2 log sigma; DPM-Solver's
-                  "logSNR" steps)
+    "logsnrN"     logSNR-uniform: log sigma evenly spaced (logSNR = -2 log sigma; DPM-Solver's "logSNR" steps)
     "karrasN"     Karras et al. 2022, eq. 5 with rho = 7: sigma_i = (s_max^(1/rho) + i/(N-1) (s_min^(1/rho) -
                   s_max^(1/rho)))^rho
-    with s_min = sigma_0 (the smallest trained level) and s_max = min(sigma_{T-1}, 80) (EDM's sigma_max = 80). The cap
-    matters: the cosine schedule's last beta is clipped to 0.999, so sigma_{T-1} (2e4 at T = 1000) is ~30x
-    sigma_{T-2}; without it ~40 % of a Karras schedule's levels would lie above sigma_{T-2}, where x is pure noise.
+The noise-level schedules start at the top trained level sigma_{T-1}, where ancestral sampling and DDIM draw x_T
+(as the respacings "N" and "" do), so every method integrates from the same x_T. "logsnrN" / "karrasN" run from
+s_max = sigma_{T-1} to s_min = sigma_0 when sigma_{T-1} <= 80 (EDM's sigma_max). Above it, the top crossing takes
+k = max(1, N // 20) levels evenly spaced in log sigma from sigma_{T-1} down to 80, and the other N - k levels run from
+s_max = 80: with fewer than 40 levels the top stretch is crossed in one first-order step, and k grows with N so that
+the schedule still converges at the solver's order. That stretch is long on the cosine schedule: its last beta is
+clipped to 0.999, so sigma_{T-1} (2e4 at T = 1000) is ~30x sigma_{T-2}; an uncapped Karras schedule would put ~60 %
+of its levels above 80, where D(x; sigma) is nearly constant.
 The solvers step through the N levels and then to sigma = 0 (the final denoising step). The discrete samplers (ddpm,
 ddim) step through trained steps only: a noise-level schedule is mapped to the nearest trained steps (each level to
 its own step; a schedule that would visit a step twice is refused).
@@ -31,7 +35,8 @@ from .respace import space_timesteps
 
 LEVEL_SCHEDULES = ("uniform", "logsnr", "karras")
 KARRAS_RHO = 7.0
-SIGMA_MAX = 80.0  # EDM's sigma_max: the largest level of "logsnrN" / "karrasN" (when the process reaches it)
+SIGMA_MAX = 80.0  # EDM's sigma_max: where "logsnrN" / "karrasN" spacing starts below the top crossing
+TOP_SHARE = 20  # one level of the top crossing per 20 levels of the schedule
 _LEVEL_PATTERN = re.compile(r"^(uniform|logsnr|karras)(\d+)$")
 
 
@@ -78,9 +83,16 @@ def logsnr_sigmas(n: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
 
 
 def _level_sigmas(name: str, n: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
-    """The "logsnrN" / "karrasN" levels between the trained sigma_min and min(trained sigma_max, SIGMA_MAX)."""
-    top = min(sigma_max, SIGMA_MAX)
-    return logsnr_sigmas(n, sigma_min, top) if name == "logsnr" else karras_sigmas(n, sigma_min, top)
+    """The "logsnrN" / "karrasN" levels of a process with trained levels sigma_min .. sigma_max: n levels from
+    sigma_max when it is at most SIGMA_MAX, else k = max(1, n // TOP_SHARE) levels evenly spaced in log sigma from
+    sigma_max down to SIGMA_MAX (excluded), then n - k levels from SIGMA_MAX (module doc)."""
+    spaced = logsnr_sigmas if name == "logsnr" else karras_sigmas
+    if n == 1:
+        return torch.tensor([sigma_max], dtype=torch.float64)
+    if sigma_max <= SIGMA_MAX:
+        return spaced(n, sigma_min, sigma_max)
+    top = max(1, n // TOP_SHARE)
+    return torch.cat([logsnr_sigmas(top + 1, SIGMA_MAX, sigma_max)[:-1], spaced(n - top, sigma_min, SIGMA_MAX)])
 
 
 def schedule_sigmas(denoiser, spec: str | int | None) -> torch.Tensor:

@@ -220,7 +220,7 @@ class SampleEngine:
 
     @property
     def num_steps(self) -> int:
-        """Steps of one sampling loop (the progress bar's unit); network evaluations: ``self.spec.nfe(num_steps)``."""
+        """Steps of one sampling loop (the progress bar's unit); network evaluations: registry.schedule_nfe."""
         return self.process.num_timesteps if self.sigmas is None else len(self.sigmas) - 1
 
     # ------------------------------------------------------------------------------------------------ labels / seeds

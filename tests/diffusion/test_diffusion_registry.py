@@ -19,13 +19,14 @@ from diffusion_pl.diffusion import (
     schedule_process,
     schedule_sigmas,
 )
-from diffusion_pl.diffusion.registry import check_schedule
+from diffusion_pl.diffusion.registry import schedule_nfe
 from diffusion_pl.errors import UserInputError
 
 
 def test_registry_is_the_list_of_methods():
     assert SAMPLING_METHODS == tuple(SAMPLERS) == ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "heun")
     assert get_sampler("heun").nfe(10) == 19 and get_sampler("dpmpp_2m").nfe(10) == 10
+    assert get_sampler("heun").nfe(10, first_sigma=100.0) == 18 and get_sampler("dpmpp_2m").nfe(10, 100.0) == 10
     assert get_sampler("ddpm").draws_noise(0.0) and not get_sampler("ddim").draws_noise(0.0)
     assert get_sampler("dpmpp_2m_sde").draws_noise(resolve_eta("dpmpp_2m_sde", None))
 
@@ -42,7 +43,7 @@ def test_unknown_method_names_the_registry():
     "method, steps, message",
     [
         ("dpmpp_2m", "2", r"--steps '2' gives 2 step\(s\), but method dpmpp_2m needs at least 3.*--steps 3"),
-        ("heun", "karras1", r"method heun needs at least 2.*--steps karras2"),
+        ("heun", "karras2", r"method heun needs at least 3.*--steps karras3"),
         ("dpmpp_2m_sde", "ddim2", r"needs at least 3"),
         ("ddim", "karras0", r"karras0 asks for 0 noise levels; the T = 100 process allows 1..100"),
         ("ddim", "karras", r"write the count right after the name, e.g. 'karras20'"),
@@ -55,7 +56,7 @@ def test_too_short_or_bad_schedules_are_refused(method, steps, message):
 
 
 def test_smallest_schedules_are_accepted():
-    assert check_steps("dpmpp_2m", 100, "3") == 3 and check_steps("heun", 100, "karras2") == 2
+    assert check_steps("dpmpp_2m", 100, "3") == 3 and check_steps("heun", 100, "karras3") == 3
     assert check_steps("ddpm", 100, "") == 100 and check_steps("ddim", 100, "logsnr1") == 1
 
 
@@ -87,7 +88,8 @@ def test_discrete_methods_map_level_schedules_to_trained_steps():
     levels = schedule_sigmas(DiscreteTimeDenoiser(process, None), "karras6")[:-1]
     # each level went to its nearest trained step in log sigma
     assert karras == sorted((levels.log()[:, None] - sigmas.log()).abs().argmin(1).tolist())
-    assert karras == [0, 18, 69, 91, 97, 98]  # sigma_max capped at 80 (sigma_98 = 64, sigma_99 = 2029)
+    # the top trained step (sigma_99 = 2029 > 80: the top crossing), then Karras levels from 80 (sigma_98 = 64)
+    assert karras == [0, 29, 84, 96, 98, 99]
     respaced = schedule_process(process, "karras6")
     assert respaced.timestep_map.tolist() == karras
     with pytest.raises(ValueError, match="puts two of its 90 noise levels on the same trained step"):
@@ -152,13 +154,15 @@ def test_sample_loop_runs_every_solver_with_a_classifier(method):
     assert torch.equal(a, b) and len(steps_a) == 6 and a.abs().max() <= 1.0
 
 
-@pytest.mark.parametrize("steps", ["uniform20", "50", ""])
-def test_heun_refuses_schedules_that_start_at_the_top_of_the_cosine_process(steps):
-    # sigma_{T-1} ~ 2e4 (the clipped last beta): Heun's correction over the first step gives noise at any step count
-    process = create_diffusion(diffusion_steps=1000, noise_schedule="cosine")
-    message = r"starts at noise level sigma 2\.\d+e\+04; method heun is unstable from above sigma 80 .*use karrasN"
-    with pytest.raises(UserInputError, match=message):
-        check_schedule(process, steps, "heun")
-    check_schedule(process, steps, "dpmpp_2m")  # the other solvers take it
-    for ok in ("karras20", "logsnr20", "ddim25"):  # capped at sigma 80, or below the top step
-        check_schedule(process, ok, "heun")
+@pytest.mark.parametrize("method", ["ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "heun"])
+@pytest.mark.parametrize("steps", ["karras20", "logsnr7", "uniform9", "ddim25", "50"])
+def test_network_evaluations_are_counted_as_they_happen(method, steps):
+    """schedule_nfe (the demo's and the benchmark's NFE) equals the model calls of a sample (heun: 2 per step, 1 for
+    the final step and for the Euler step of the top crossing from sigma_{T-1} ~ 2e4 when the schedule starts there)."""
+    process = create_diffusion(1000, "cosine", var_type="fixed_small", loss_type="simple")
+    model = TanhEps()
+    sample_loop(process, model, shape=(1, 2, 2, 2), method=method, steps=steps, generator=torch.Generator())
+    assert len(model.calls) == schedule_nfe(process, method, steps)
+    if method == "heun":
+        levels = schedule_sigmas(DiscreteTimeDenoiser(process, None), steps)[:-1]
+        assert len(model.calls) == 2 * len(levels) - 1 - int(levels[0] > 80)  # ddim25 starts at sigma_960 ~ 16

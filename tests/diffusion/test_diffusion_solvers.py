@@ -72,6 +72,23 @@ def test_convergence_order_on_gaussian_data(method, schedule, counts, low, high)
     assert errors[-1] < 2e-2
 
 
+def test_heun_crosses_the_top_stretch_in_one_euler_step():
+    """From sigma_{T-1} ~ 2e4 (above EDM's sigma_max = 80) the registry's heun takes the Euler step, which is the DDIM
+    step x_1 = D + (sigma_1 / sigma_0) (x - D), and EDM's Alg. 1 from there; without that rule the trapezoidal
+    correction over the first step multiplies a difference of denoiser outputs by (sigma_1 - sigma_0) / (2 sigma_1)."""
+    process, _, _, z = gaussian_setup()
+    model = TanhEps(channels=1, out_channels=1)
+    view = DiscreteTimeDenoiser(process, model)
+    sigmas = schedule_sigmas(view, "karras10")
+    assert sigmas[0] > 1e4 and sigmas[1] == 80.0
+    out = sample_loop(process, model, noise=z.clone(), method="heun", steps="karras10", clip_denoised=False)
+    x = z * float((1 + sigmas[0] ** 2).sqrt())
+    denoised = view(x, sigmas[0])
+    x1 = denoised + float(sigmas[1] / sigmas[0]) * (x - denoised)
+    assert torch.allclose(out, edm_heun(view, x1, sigmas[1:]), rtol=0, atol=1e-9)  # x ~ 2e4: float64 rounding
+    assert not torch.allclose(out, edm_heun(view, x, sigmas), rtol=0, atol=1e-3)  # Alg. 1 over the top stretch
+
+
 # ---------------------------------------------------------------------------------------------------- oracle
 
 
@@ -120,12 +137,17 @@ def test_denoiser_matches_kdiffusion_discrete_eps_ddpm_denoiser(quantize):
 
 def test_schedules_match_kdiffusion():
     sampling, ours, theirs = _setup()
-    s_min, s_max = ours.sigma_min, 80.0  # levels schedules start at min(sigma_{T-1}, 80)
+    s_min, s_max = ours.sigma_min, 80.0  # below the top crossing, the level schedules start at 80
     assert ours.sigma_max > 80
-    assert torch.allclose(schedule_sigmas(ours, "karras12"), sampling.get_sigmas_karras(12, s_min, s_max).double(),
-                          rtol=1e-5)  # fmt: skip
-    assert torch.allclose(schedule_sigmas(ours, "logsnr12"),
-                          sampling.get_sigmas_exponential(12, s_min, s_max).double(), rtol=1e-5)  # fmt: skip
+    # the top crossing: max(1, N // 20) levels from sigma_{T-1}; then k-diffusion's schedule from 80
+    top = torch.tensor([ours.sigma_max], dtype=torch.float64)
+    top2 = torch.tensor([ours.sigma_max, (ours.sigma_max * 80.0) ** 0.5], dtype=torch.float64)  # log-evenly spaced
+    for spec, crossing, theirs_below in (
+        ("karras12", top, sampling.get_sigmas_karras(11, s_min, s_max)),
+        ("logsnr12", top, sampling.get_sigmas_exponential(11, s_min, s_max)),
+        ("karras45", top2, sampling.get_sigmas_karras(43, s_min, s_max)),
+    ):
+        assert torch.allclose(schedule_sigmas(ours, spec), torch.cat([crossing, theirs_below.double()]), rtol=1e-5)
     assert torch.allclose(schedule_sigmas(ours, "uniform12"), theirs.get_sigmas(12).double(), rtol=1e-5)
     assert torch.allclose(schedule_sigmas(ours, ""), theirs.get_sigmas().double(), rtol=1e-5)
     assert torch.allclose(

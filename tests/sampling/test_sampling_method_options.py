@@ -64,13 +64,13 @@ def test_method_choices_are_the_registry(parser, option, extra):
     "command, args, pattern",
     [
         ("sample", ["--method", "heun", "--steps", "1"], r"--steps '1' gives 1 step\(s\), but method heun needs at "
-                                                         r"least 2 .*use e.g. --steps 2"),
+                                                         r"least 3 .*use e.g. --steps 3"),
         ("sample", ["--method", "dpmpp_2m", "--steps", "karras2"], r"needs at least 3 .*--steps karras3"),
         ("sample", ["--method", "dpmpp_2m_sde", "--eta", "2"], r"--eta must be in \[0, 1\] \(0: the deterministic"),
         ("sample", ["--method", "heun", "--eta", "0.5"], r"--eta 0.5 only applies to method ddim or dpmpp_2m_sde"),
         ("sample", ["--method", "euler"], r"--method: expected one of 'ddpm', 'ddim', 'dpmpp_2m', 'dpmpp_2m_sde', "
                                           r"'heun', got 'euler'"),
-        ("evaluate", ["--method", "heun", "--steps", "1"], r"method heun needs at least 2"),
+        ("evaluate", ["--method", "heun", "--steps", "1"], r"method heun needs at least 3"),
         ("sweep", ["--method", "dpmpp_2m", "--steps", "2"], r"method dpmpp_2m needs at least 3"),
     ],
 )

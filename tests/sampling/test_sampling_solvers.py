@@ -57,7 +57,7 @@ def test_stochastic_solver_uses_its_eta(nets):  # noqa: F811
 @pytest.mark.parametrize(
     "kw, message",
     [
-        ({"method": "heun", "respacing": "1"}, r"respacing '1' gives 1 step\(s\), but method heun needs at least 2"),
+        ({"method": "heun", "respacing": "1"}, r"respacing '1' gives 1 step\(s\), but method heun needs at least 3"),
         ({"method": "dpmpp_2m_sde", "eta": 2.0}, r"eta must be in \[0, 1\]"),
         ({"method": "euler"}, r"unknown sampling method 'euler'; choose from ddpm, ddim, dpmpp_2m"),
         ({"method": "ddim", "respacing": "karras9"}, r"respacing 'karras9' with method ddim: karras9 puts two"),
