@@ -29,12 +29,15 @@ def keep_section(old_text: str | None, new_text: str) -> str:
 def _quality_table(result: dict) -> list[str]:
     rows = result["rows"]
     has_acc = any("digit_accuracy" in r for r in rows)
-    head = "| method | --steps | NFE | RMS to 1000-step DDIM |" + (" digit accuracy |" if has_acc else "") + " s |"
-    lines = [head, "|---|---|---|---|" + ("---|" if has_acc else "") + "---|"]
+    has_median = any("rms_median" in r for r in rows)
+    head = "| method | --steps | NFE | RMS to 1000-step DDIM |" + (" median per sample |" if has_median else "")
+    head += (" digit accuracy |" if has_acc else "") + " s |"
+    lines = [head, "|---|---|---|---|" + ("---|" if has_median else "") + ("---|" if has_acc else "") + "---|"]
     for r in rows:
         rms = "(stochastic)" if r["rms"] is None else f"{r['rms']:.4f}"
+        median = (f" {r['rms_median']:.4f} |" if "rms_median" in r else " |") if has_median else ""
         acc = f" {r['digit_accuracy']:.3f} |" if has_acc else ""
-        lines.append(f"| {r['method']} | {r['steps']} | {r['nfe']} | {rms} |{acc} {r['seconds']} |")
+        lines.append(f"| {r['method']} | {r['steps']} | {r['nfe']} | {rms} |{median}{acc} {r['seconds']} |")
     return lines
 
 

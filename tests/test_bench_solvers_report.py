@@ -14,7 +14,8 @@ RESULT = {"kind": "random", "model": "random ADM", "command": "python benchmarks
           "machine": MACHINE, "load_after": "8.0 / 8.0 / 8.0", "seconds": 12, "samples": 2, "guidance": "none",
           "precision": "32-true",
           "rows": [{"method": "ddim", "steps": "1000", "nfe": 1000, "rms": 0.0, "seconds": 9.0},
-                   {"method": "dpmpp_2m", "steps": "karras20", "nfe": 20, "rms": 0.0123, "seconds": 1.0}]}  # fmt: skip
+                   {"method": "dpmpp_2m", "steps": "karras20", "nfe": 20, "rms": 0.0123, "rms_median": 0.01,
+                    "seconds": 1.0}]}  # fmt: skip
 
 
 def test_section_is_written_and_kept_by_a_rerender(tmp_path):
@@ -22,7 +23,8 @@ def test_section_is_written_and_kept_by_a_rerender(tmp_path):
     path.write_text("# Benchmarks\n\nold numbers\n")
     report.render_into(str(path), [RESULT])
     text = path.read_text()
-    assert text.startswith("# Benchmarks\n\nold numbers") and "| dpmpp_2m | karras20 | 20 | 0.0123 |" in text
+    assert text.startswith("# Benchmarks\n\nold numbers") and "| dpmpp_2m | karras20 | 20 | 0.0123 | 0.0100 |" in text
+    assert "| ddim | 1000 | 1000 | 0.0000 | | 9.0 |" in text  # the reference row has no per-sample median
     assert "python benchmarks/bench_solvers.py --model random" in text and "load average 9.0" in text
     # run_all.py renders the rest anew: the section is carried over; a second render replaces it, once.
     rerendered = report.keep_section(text, "# Benchmarks\n\nnew numbers\n")
