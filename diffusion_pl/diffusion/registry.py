@@ -9,10 +9,18 @@ from dataclasses import dataclass
 
 from diffusion_pl.errors import UserInputError
 
+from .continuous import DiscreteTimeDenoiser
 from .discrete import ddim_step, p_sample
 from .respace import space_timesteps
 from .solvers import dpm_solver_pp_2m, dpm_solver_pp_2m_sde, edm_heun
-from .step_schedules import SIGMA_MAX, count_steps, discrete_steps, parse_level_schedule, trained_sigmas
+from .step_schedules import (
+    SIGMA_MAX,
+    count_steps,
+    discrete_steps,
+    parse_level_schedule,
+    schedule_sigmas,
+    trained_sigmas,
+)
 
 
 @dataclass(frozen=True)
@@ -44,11 +52,10 @@ class SamplerSpec:
     def draws_noise(self, eta: float) -> bool:
         return self.stochastic or eta > 0.0
 
-    def nfe(self, steps: int, first_sigma: float = 0.0) -> int:
-        """Network evaluations for ``steps`` noise levels starting at ``first_sigma``: ``evals_per_step`` per step, one
-        for the final step to 0 and one for a first step from above ``euler_above``."""
-        single = 1 + (self.euler_above is not None and first_sigma > self.euler_above and steps > 1)
-        return self.evals_per_step * steps - (self.evals_per_step - 1) * single
+    def nfe(self, steps: int, euler_steps: int = 0) -> int:
+        """Network evaluations for ``steps`` noise levels: ``evals_per_step`` per step, but one for the final step to 0
+        and for each of ``euler_steps`` steps from above ``euler_above``."""
+        return self.evals_per_step * steps - (self.evals_per_step - 1) * (1 + euler_steps)
 
 
 SAMPLERS: dict[str, SamplerSpec] = {
@@ -143,11 +150,14 @@ def _require_steps(spec: SamplerSpec, steps: str | int | None, n: int, option: s
 
 
 def schedule_nfe(process, method: str, steps: str | int | None) -> int:
-    """Network evaluations per sample of ``method`` over the step schedule ``steps`` of the T-step ``process``."""
-    T = process.num_timesteps
-    text = "" if steps is None else str(steps).strip()
-    top = T - 1 if parse_level_schedule(text) is not None or text in ("", "0") else max(space_timesteps(T, text))
-    return get_sampler(method).nfe(count_steps(T, text), float(trained_sigmas(process)[top]))
+    """Network evaluations per sample of ``method`` over the step schedule ``steps`` of the T-step ``process``; the
+    levels the solver visits (:func:`schedule_sigmas`) say how many steps start above the method's ``euler_above``."""
+    spec = get_sampler(method)
+    n = count_steps(process.num_timesteps, steps)
+    if spec.euler_above is None:
+        return spec.nfe(n)
+    levels = schedule_sigmas(DiscreteTimeDenoiser(process, None), steps)
+    return spec.nfe(n, int((levels[:-2] > spec.euler_above).sum()))  # the last step, to 0, is single already
 
 
 def check_method_options(method: str, eta: float | None, steps: str | int | None, eta_option: str = "eta",

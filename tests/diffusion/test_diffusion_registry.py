@@ -26,7 +26,7 @@ from diffusion_pl.errors import UserInputError
 def test_registry_is_the_list_of_methods():
     assert SAMPLING_METHODS == tuple(SAMPLERS) == ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "heun")
     assert get_sampler("heun").nfe(10) == 19 and get_sampler("dpmpp_2m").nfe(10) == 10
-    assert get_sampler("heun").nfe(10, first_sigma=100.0) == 18 and get_sampler("dpmpp_2m").nfe(10, 100.0) == 10
+    assert get_sampler("heun").nfe(10, euler_steps=2) == 17
     assert get_sampler("ddpm").draws_noise(0.0) and not get_sampler("ddim").draws_noise(0.0)
     assert get_sampler("dpmpp_2m_sde").draws_noise(resolve_eta("dpmpp_2m_sde", None))
 
@@ -155,14 +155,17 @@ def test_sample_loop_runs_every_solver_with_a_classifier(method):
 
 
 @pytest.mark.parametrize("method", ["ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "heun"])
-@pytest.mark.parametrize("steps", ["karras20", "logsnr7", "uniform9", "ddim25", "50"])
+@pytest.mark.parametrize("steps", ["karras20", "karras45", "logsnr7", "uniform9", "ddim25", "50"])
 def test_network_evaluations_are_counted_as_they_happen(method, steps):
     """schedule_nfe (the demo's and the benchmark's NFE) equals the model calls of a sample (heun: 2 per step, 1 for
-    the final step and for the Euler step of the top crossing from sigma_{T-1} ~ 2e4 when the schedule starts there)."""
+    the final step and for each Euler step of the top crossing from sigma_{T-1} ~ 2e4 down to 80; karras45 crosses it
+    in 2 steps)."""
     process = create_diffusion(1000, "cosine", var_type="fixed_small", loss_type="simple")
     model = TanhEps()
     sample_loop(process, model, shape=(1, 2, 2, 2), method=method, steps=steps, generator=torch.Generator())
     assert len(model.calls) == schedule_nfe(process, method, steps)
     if method == "heun":
         levels = schedule_sigmas(DiscreteTimeDenoiser(process, None), steps)[:-1]
-        assert len(model.calls) == 2 * len(levels) - 1 - int(levels[0] > 80)  # ddim25 starts at sigma_960 ~ 16
+        euler = int((levels[:-1] > 80).sum())  # steps from above 80 (ddim25 starts at sigma_960 ~ 16: none)
+        assert euler == {"karras45": 2, "ddim25": 0}.get(steps, 1)
+        assert len(model.calls) == 2 * len(levels) - 1 - euler
