@@ -502,14 +502,29 @@ def test_no_file_points_outside_the_repository():
             assert name[1] in markdown, f"{where} names {name[1]}, which is not in the repository"
 
 
+def _same_file_references(row: str) -> list[tuple[str, str]]:
+    """(file, test) of every ``…::test_x`` in a table row, the file being the last ``file.py::`` before it."""
+    found, path = [], None
+    for match in re.finditer(r"((?:[\w/]+/)?test_\w+\.py)::|`…::(test_\w+)", row):
+        if match.group(1):
+            path = match.group(1)
+        else:
+            assert path, f"…::{match.group(2)} follows no file::test in its row: {row[:80]}"
+            found.append((path, match.group(2)))
+    return found
+
+
 def test_troubleshooting_names_tests_that_exist():
     """docs/TROUBLESHOOTING.md names, for each case, the test that keeps it so: every file::test it names exists
-    (abridged names, ``…test_x``, must be a test function somewhere under tests/)."""
+    (abridged names, ``…test_x``, must be a test function somewhere under tests/; ``…::test_x`` is in the file the
+    same table row named before it)."""
     text = (ROOT / "docs" / "TROUBLESHOOTING.md").read_text()
     sources = {p: p.read_text() for p in (ROOT / "tests").rglob("test_*.py")}
     full = re.findall(r"`…?((?:[\w/]+/)?test_\w+\.py)::(test_\w+)", text)
     abridged = re.findall(r"`…(test_\w+)\b(?!\.py)", text)
-    assert len(full) > 20 and abridged
+    same_file = [(path, name) for row in text.splitlines() for path, name in _same_file_references(row)]
+    assert len(full) > 20 and abridged and same_file
+    full += same_file
     for path, name in full:
         matches = [src for p, src in sources.items() if p.as_posix().endswith("tests/" + path) or p.name == path]
         assert matches, f"{path} (named in TROUBLESHOOTING.md) does not exist"
