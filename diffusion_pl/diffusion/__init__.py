@@ -18,7 +18,16 @@ from .registry import (
     resolve_eta,
 )
 from .respace import space_timesteps
-from .samplers import SAMPLING_METHODS, check_eta, ddim_step, p_sample, sample_loop, schedule_process, solve
+from .samplers import (
+    SAMPLING_METHODS,
+    check_eta,
+    ddim_step,
+    discrete_loop,
+    p_sample,
+    sample_loop,
+    schedule_process,
+    solve,
+)
 from .schedules import BETA_SCHEDULES, betas_for_alpha_bar, cosine_alpha_bar, get_named_beta_schedule
 from .solvers import dpm_solver_pp_2m, dpm_solver_pp_2m_sde, edm_heun
 from .step_schedules import LEVEL_SCHEDULES, count_steps, discrete_steps, karras_sigmas, logsnr_sigmas, schedule_sigmas
@@ -72,6 +81,7 @@ __all__ = [
     "create_diffusion",
     "create_timestep_sampler",
     "ddim_step",
+    "discrete_loop",
     "discretized_gaussian_log_likelihood",
     "get_named_beta_schedule",
     "mean_flat",

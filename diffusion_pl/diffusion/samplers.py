@@ -21,8 +21,8 @@ from .process import GaussianDiffusion
 from .registry import SAMPLERS, SAMPLING_METHODS, SamplerSpec, check_eta, check_steps, get_sampler, resolve_eta
 from .step_schedules import discrete_steps, schedule_sigmas, trained_sigmas
 
-__all__ = ["SAMPLERS", "SAMPLING_METHODS", "SamplerSpec", "check_eta", "check_steps", "ddim_step", "get_sampler",
-           "p_sample", "resolve_eta", "sample_loop", "schedule_process", "solve"]  # fmt: skip
+__all__ = ["SAMPLERS", "SAMPLING_METHODS", "SamplerSpec", "check_eta", "check_steps", "ddim_step", "discrete_loop",
+           "get_sampler", "p_sample", "resolve_eta", "sample_loop", "schedule_process", "solve"]  # fmt: skip
 
 
 def schedule_process(process: GaussianDiffusion, steps: str | int | None) -> GaussianDiffusion:
@@ -87,25 +87,27 @@ def sample_loop(
     check_steps(method, process.num_timesteps, steps, "steps")
     x = _initial_noise(model, shape, noise, generator, device)
     record: list[dict] = []
+    bar = tqdm(disable=not progress, desc=f"{method} sampling")
+
+    def step_done(out: dict) -> None:
+        bar.update(1)
+        if return_intermediates:
+            record.append(out)
+
+    def noise_fn(like: torch.Tensor, last: bool = False) -> torch.Tensor:  # ddpm / ddim: at every step, the last too
+        return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)  # (as the reference)
+
     with torch.no_grad():
         if spec.kind == "discrete":
-            x = _discrete_loop(spec, schedule_process(process, steps), model, x, eta, clip_denoised, model_kwargs,
-                               cond_fn, generator, progress, record if return_intermediates else None)  # fmt: skip
+            respaced = schedule_process(process, steps)
+            bar.total = respaced.num_timesteps
+            x = discrete_loop(spec, respaced, model, x, eta, clip_denoised, model_kwargs, cond_fn, noise_fn, step_done)
         else:
             denoiser = DiscreteTimeDenoiser(process, model, model_kwargs, cond_fn, clip_denoised, timestep_mode)
             sigmas = schedule_sigmas(denoiser, steps)
-            bar = tqdm(total=len(sigmas) - 1, disable=not progress, desc=f"{method} sampling")
-
-            def callback(i: int, denoised: torch.Tensor) -> None:
-                bar.update(1)
-                if return_intermediates:
-                    record.append({"pred_xstart": denoised})
-
-            def noise_fn(like: torch.Tensor) -> torch.Tensor:
-                return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
-
-            x = solve(spec, denoiser, x, sigmas, eta, noise_fn, callback)
-            bar.close()
+            bar.total = len(sigmas) - 1
+            x = solve(spec, denoiser, x, sigmas, eta, noise_fn, lambda i, x_0: step_done({"pred_xstart": x_0}))
+    bar.close()
     return (x, record) if return_intermediates else x
 
 
@@ -126,16 +128,27 @@ def _initial_noise(model, shape, noise, generator, device) -> torch.Tensor:
     return torch.randn(tuple(shape), generator=generator, device=device)
 
 
-def _discrete_loop(spec, process, model, x, eta, clip_denoised, model_kwargs, cond_fn, generator, progress, record):
-    """Steps T-1 .. 0 of ``process`` with the ddpm / ddim step function; appends each step's dict to ``record``."""
+def discrete_loop(
+    spec: SamplerSpec,
+    process: GaussianDiffusion,
+    model: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    eta: float,
+    clip_denoised: bool,
+    model_kwargs: dict | None,
+    cond_fn: Callable[..., torch.Tensor] | None,
+    noise_fn: Callable[[torch.Tensor, bool], torch.Tensor],
+    step_done: Callable[[dict], None] | None = None,
+) -> torch.Tensor:
+    """Steps T-1 .. 0 of ``process`` with the ddpm / ddim step function of ``spec``. ``noise_fn(x, last)`` gives each
+    step's noise (the last step adds none, whatever it returns); ``step_done`` receives each step's dict."""
     extra = {"eta": eta} if spec.eta is not None else {}
     timesteps = torch.arange(process.num_timesteps - 1, -1, -1, device=x.device)
-    for step in tqdm(timesteps, disable=not progress, desc=f"{spec.name} sampling"):
-        t = step.expand(x.shape[0])
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)  # each step, as the reference
-        out = spec.function(process, model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs,
-                            cond_fn=cond_fn, noise=noise, **extra)  # fmt: skip
+    for step in timesteps:
+        noise = noise_fn(x, bool(step == 0))
+        out = spec.function(process, model, x, step.expand(x.shape[0]), clip_denoised=clip_denoised,
+                            model_kwargs=model_kwargs, cond_fn=cond_fn, noise=noise, **extra)  # fmt: skip
         x = out["sample"]
-        if record is not None:
-            record.append(out)
+        if step_done is not None:
+            step_done(out)
     return x

@@ -27,6 +27,7 @@ from diffusion_pl.diffusion import (
     check_schedule,
     classifier_cond_fn,
     classifier_free_model,
+    discrete_loop,
     get_sampler,
     resolve_eta,
     schedule_process,
@@ -292,20 +293,14 @@ class SampleEngine:
         return SampleBatch(indices=indices, images=images, labels=y)
 
     def _discrete_loop(self, x, model_kwargs, generators, bar):
-        """Steps T'-1 .. 0 of the respaced process with the ddpm / ddim step, per-sample noise (none at the end)."""
+        """The ddpm / ddim steps of the respaced process with per-sample noise (none where the step adds none)."""
         zeros = torch.zeros_like(x)
-        extra = {"eta": self.eta} if self.spec.eta is not None else {}
-        t_all = torch.arange(self.num_steps, device=self.device).flip(0).view(-1, 1).expand(-1, x.shape[0])
-        for k in range(self.num_steps):
-            last = k == self.num_steps - 1
-            noise = self._draw(generators) if self._stochastic and not last else zeros
-            out = self.spec.function(self.process, self._model_fn, x, t_all[k], clip_denoised=self.clip_denoised,
-                                     model_kwargs=model_kwargs, cond_fn=self._cond_fn, noise=noise,
-                                     **extra)  # fmt: skip
-            x = out["sample"]
-            if bar is not None:
-                bar.update(1)
-        return x
+
+        def step_noise(like: torch.Tensor, last: bool) -> torch.Tensor:
+            return self._draw(generators) if self._stochastic and not last else zeros
+
+        return discrete_loop(self.spec, self.process, self._model_fn, x, self.eta, self.clip_denoised, model_kwargs,
+                             self._cond_fn, step_noise, lambda out: bar.update(1) if bar is not None else None)
 
     def progress_bar(self, num_batches: int, desc: str = "sampling") -> tqdm:
         """A tqdm bar over ``num_batches * steps`` denoising steps (steps/s and ETA), disabled off rank 0."""
