@@ -41,6 +41,35 @@ def _quality_table(result: dict) -> list[str]:
     return lines
 
 
+TARGET = (("dpmpp_2m", "karras20"), ("ddim", "50"))  # the issue's target: DPM-Solver++(2M) at 20 NFE vs DDIM at 50
+
+
+def rms_ratio(a: list[float], b: list[float], resamples: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
+    """RMS(a) / RMS(b) of paired per-sample RMS values (RMS = sqrt(mean of squares): every sample has the same pixel
+    count), and the 5 % / 95 % quantiles of the ratio over bootstrap resamples of the samples (pairs kept)."""
+    import numpy as np
+
+    sq_a, sq_b = np.square(np.asarray(a, dtype=np.float64)), np.square(np.asarray(b, dtype=np.float64))
+    if sq_a.shape != sq_b.shape or sq_a.size == 0:
+        raise ValueError(f"paired per-sample RMS values needed, got {sq_a.size} and {sq_b.size}")
+    pick = np.random.default_rng(seed).integers(0, sq_a.size, size=(resamples, sq_a.size))
+    ratios = np.sqrt(sq_a[pick].mean(1) / sq_b[pick].mean(1))
+    low, high = np.quantile(ratios, [0.05, 0.95])
+    return float(np.sqrt(sq_a.mean() / sq_b.mean())), float(low), float(high)
+
+
+def _target_line(rows: list[dict]) -> list[str]:
+    """The target comparison with its sampling uncertainty, when both rows carry per-sample values."""
+    found = {(r["method"], r["steps"]): r.get("rms_per_sample") for r in rows}
+    (fast, fast_steps), (slow, slow_steps) = TARGET
+    a, b = found.get(TARGET[0]), found.get(TARGET[1])
+    if not a or not b:
+        return []
+    ratio, low, high = rms_ratio(a, b)
+    return [f"RMS of {fast} {fast_steps} / RMS of {slow} {slow_steps}: {ratio:.2f} (below 1: the 20-NFE solver is "
+            f"closer); paired bootstrap over the {len(a)} samples, 90 % interval {low:.2f}-{high:.2f}.", ""]
+
+
 def render(results: list[dict]) -> str:
     lines = [BEGIN, "## Fast samplers (benchmarks/bench_solvers.py)", "",
              "Written by `benchmarks/bench_solvers.py --render` (kept when run_all.py rewrites this file). Every "
@@ -55,7 +84,7 @@ def render(results: list[dict]) -> str:
                   ""]  # fmt: skip
         if "rows" in result:
             lines += [f"{result['samples']} samples, guidance: {result['guidance']}, precision {result['precision']}.",
-                      "", *_quality_table(result), ""]  # fmt: skip
+                      "", *_quality_table(result), "", *_target_line(result["rows"])]  # fmt: skip
         if "accuracy_rows" in result:
             lines += [f"{result['samples']} samples (balanced labels), guidance: {result['guidance']}, precision "
                       f"{result['precision']}.", "", "| method | --steps | NFE | digit accuracy | s |",
