@@ -62,7 +62,7 @@ def _target_line(rows: list[dict]) -> list[str]:
     """The target comparison with its sampling uncertainty, when both rows carry per-sample values."""
     found = {(r["method"], r["steps"]): r.get("rms_per_sample") for r in rows}
     (fast, fast_steps), (slow, slow_steps) = TARGET
-    a, b = found.get(TARGET[0]), found.get(TARGET[1])
+    a, b = found.get((fast, fast_steps)), found.get((slow, slow_steps))
     if not a or not b:
         return []
     ratio, low, high = rms_ratio(a, b)

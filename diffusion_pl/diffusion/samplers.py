@@ -144,8 +144,8 @@ def discrete_loop(
     step's noise (the last step adds none, whatever it returns); ``step_done`` receives each step's dict."""
     extra = {"eta": eta} if spec.eta is not None else {}
     timesteps = torch.arange(process.num_timesteps - 1, -1, -1, device=x.device)
-    for step in timesteps:
-        noise = noise_fn(x, bool(step == 0))
+    for k, step in enumerate(timesteps):
+        noise = noise_fn(x, k == len(timesteps) - 1)  # from the index, not the tensor: no device sync per step
         out = spec.function(process, model, x, step.expand(x.shape[0]), clip_denoised=clip_denoised,
                             model_kwargs=model_kwargs, cond_fn=cond_fn, noise=noise, **extra)  # fmt: skip
         x = out["sample"]

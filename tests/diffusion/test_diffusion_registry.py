@@ -24,9 +24,8 @@ from diffusion_pl.errors import UserInputError
 
 
 def test_registry_is_the_list_of_methods():
-    """The registry is the one list of methods (a new sampler adds itself; the tests below run over all of them)."""
-    assert SAMPLING_METHODS == tuple(SAMPLERS)
-    assert {"ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "heun"} <= set(SAMPLERS)
+    """The registry holds the five methods (a new sampler adds itself; the tests below run over SAMPLING_METHODS)."""
+    assert {"ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "heun"} <= set(SAMPLING_METHODS)
     assert get_sampler("heun").nfe(10) == 19 and get_sampler("dpmpp_2m").nfe(10) == 10
     assert get_sampler("heun").nfe(10, euler_steps=2) == 17
     assert get_sampler("ddpm").draws_noise(0.0) and not get_sampler("ddim").draws_noise(0.0)
