@@ -19,8 +19,14 @@ In both modes the scalings use the requested sigma itself (1/sqrt(1 + sigma^2) i
 
 Classifier guidance in score form (ADM eq. 14, Song et al. 2021): eps' = eps - sqrt(1 - alpha_bar) * g with
 g = cond_fn(x_t, t) = s * grad_{x_t} log p(y | x_t, t), taken at x_t, the classifier also called with the original t;
-here sqrt(1 - alpha_bar) = sigma / sqrt(1 + sigma^2). Classifier-free guidance is part of the model callable
-(:func:`~diffusion_pl.diffusion.classifier_free_model`). With ``clip_denoised`` D is clamped to [-1, 1] after guidance.
+here sqrt(1 - alpha_bar) = sigma / sqrt(1 + sigma^2). In the x variable that is D' = D + sigma^2 / sqrt(1 + sigma^2) g.
+As in the reference's DDIM (``condition_score``), eps is the one of the x_0 prediction after ``clip_denoised`` clamps
+it to [-1, 1], and the guided D' is not clamped again; so a first-order step of any solver is exactly a DDIM step, with
+or without guidance. Classifier-free guidance is part of the model callable
+(:func:`~diffusion_pl.diffusion.classifier_free_model`).
+
+The view is of the full T-step process the model was trained with: the solvers choose their own noise levels
+(step_schedules.py), so a respaced process, which has lost the levels between its kept steps, is refused.
 """
 
 from __future__ import annotations
@@ -29,17 +35,19 @@ from collections.abc import Callable
 
 import torch
 
+from diffusion_pl.errors import UserInputError
+
 from .process import GaussianDiffusion
 
 TIMESTEP_MODES = ("interpolate", "nearest")
 
 
 class DiscreteTimeDenoiser:
-    """D(x; sigma) of a discrete-time eps / x_0 model under ``process`` (full or respaced; see the module doc).
+    """D(x; sigma) of a discrete-time eps / x_0 model under its full training ``process`` (see the module doc).
 
     Args:
-        process: the process whose steps are the trained noise levels; its ``timestep_map`` gives the original index
-            the model is called with (``rescale_timesteps`` is honoured as in the process).
+        process: the T-step process the model was trained with (not respaced); its steps are the trained noise
+            levels (``rescale_timesteps`` is honoured as in the process).
         model: ``model(x_t, t, **model_kwargs)`` -> [N, C or 2C, ...] (eps or x_0 first, optional variance after).
         model_kwargs: passed to the model and to ``cond_fn`` (e.g. ``{"y": labels}``).
         cond_fn: classifier guidance ``cond_fn(x_t, t, **model_kwargs) = s * grad log p(y | x_t)``, or None.
@@ -63,6 +71,13 @@ class DiscreteTimeDenoiser:
                 "the ODE/SDE solvers need a model that predicts eps or x_0; a 'previous_x' model only defines the "
                 "discrete steps: sample it with method ddpm or ddim"
             )
+        if process.num_timesteps != process.original_num_steps:
+            raise UserInputError(
+                f"the ODE/SDE solvers need the full {process.original_num_steps}-step training process, got one "
+                f"respaced to {process.num_timesteps} steps: pass the process before respacing (e.g. create_diffusion "
+                "without timestep_respacing) and choose the steps with `steps` (e.g. 'karras20', or '250' for the "
+                "trained steps of that respacing)"
+            )
         self.process = process
         self.model = model
         self.model_kwargs = model_kwargs or {}
@@ -72,7 +87,6 @@ class DiscreteTimeDenoiser:
         alpha_bar = process.alphas_cumprod
         self.sigmas = ((1.0 - alpha_bar) / alpha_bar).sqrt()  # float64, increasing with the step index
         self.log_sigmas = self.sigmas.log()
-        self.model_steps = process.timestep_map.to(torch.float64)
 
     @property
     def sigma_min(self) -> float:
@@ -101,13 +115,10 @@ class DiscreteTimeDenoiser:
         return ((1.0 - w) * self.log_sigmas[low] + w * self.log_sigmas[high]).exp()
 
     def model_timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        """What the model and the classifier are called with at ``sigma``: the original training index (int64 in
-        "nearest" mode, float64 interpolated between neighbouring original indices otherwise), rescaled to
-        t * 1000 / T if the process rescales timesteps."""
-        index = self.sigma_to_index(sigma)
-        low = index.floor().long()
-        high = index.ceil().long()
-        t = self.model_steps[low] + (index - low) * (self.model_steps[high] - self.model_steps[low])
+        """What the model and the classifier are called with at ``sigma``: the training index (int64 in "nearest"
+        mode, float64 between neighbouring indices otherwise), rescaled to t * 1000 / T if the process rescales
+        timesteps."""
+        t = self.sigma_to_index(sigma)
         if self.process.rescale_timesteps:
             return t.float() * (1000.0 / self.process.original_num_steps)
         return t.long() if self.timestep_mode == "nearest" else t
@@ -122,15 +133,10 @@ class DiscreteTimeDenoiser:
         x_t = x * c_in
         t = self.model_timestep(sigma).to(x.device)
         out = self.model(x_t, t, **self.model_kwargs)[:, :channels]  # mean channels (drops a learned variance)
-        if self.process.mean_type == "start_x":
-            x0 = out
-            if self.cond_fn is None:
-                return x0.clamp(-1.0, 1.0) if self.clip_denoised else x0
-            eps = (x - x0) / sigma_x
-        else:
-            eps = out
-        if self.cond_fn is not None:
-            # eps' = eps - sqrt(1 - alpha_bar) * s grad log p(y | x_t), sqrt(1 - alpha_bar) = sigma c_in.
-            eps = eps - sigma_x * c_in * self.cond_fn(x_t, t, **self.model_kwargs).to(x.dtype)
-        x0 = x - sigma_x * eps
-        return x0.clamp(-1.0, 1.0) if self.clip_denoised else x0
+        x0 = out if self.process.mean_type == "start_x" else x - sigma_x * out
+        if self.clip_denoised:
+            x0 = x0.clamp(-1.0, 1.0)
+        if self.cond_fn is None:
+            return x0
+        # eps' = (x - x0) / sigma - sqrt(1 - alpha_bar) g, sqrt(1 - alpha_bar) = sigma c_in: D' = x0 + sigma^2 c_in g.
+        return x0 + sigma_x**2 * c_in * self.cond_fn(x_t, t, **self.model_kwargs).to(x.dtype)

@@ -66,13 +66,13 @@ class SampleEngine:
 
     Args:
         model: the U-Net (any callable module); evaluated in eval mode.
-        diffusion: the FULL training process (respaced here with ``respacing``) or an already respaced one.
+        diffusion: the FULL training process (respaced here with ``respacing``); an already respaced one only for
+            the discrete methods (ddpm, ddim).
         image_shape: (C, H, W) of a sample.
         respacing: the step schedule: "" (all T steps), a count like 250 / "250", a section string "10,10,20",
             "ddimN", or a noise-level schedule "uniformN" / "logsnrN" / "karrasN" (diffusion/step_schedules.py).
-        method: a name of the sampler registry (diffusion/registry.py): "ddpm" (ancestral), "ddim", "dpmpp_2m",
-            "dpmpp_2m_sde", "heun".
-        eta: stochasticity of ddim / dpmpp_2m_sde; None = the method's default.
+        method: a name of the sampler registry (diffusion/registry.py, SAMPLERS).
+        eta: the method's stochasticity (its registry entry gives the range); None = the method's default.
         timestep_mode: how the ODE/SDE solvers call the model between trained steps: "interpolate" or "nearest"
             (diffusion/continuous.py).
         clip_denoised: clamp the x_0 prediction to [-1, 1].

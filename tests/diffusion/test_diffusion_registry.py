@@ -9,6 +9,8 @@ from diffusion_pl.diffusion import (
     SAMPLING_METHODS,
     DiscreteTimeDenoiser,
     check_eta,
+    check_method_options,
+    check_schedule,
     check_steps,
     classifier_free_model,
     create_diffusion,
@@ -97,11 +99,10 @@ def test_discrete_methods_map_level_schedules_to_trained_steps():
         discrete_steps(sigmas, "karras90")
 
 
-def test_continuous_view_guidance_uses_original_steps_and_score_form():
-    """Classifier guidance eps' = eps - sqrt(1 - alpha_bar) g at x_t with the ORIGINAL index; classifier-free guidance
+def test_continuous_view_guidance_uses_training_steps_and_score_form():
+    """Classifier guidance eps' = eps - sqrt(1 - alpha_bar) g at x_t with the training index; classifier-free guidance
     through the model wrapper; both at once; with a learned variance only the mean channels count."""
-    full = create_diffusion(100, "cosine", var_type="learned_range", loss_type="hybrid")
-    process = full.respaced("10")
+    process = create_diffusion(100, "cosine", var_type="learned_range", loss_type="hybrid")
     model = TanhEps(out_channels=4)  # [eps | variance]
     y = torch.tensor([1, 3])
     seen = []
@@ -112,23 +113,52 @@ def test_continuous_view_guidance_uses_original_steps_and_score_form():
         return g
 
     x = torch.randn(2, 2, 3, 3, dtype=torch.float64)
-    step = 4  # the 5th kept step = original index 44
+    step = 44
     sigma = ((1 - process.alphas_cumprod[step]) / process.alphas_cumprod[step]).sqrt()
     cfg = classifier_free_model(model, 3.0, null_class=10)
     both = DiscreteTimeDenoiser(process, cfg, {"y": y}, cond_fn, timestep_mode="nearest")(x, sigma)
     x_t = x / (1 + sigma**2).sqrt()
-    t = torch.full((2,), int(process.timestep_map[step]))
-    assert int(t[0]) == 44 and torch.equal(seen[0][1], t) and torch.allclose(seen[0][0], x_t)
+    t = torch.full((2,), step)
+    assert torch.equal(seen[0][1], t) and torch.allclose(seen[0][0], x_t)
     eps = 4.0 * model(x_t, t, y)[:, :2] - 3.0 * model(x_t, t, torch.full_like(y, 10))[:, :2]
     ab = process.alphas_cumprod[step]
     expected = (x_t - (1 - ab).sqrt() * (eps - (1 - ab).sqrt() * g)) / ab.sqrt()
     assert torch.allclose(both, expected, atol=1e-12)
     plain = DiscreteTimeDenoiser(process, model, {"y": y}, timestep_mode="nearest")(x, sigma)
     assert torch.allclose(plain, (x_t - (1 - ab).sqrt() * model(x_t, t, y)[:, :2]) / ab.sqrt(), atol=1e-12)
-    # Between trained steps the model gets the interpolated original index (between 44 and 55).
+    # Between trained steps the model gets the index interpolated in log sigma.
     view = DiscreteTimeDenoiser(process, model, {"y": y})
-    between = view.model_timestep((view.sigmas[step] * view.sigmas[step + 1]).sqrt())  # halfway in log sigma
-    assert float(between) == pytest.approx(49.5)
+    assert float(view.model_timestep((view.sigmas[step] * view.sigmas[step + 1]).sqrt())) == pytest.approx(44.5)
+
+
+def test_guided_clipped_denoiser_is_the_reference_ddim_prediction():
+    """With clip_denoised and a classifier, D(x; sigma_t) is the x_0 of the reference's DDIM step at t: x_0 clamped,
+    eps re-derived from it, guided in score form, x_0 recomputed and not clamped again (condition_score)."""
+    process = create_diffusion(100, "cosine", var_type="learned_range", loss_type="hybrid")
+    model = TanhEps(out_channels=4)
+    kwargs = {"y": torch.tensor([1, 3])}
+    g = 2.0 * torch.randn(2, 2, 3, 3, dtype=torch.float64)
+    cond_fn = lambda x_t, t, y=None: g  # noqa: E731
+    step = 30
+    ab = process.alphas_cumprod[step]
+    x_t = 2.0 * torch.randn(2, 2, 3, 3, dtype=torch.float64)
+    t = torch.full((2,), step)
+    out = process.p_mean_variance(lambda x, t, y=None: 3.0 * model(x, t, y), x_t, t, True, kwargs)
+    assert (out["pred_xstart"].abs() == 1.0).any()  # the clamp is active
+    reference = process.condition_score(cond_fn, out, x_t, t, kwargs)["pred_xstart"]
+    view = DiscreteTimeDenoiser(process, lambda x, t, y=None: 3.0 * model(x, t, y), kwargs, cond_fn,
+                                clip_denoised=True, timestep_mode="nearest")  # fmt: skip
+    denoised = view(x_t / ab.sqrt(), ((1 - ab) / ab).sqrt())
+    assert torch.allclose(denoised, reference, atol=1e-12) and denoised.abs().max() > 1.0
+
+
+def test_continuous_view_refuses_a_respaced_process():
+    respaced = create_diffusion(100, "cosine", var_type="fixed_small", loss_type="simple").respaced("10")
+    with pytest.raises(UserInputError, match="full 100-step training process, got one respaced to 10 steps"):
+        DiscreteTimeDenoiser(respaced, TanhEps())
+    with pytest.raises(UserInputError, match="before respacing"):
+        sample_loop(respaced, TanhEps(), shape=(1, 2, 2, 2), method="dpmpp_2m", steps="karras5")
+    assert sample_loop(respaced, TanhEps(), shape=(1, 2, 2, 2), method="ddim").shape == (1, 2, 2, 2)
 
 
 def test_start_x_models_and_clipping():
@@ -147,12 +177,23 @@ def test_start_x_models_and_clipping():
 def test_sample_loop_runs_every_solver_with_a_classifier(method):
     process = create_diffusion(100, "cosine", var_type="fixed_small", loss_type="simple")
     gen = torch.Generator().manual_seed(0)
-    cond_fn = lambda x_t, t, y=None: 0.1 * torch.ones_like(x_t)  # noqa: E731
-    run = lambda: sample_loop(process, TanhEps(), shape=(2, 2, 3, 3), method=method, steps="karras6",  # noqa: E731
-                              model_kwargs={"y": torch.tensor([0, 1])}, cond_fn=cond_fn, generator=gen.manual_seed(0),
-                              return_intermediates=True)  # fmt: skip
-    (a, steps_a), (b, _) = run(), run()
-    assert torch.equal(a, b) and len(steps_a) == 6 and a.abs().max() <= 1.0
+    times = []
+
+    def cond_fn(x_t, t, y=None):
+        times.append(t)
+        return 0.1 * torch.ones_like(x_t)
+
+    def run(guide):
+        return sample_loop(process, TanhEps(), shape=(2, 2, 3, 3), method=method, steps="karras6",
+                           model_kwargs={"y": torch.tensor([0, 1])}, cond_fn=guide, generator=gen.manual_seed(0),
+                           return_intermediates=True)  # fmt: skip
+
+    (a, steps_a), (b, _), (plain, _) = run(cond_fn), run(cond_fn), run(None)
+    assert torch.equal(a, b) and len(steps_a) == 6
+    # The guidance changes the sample, and the classifier is called once per network evaluation, with training indices.
+    assert (a - plain).abs().max() > 0.1
+    assert len(times) == 2 * schedule_nfe(process, method, "karras6")
+    assert all(0.0 <= float(t.min()) and float(t.max()) <= 99.0 for t in times)
 
 
 @pytest.mark.parametrize("method", SAMPLING_METHODS)
@@ -170,3 +211,13 @@ def test_network_evaluations_are_counted_as_they_happen(method, steps):
         euler = int((levels[:-1] > 80).sum())  # steps from above 80 (ddim25 starts at sigma_960 ~ 16: none)
         assert euler == {"karras45": 2, "ddim25": 0}.get(steps, 1)
         assert len(model.calls) == 2 * len(levels) - 1 - euler
+
+
+def test_zero_steps_means_all_steps_everywhere():
+    """steps 0 / "0" / "" / None: all T trained steps, in the checks as in the samplers."""
+    process = create_diffusion(20, "cosine", var_type="fixed_small", loss_type="simple")
+    for steps in (0, "0", "", None):
+        check_method_options("heun", None, steps)
+        check_schedule(process, steps, "heun")
+        assert schedule_process(process, steps) is process
+        assert len(schedule_sigmas(DiscreteTimeDenoiser(process, None), steps)) == 21

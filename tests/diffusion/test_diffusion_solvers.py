@@ -120,15 +120,10 @@ def _setup(T=100, quantize=False):
 @pytest.mark.parametrize("quantize", [False, True])
 def test_denoiser_matches_kdiffusion_discrete_eps_ddpm_denoiser(quantize):
     _, ours, theirs = _setup(quantize=quantize)
-    x = torch.randn(5, 2, 3, 3, dtype=torch.float64)
+    x = torch.randn(7, 2, 3, 3, dtype=torch.float64)
     # Trained levels, levels between them, and levels outside [sigma_min, sigma_max] (clamped to the end steps).
-    sigma = torch.cat(
-        [
-            ours.sigmas[[0, 7, 99]],
-            torch.tensor([0.05, 3.3]),
-        ]
-    ).to(torch.float64)
-    sigma[-1] = ours.sigma_max * 2 if quantize else sigma[-1]
+    sigma = torch.cat([ours.sigmas[[0, 7, 99]], torch.tensor([0.05, 3.3, 0.01, 2 * ours.sigma_max])])
+    assert sigma[-2] < ours.sigma_min
     assert torch.allclose(ours(x, sigma), theirs(x, sigma), rtol=0, atol=1e-12)
     assert torch.allclose(ours.model_timestep(sigma).double(), theirs.sigma_to_t(sigma).double(), atol=1e-12)
     steps = torch.tensor([0.0, 12.5, 99.0], dtype=torch.float64)
