@@ -138,11 +138,11 @@ class Sampler:
         return_labels: also return the int64 labels used (None for an unconditional model without guidance)."""
         if num_images < 1:
             raise UserInputError(f"num_images must be >= 1, got {num_images}")
-        loaded = self.classifier(classifier, classifier_preset) if classifier is not None else None
-        scale = (1.0 if loaded is not None else 0.0) if classifier_scale is None else float(classifier_scale)
         steps = str(min(50, self.num_timesteps)) if steps is None else str(steps)
         noise = {} if eta is None else {"eta": eta}  # None: the method's default, as the sample command's
-        sampling = SamplingOptions(steps=steps, method=method, seed=seed, precision=self.precision, **noise)
+        sampling = SamplingOptions(steps=steps, method=method, seed=seed, precision=self.precision, **noise)  # checks
+        loaded = self.classifier(classifier, classifier_preset) if classifier is not None else None
+        scale = (1.0 if loaded is not None else 0.0) if classifier_scale is None else float(classifier_scale)
         options = engine_options(self.model, loaded, sampling, Guidance(classifier_scale=scale, cfg_scale=cfg_scale))
         engine = build_engine(self.model, loaded, options, device=self.device, progress=progress)
         ids = self.label_ids(labels, num_images)

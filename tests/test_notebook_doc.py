@@ -73,5 +73,8 @@ def test_labels_by_name_and_errors(page):
         mine.sample(num_images=1, labels=5, steps=5)
     with pytest.raises(ValueError, match="cfg_scale = 1.0 .* needs a model trained with a null class"):
         ns["sampler"].sample(num_images=1, cfg_scale=1.0, steps=5)
+    # Sampler options are checked before a classifier file is read (this one does not exist).
+    with pytest.raises(ValueError, match="--steps 'karras2' gives 2 step"):
+        mine.sample(num_images=1, method="dpmpp_2m", steps="karras2", classifier="no-such-classifier.ckpt")
     with pytest.raises(ValueError, match="carries its own process"):
         ns["diffusion_pl"].load(str(page[0] / "run" / "last.ckpt"), diffusion_steps=10)

@@ -106,7 +106,7 @@ class SamplingOptions:
 
     def __post_init__(self) -> None:
         # Method, eta and the fewest steps of the method need no model: refused before any network is loaded.
-        check_method_options(self.method, self.eta, self.steps, eta_option="--eta", steps_option="--steps")
+        check_method_options(self.method, self.eta, self.steps)
 
 
 # The help of --method and --eta comes from the sampler registry.

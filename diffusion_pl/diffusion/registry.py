@@ -19,6 +19,7 @@ from .step_schedules import (
     discrete_steps,
     parse_level_schedule,
     schedule_sigmas,
+    step_spec,
     trained_sigmas,
 )
 
@@ -160,13 +161,14 @@ def schedule_nfe(process, method: str, steps: str | int | None) -> int:
     return spec.nfe(n, int((levels[:-2] > spec.euler_above).sum()))  # the last step, to 0, is single already
 
 
-def check_method_options(method: str, eta: float | None, steps: str | int | None, eta_option: str = "eta",
-                         steps_option: str = "--steps") -> None:  # fmt: skip
+def check_method_options(method: str, eta: float | None, steps: str | int | None, method_option: str = "--method",
+                         eta_option: str = "--eta", steps_option: str = "--steps") -> None:  # fmt: skip
     """What can be checked without the model: ``method`` exists, ``eta`` fits it, and ``steps`` gives at least its
-    fewest steps when its count does not depend on T ("N", "c1,c2", "ddimN", "karrasN", ...; "" = all T steps)."""
-    spec = get_sampler(method, steps_option.replace("steps", "method"))
+    fewest steps when its count does not depend on T ("N", "c1,c2", "ddimN", "karrasN", ...; "" = all T steps).
+    Errors name the options as ``*_option``."""
+    spec = get_sampler(method, method_option)
     resolve_eta(method, eta, eta_option)
-    text = "" if steps is None else str(steps).strip()
+    text = step_spec(steps)
     level = parse_level_schedule(text)
     try:
         count = level[1] if level else sum(int(c) for c in text.removeprefix("ddim").split(",")) if text else None
@@ -181,7 +183,7 @@ def check_schedule(process, steps: str | int | None, method: str = "ddpm", optio
     ``steps`` (a respacing or a noise-level schedule, step_schedules.py): it parses and fits T, it has at least the
     method's fewest steps, and a discrete method gets distinct trained steps."""
     T = process.num_timesteps
-    spec = "" if steps is None or steps == 0 else str(steps).strip()
+    spec = step_spec(steps)
     try:
         level = parse_level_schedule(spec)
         if level is None and spec:

@@ -19,7 +19,7 @@ from .continuous import DiscreteTimeDenoiser
 from .discrete import ddim_step, p_sample
 from .process import GaussianDiffusion
 from .registry import SAMPLERS, SAMPLING_METHODS, SamplerSpec, check_eta, check_steps, get_sampler, resolve_eta
-from .step_schedules import discrete_steps, schedule_sigmas, trained_sigmas
+from .step_schedules import discrete_steps, schedule_sigmas, step_spec, trained_sigmas
 
 __all__ = ["SAMPLERS", "SAMPLING_METHODS", "SamplerSpec", "check_eta", "check_steps", "ddim_step", "discrete_loop",
            "get_sampler", "p_sample", "resolve_eta", "sample_loop", "schedule_process", "solve"]  # fmt: skip
@@ -28,7 +28,7 @@ __all__ = ["SAMPLERS", "SAMPLING_METHODS", "SamplerSpec", "check_eta", "check_st
 def schedule_process(process: GaussianDiffusion, steps: str | int | None) -> GaussianDiffusion:
     """The process a discrete method (ddpm, ddim) runs for ``steps`` (step_schedules.py): ``process`` itself for
     None / "" / all steps, else ``process`` respaced at the schedule's trained steps."""
-    if steps is None or str(steps).strip() in ("", "0"):
+    if not step_spec(steps):
         return process
     kept = discrete_steps(trained_sigmas(process), steps)
     return process if len(kept) == process.num_timesteps else process.respaced_at(kept)

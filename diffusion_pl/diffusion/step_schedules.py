@@ -55,13 +55,20 @@ def parse_level_schedule(spec: str) -> tuple[str, int] | None:
     return match.group(1), int(match.group(2))
 
 
+def step_spec(spec: str | int | None) -> str:
+    """``spec`` as text; "" (all T trained steps) for None, "", 0 and "0"."""
+    text = "" if spec is None else str(spec).strip()
+    return "" if text == "0" else text
+
+
 def count_steps(num_timesteps: int, spec: str | int | None) -> int:
     """How many noise levels (steps) ``spec`` visits on a T-step process; raises ValueError if it does not fit."""
-    if spec is None or str(spec).strip() in ("", "0"):
+    spec = step_spec(spec)
+    if not spec:
         return num_timesteps
-    level = parse_level_schedule(str(spec))
+    level = parse_level_schedule(spec)
     if level is None:
-        return len(space_timesteps(num_timesteps, str(spec).strip()))
+        return len(space_timesteps(num_timesteps, spec))
     name, n = level
     if not 1 <= n <= num_timesteps:
         raise ValueError(
@@ -103,9 +110,10 @@ def schedule_sigmas(denoiser, spec: str | int | None) -> torch.Tensor:
     """
     T = denoiser.sigmas.numel()
     count_steps(T, spec)  # validates
-    level = parse_level_schedule(str(spec)) if spec not in (None, "", 0) else None
+    spec = step_spec(spec)
+    level = parse_level_schedule(spec)
     if level is None:
-        kept = list(range(T)) if spec in (None, "", 0, "0") else space_timesteps(T, str(spec).strip())
+        kept = space_timesteps(T, spec) if spec else list(range(T))
         sigmas = denoiser.sigmas[torch.tensor(kept[::-1])]
     else:
         name, n = level
@@ -123,9 +131,10 @@ def discrete_steps(sigmas: torch.Tensor, spec: str | int | None) -> list[int]:
     """
     T = sigmas.numel()
     count_steps(T, spec)
-    level = parse_level_schedule(str(spec)) if spec not in (None, "", 0) else None
+    spec = step_spec(spec)
+    level = parse_level_schedule(spec)
     if level is None:
-        return list(range(T)) if spec in (None, "", 0, "0") else space_timesteps(T, str(spec).strip())
+        return space_timesteps(T, spec) if spec else list(range(T))
     name, n = level
     if name == "uniform":
         steps = torch.linspace(T - 1, 0, n, dtype=torch.float64).round().long().tolist()

@@ -17,10 +17,10 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from diffusion_pl.diffusion import (
     SAMPLING_METHODS,
     auto_method,
+    check_method_options,
     check_schedule,
     classifier_cond_fn,
     classifier_free_model,
-    resolve_eta,
     sample_loop,
 )
 from diffusion_pl.errors import UserFileNotFoundError, UserInputError, UserRuntimeError
@@ -181,7 +181,8 @@ class GuidedSampler(ValidationWeightsCallback):
             raise UserFileNotFoundError(f"GuidedSampler.classifier_path: no file at {classifier_path!r}")
         # ``method`` stays as written ("auto" too); ``sampling_method`` is the registry name every grid is drawn with.
         self.sampling_method = auto_method(respacing) if method == "auto" else method
-        resolve_eta(self.sampling_method, eta, "GuidedSampler.eta")
+        check_method_options(self.sampling_method, eta, respacing, "GuidedSampler.method", "GuidedSampler.eta",
+                             "GuidedSampler.respacing")  # fmt: skip
         self.every_n_val_runs = every_n_val_runs
         self.at_fit_end = at_fit_end
         self.respacing = respacing

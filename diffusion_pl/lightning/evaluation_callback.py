@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from diffusion_pl.data.common import EVALUATION_LOADER_VERSION, evaluation_dataloader
-from diffusion_pl.diffusion import DEFAULT_METHOD, SAMPLING_METHODS, check_schedule
+from diffusion_pl.diffusion import DEFAULT_METHOD, SAMPLING_METHODS, check_method_options, check_schedule
 from diffusion_pl.errors import UserFileNotFoundError, UserInputError
 from diffusion_pl.evaluation import (
     InceptionFeatures,
@@ -44,7 +44,7 @@ from diffusion_pl.lightning.callbacks import (
     check_classifier_file,
     validation_follows_checkpoint,
 )
-from diffusion_pl.sampling import SampleEngine, check_eta
+from diffusion_pl.sampling import SampleEngine
 from diffusion_pl.utils.images import to_uint8
 
 Method = Literal[SAMPLING_METHODS]  # type: ignore[valid-type]  (the sampler registry's names)
@@ -60,7 +60,7 @@ class SampleQualityEvaluation(ValidationWeightsCallback):
         batch_size: sampling batch size per rank.
         steps: step schedule ("100", "250", "ddim50", "karras20", "" = all T; docs/SAMPLERS.md).
         method / eta / clip_denoised: sampler settings; method: a name of the sampler registry
-            (diffusion_pl.diffusion.SAMPLERS: ddpm, ddim, dpmpp_2m, dpmpp_2m_sde, heun); eta: None = its default.
+            (diffusion_pl.diffusion.SAMPLERS, docs/SAMPLERS.md); eta: None = its default.
         reference: image folder, ADM reference npz or reference cache; None = the datamodule's ``reference_split``.
         reference_split: "val" or "train" split of the trainer's datamodule (used when ``reference`` is None): all
             its images as stored, in order, never flipped (a separate deterministic loader, not the training one).
@@ -100,7 +100,8 @@ class SampleQualityEvaluation(ValidationWeightsCallback):
         if every_n_steps < 1 or num_samples < 2:
             raise UserInputError("SampleQualityEvaluation needs every_n_steps >= 1 and num_samples >= 2")
         check_enough_images(metrics, num_samples, isc_splits=isc_splits)  # before training, not at the first eval
-        check_eta(method, eta, "SampleQualityEvaluation.eta")
+        check_method_options(method, eta, steps, "SampleQualityEvaluation.method", "SampleQualityEvaluation.eta",
+                             "SampleQualityEvaluation.steps")  # fmt: skip
         if classifier_scale != 0.0 and classifier_path is None:
             raise UserInputError(
                 "SampleQualityEvaluation.classifier_scale needs classifier_path (a NoisyClassifierModule checkpoint)"

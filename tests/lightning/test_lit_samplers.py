@@ -59,3 +59,11 @@ def test_bad_method_options_are_refused_when_built():
         GuidedSampler(respacing="250", eta=0.5)  # auto -> ancestral
     with pytest.raises(UserInputError, match=r"SampleQualityEvaluation.eta must be in \[0, 1\]"):
         SampleQualityEvaluation(num_samples=20, metrics=["prc"], isc_splits=1, method="dpmpp_2m_sde", eta=1.5)
+    # Unknown methods and too-short schedules, before any model or classifier file is read.
+    with pytest.raises(UserInputError, match=r"unknown SampleQualityEvaluation.method 'euler'; choose from ddpm"):
+        SampleQualityEvaluation(num_samples=20, metrics=["prc"], isc_splits=1, method="euler")
+    with pytest.raises(UserInputError, match=r"SampleQualityEvaluation.steps 'karras2' gives 2 step\(s\), but method "
+                       r"dpmpp_2m needs at least 3 .* use e.g. SampleQualityEvaluation.steps karras3"):  # fmt: skip
+        SampleQualityEvaluation(num_samples=20, metrics=["prc"], isc_splits=1, method="dpmpp_2m", steps="karras2")
+    with pytest.raises(UserInputError, match=r"GuidedSampler.respacing '2' gives 2 step\(s\), but method heun"):
+        GuidedSampler(respacing="2", method="heun")
