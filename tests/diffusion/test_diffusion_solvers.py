@@ -14,6 +14,7 @@ from diffusion_pl.diffusion import (
     dpm_solver_pp_2m,
     dpm_solver_pp_2m_sde,
     edm_heun,
+    get_sampler,
     karras_sigmas,
     logsnr_sigmas,
     sample_loop,
@@ -63,7 +64,7 @@ def test_convergence_order_on_gaussian_data(method, schedule, counts, low, high)
     errors = []
     for n in counts:
         target = exact_x0(view, z, float(schedule_sigmas(view, schedule.format(n))[0]))
-        eta = 0.0 if method in ("ddim", "dpmpp_2m_sde") else None
+        eta = 0.0 if get_sampler(method).eta is not None else None  # the deterministic form of a method with eta
         out = sample_loop(process, model, noise=z.clone(), method=method, eta=eta, steps=schedule.format(n),
                           clip_denoised=False)  # fmt: skip
         errors.append((out - target).pow(2).mean().sqrt().item())
