@@ -66,8 +66,10 @@ def _target_line(rows: list[dict]) -> list[str]:
     if not a or not b:
         return []
     ratio, low, high = rms_ratio(a, b)
-    return [f"RMS of {fast} {fast_steps} / RMS of {slow} {slow_steps}: {ratio:.2f} (below 1: the 20-NFE solver is "
-            f"closer); paired bootstrap over the {len(a)} samples, 90 % interval {low:.2f}-{high:.2f}.", ""]
+    verdict = ("the first is closer" if high < 1 else "the second is closer" if low > 1
+               else "it contains 1, so these samples do not tell which is closer")  # fmt: skip
+    return [f"RMS of {fast} {fast_steps} / RMS of {slow} {slow_steps}: {ratio:.2f}; paired bootstrap over the "
+            f"{len(a)} samples, 90 % interval {low:.2f}-{high:.2f}: {verdict}.", ""]
 
 
 def render(results: list[dict]) -> str:

@@ -55,5 +55,11 @@ def test_target_ratio_and_its_bootstrap_interval():
              "seconds": 1.0}]  # fmt: skip
     text = report.render([{**RESULT, "rows": RESULT["rows"] + rows}])
     assert f"RMS of dpmpp_2m karras20 / RMS of ddim 50: {ratio:.2f}" in text
-    assert f"over the 6 samples, 90 % interval {low:.2f}-{high:.2f}." in text
+    assert f"over the 6 samples, 90 % interval {low:.2f}-{high:.2f}: it contains 1" in text
+    assert low < 1 < high
+    closer = [{**r, "rms_per_sample": [v / (3 if r["method"] == "dpmpp_2m" else 1) for v in r["rms_per_sample"]]}
+              for r in rows]  # fmt: skip
+    _, low3, high3 = report.rms_ratio(closer[0]["rms_per_sample"], b)
+    assert high3 < 1 and f"interval {low3:.2f}-{high3:.2f}: the first is closer." in report.render(
+        [{**RESULT, "rows": RESULT["rows"] + closer}])
     assert "/ RMS of" not in report.render([RESULT])  # without both rows' per-sample values: no line
