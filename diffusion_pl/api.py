@@ -90,24 +90,26 @@ class Sampler:
         return (f"Sampler({self.in_channels}x{self.image_size}x{self.image_size}, classes={self.num_classes}, "
                 f"null_class={self.null_class}, T={self.num_timesteps}, device={self.device})")  # fmt: skip
 
-    def label_ids(self, labels: LabelsArg, num_images: int) -> list[int] | None:
-        """``labels`` (one for all images or one per image; ints or class names) as a list of ``num_images`` ints."""
+    def label_ids(self, labels: LabelsArg, num_images: int, class_names: list[str] | None = None) -> list[int] | None:
+        """``labels`` (one for all images or one per image; ints, numpy / torch integers or class names) as a list of
+        ``num_images`` ints; names are looked up in ``class_names`` (default: the model's)."""
         if labels is None:
             return None
-        items = [labels] if isinstance(labels, (int, str)) else list(labels)
+        items = [labels] if isinstance(labels, str) or np.ndim(labels) == 0 else list(labels)
         if len(items) not in (1, num_images):
             raise UserInputError(f"labels has {len(items)} entries: give one (for every image) or num_images = "
                                  f"{num_images}")  # fmt: skip
-        ids = [self._label_id(v) for v in items]
+        ids = [self._label_id(v, class_names or self.class_names) for v in items]
         return ids * num_images if len(ids) == 1 else ids
 
-    def _label_id(self, label: int | str) -> int:
+    @staticmethod
+    def _label_id(label: int | str, class_names: list[str] | None) -> int:
         if not isinstance(label, str):
             return int(label)
-        if self.class_names is None or label not in self.class_names:
-            known = f"; known names: {', '.join(self.class_names[:8])} ..." if self.class_names else ""
+        if class_names is None or label not in class_names:
+            known = f"; known names: {', '.join(class_names[:8])} ..." if class_names else ""
             raise UserInputError(f"label {label!r} is not a class name of this model{known}")
-        return self.class_names.index(label)
+        return class_names.index(label)
 
     def classifier(self, path: str, preset: str | None = None) -> LoadedClassifier:
         """A noisy classifier (NoisyClassifierModule checkpoint, or a released .pt with its preset), loaded once."""
@@ -143,15 +145,24 @@ class Sampler:
         sampling = SamplingOptions(steps=steps, method=method, seed=seed, precision=self.precision, **noise)  # checks
         loaded = self.classifier(classifier, classifier_preset) if classifier is not None else None
         scale = (1.0 if loaded is not None else 0.0) if classifier_scale is None else float(classifier_scale)
+        if labels is not None and self.num_classes is None and not scale:
+            raise UserInputError(
+                "labels have no effect: the model is unconditional and no classifier guides it; drop labels, or pass "
+                "classifier=... (classifier_scale > 0) to steer the samples towards them"
+            )
+        # An unconditional released model guided by an ImageNet classifier takes WordNet IDs as names too.
+        names = list(sorted_wnids()) if self.class_names is None and loaded and loaded.num_classes == 1000 else None
+        ids = self.label_ids(labels, num_images, names)
         options = engine_options(self.model, loaded, sampling, Guidance(classifier_scale=scale, cfg_scale=cfg_scale))
         engine = build_engine(self.model, loaded, options, device=self.device, progress=progress)
-        ids = self.label_ids(labels, num_images)
-        batches = list(engine.generate(range(num_images), batch_size, labels=ids))
-        images = nchw_to_nhwc(to_uint8(torch.cat([b.images for b in batches])))
+        images, used = [], []
+        for batch in engine.generate(range(num_images), batch_size, labels=ids):
+            images.append(nchw_to_nhwc(to_uint8(batch.images)))  # uint8 per batch: a quarter of float32's memory
+            used.append(None if batch.labels is None else batch.labels.numpy())
+        images = np.concatenate(images)
         if not return_labels:
             return images
-        used = None if batches[0].labels is None else torch.cat([b.labels for b in batches]).numpy()
-        return images, used
+        return images, None if used[0] is None else np.concatenate(used)
 
 
 def grid(images: np.ndarray, labels: Sequence[int] | np.ndarray | None = None, nrow: int | None = None,
@@ -162,7 +173,12 @@ def grid(images: np.ndarray, labels: Sequence[int] | np.ndarray | None = None, n
     if images.dtype != np.uint8 or images.ndim != 4:
         raise UserInputError(f"grid takes uint8 NHWC images, got {images.dtype} {images.shape}")
     if labels is not None:
-        cells, ncols = grid_images(images, np.asarray(labels))
+        labels = np.asarray(labels).reshape(-1)
+        if len(labels) != len(images):
+            raise UserInputError(f"grid: {len(labels)} labels for {len(images)} images; give one label per image")
+        if nrow is not None:
+            raise UserInputError("grid: nrow applies without labels; with labels each class gets a row")
+        cells, ncols = grid_images(images, labels)
     else:
         cells = torch.from_numpy(images).permute(0, 3, 1, 2)
         ncols = nrow or int(np.ceil(np.sqrt(len(images))))

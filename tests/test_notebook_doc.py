@@ -78,3 +78,36 @@ def test_labels_by_name_and_errors(page):
         mine.sample(num_images=1, method="dpmpp_2m", steps="karras2", classifier="no-such-classifier.ckpt")
     with pytest.raises(ValueError, match="carries its own process"):
         ns["diffusion_pl"].load(str(page[0] / "run" / "last.ckpt"), diffusion_steps=10)
+
+
+def test_labels_of_every_kind_and_grid_checks(page, tmp_path):
+    """numpy / torch integer labels, WordNet IDs with an ImageNet classifier on an unconditional model, labels that
+    could do nothing refused, and grid's label count."""
+    from diffusion_pl.data.imagenet_classes import sorted_wnids
+    from diffusion_pl.models import EncoderUNetModel, UNetModel, export_openai_state_dict
+
+    _, ns = page
+    mine, diffusion_pl = ns["mine"], ns["diffusion_pl"]
+    one = mine.sample(num_images=2, labels=1, steps=3, seed=3, progress=False)
+    assert np.array_equal(mine.sample(num_images=2, labels=np.int64(1), steps=3, seed=3, progress=False), one)
+    assert np.array_equal(mine.sample(num_images=2, labels=torch.tensor(1), steps=3, seed=3, progress=False), one)
+    unet = dict(image_size=8, in_channels=3, model_channels=32, num_res_blocks=1, channel_mult=[1, 2],
+                attention_resolutions=[4], num_head_channels=32, learn_sigma=True)  # fmt: skip
+    classifier = dict(image_size=8, in_channels=3, model_channels=32, out_channels=1000, num_res_blocks=1,
+                      channel_mult=[1, 2], attention_resolutions=[4], num_head_channels=32, pool="attention")
+    for name, net, args in [("uncond", UNetModel, unet), ("imagenet_classifier", EncoderUNetModel, classifier)]:
+        torch.save(export_openai_state_dict(net(**args)), tmp_path / f"{name}.pt")
+        (tmp_path / f"{name}.yaml").write_text("\n".join(f"{k}: {v}" for k, v in args.items()))
+    uncond = diffusion_pl.load(str(tmp_path / "uncond.pt"), preset=str(tmp_path / "uncond.yaml"), device="cpu",
+                               diffusion_steps=20)  # fmt: skip
+    with pytest.raises(ValueError, match="labels have no effect: the model is unconditional and no classifier"):
+        uncond.sample(num_images=1, labels=0, steps=3)
+    guided = dict(num_images=2, steps=3, seed=1, progress=False, classifier=str(tmp_path / "imagenet_classifier.pt"),
+                  classifier_preset=str(tmp_path / "imagenet_classifier.yaml"), return_labels=True)  # fmt: skip
+    by_name, names = uncond.sample(labels=sorted_wnids()[5], **guided)
+    by_id, ids = uncond.sample(labels=5, **guided)
+    assert np.array_equal(by_name, by_id) and names.tolist() == ids.tolist() == [5, 5]
+    with pytest.raises(ValueError, match="grid: 3 labels for 2 images"):
+        diffusion_pl.grid(one, labels=[0, 1, 1])
+    with pytest.raises(ValueError, match="nrow applies without labels"):
+        diffusion_pl.grid(one, labels=[0, 1], nrow=2)
