@@ -11,6 +11,7 @@ import math
 import multiprocessing
 import os
 import random
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +126,11 @@ def list_images(root: Path, class_cond: bool, name: str, exclude: Path | None = 
             f"{name}: no images of the known kinds ({', '.join(IMAGE_EXTENSIONS)}) under {root}; found "
             f"{len(others)} other files, e.g. {_named(others)}"
         )
+    if others:
+        kinds = sorted({os.path.splitext(f)[1].lower() or "(no extension)" for f in others})
+        warnings.warn(f"{name}: {len(others)} files under {root} are not images of the known kinds "
+                      f"({', '.join(IMAGE_EXTENSIONS)}) and are left out: {', '.join(kinds[:10])}, e.g. "
+                      f"{_named(others)}", stacklevel=2)  # fmt: skip
     class_names, labels = None, np.zeros(len(images), dtype=np.int64)
     if class_cond:
         class_names = list_class_folders(root, name, exclude)
@@ -154,9 +160,15 @@ def empty_classes(listing: FolderListing) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------ reading
 def open_image(path: str, channels: int) -> Image.Image:
-    """Decode a file completely and convert it to the mode of ``channels`` (:data:`CHANNEL_MODES`)."""
+    """Decode a file completely and convert it to the mode of ``channels`` (:data:`CHANNEL_MODES`).
+
+    16-bit greyscale files (PIL modes "I;16*" and "I") are scaled to 8 bits first, v -> round(v / 257): PIL's own
+    conversion (and the reference's ``convert("RGB")``) clips them at 255, which turns most of an image white."""
     with Image.open(path) as image:
         image.load()  # decodes everything: a truncated file fails here
+        if image.mode.startswith("I;16") or image.mode == "I":
+            values = np.asarray(image, dtype=np.float64)
+            image = Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), mode="L")
         return image.convert(CHANNEL_MODES[channels])
 
 

@@ -23,8 +23,9 @@ ours, the reference key and how the tensor is stored there. It is the single, ex
 openai/improved-diffusion checkpoints (iDDPM CIFAR-10 / ImageNet-64) use the same key names and shapes: its U-Net is
 the subset without BigGAN up/down blocks, ``num_head_channels`` or an encoder head, with conv resampling and a first
 conv of ``model_channels`` outputs. Its attention splits heads before q/k/v, i.e. the "legacy" order: build the model
-with ``use_new_attention_order=False`` (the ``iddpm_*`` presets do) and sample with ``rescale_timesteps=True`` and
-T = 4000, the settings those models were trained with (tests/models/test_models_improved_diffusion.py).
+with ``use_new_attention_order=False`` (the ``iddpm_*`` presets do) and sample with the process each was trained with:
+T = 4000, cosine, ``rescale_timesteps=True`` except for the class-conditional ImageNet-64 model (``RELEASED_PROCESS``
+in presets.py; tests/models/test_models_improved_diffusion.py).
 """
 
 from __future__ import annotations
