@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,9 @@ from diffusion_pl.data.random_crop import RaggedSplit, RandomCropDataset, decode
 from diffusion_pl.errors import UserInputError
 
 NAME = "ImageFolderDataModule"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the path-hash split (1: validation files chosen by their position in the listing)
+#: the rule of split_indices, saved in checkpoints (checkpoints without it were split by position in the listing)
+SPLIT_RULE = "path-hash-v1"
 CLASSES_FILE = "classes.json"
 SPLITS = ("train", "val")
 
@@ -39,10 +42,12 @@ class ImageFolderDataModule(PreparedImageDataModule):
     Images become channels (1 greyscale, 3 RGB: alpha dropped, 4 RGBA) and image_size x image_size as ADM does: BOX
     halving while the short side >= 2 * image_size, BICUBIC to image_size, centre crop. Images whose short side is
     below image_size are refused unless allow_upscale; unreadable or damaged files are refused by name unless
-    skip_bad_images (then left out and counted). A seeded val_fraction of the files (split_seed) is the validation
-    split (val = test); random_flip flips training images horizontally; random_crop replaces the training images
-    centre crop by ADM's random crop (a random short side in [S, ceil(S / 0.8)], then a random S x S window; the cache
-    then holds each training image reduced only as far as every such crop allows: several times the size).
+    skip_bad_images (then left out and counted). About val_fraction of the files form the validation split (val =
+    test), each file chosen by a hash of split_seed and its path (split_indices: adding or removing files moves no
+    other file between the splits); random_flip flips training images horizontally; random_crop replaces the
+    training images centre crop by ADM's random crop (a random short side in [S, ceil(S / 0.8)], then a random S x S
+    window; the cache then holds each training image reduced only as far as every such crop allows: several times
+    the size).
     prepare_data decodes everything once into cache_dir (default data_dir/.diffusion_pl_cache), in a sub-folder keyed
     by the file listing (names, sizes, mtimes) and these settings: a changed file or setting prepares a new cache.
     The class mapping is saved there (classes.json) and in checkpoints (this DataModule's state). The loader options
@@ -118,13 +123,24 @@ class ImageFolderDataModule(PreparedImageDataModule):
             return RaggedSplit(self.cache_dir(listing), f"folder{self.image_size}_reduced_{split}", self.in_channels)
         return PreparedSplit(self.cache_dir(listing), "folder", split, self.image_size, self.in_channels)
 
-    def split_indices(self, count: int) -> dict[str, np.ndarray]:
-        """Sorted file indices of train and val: a seeded random val_fraction of the files (at least one each)."""
-        if count < 2:
-            raise UserInputError(f"{NAME}: {self.data_dir} holds {count} image; a train and a val split need >= 2")
-        n_val = min(max(1, round(self.val_fraction * count)), count - 1)
-        order = np.random.default_rng(self.split_seed).permutation(count)
-        return {"val": np.sort(order[:n_val]), "train": np.sort(order[n_val:])}
+    def split_indices(self, files: Sequence[str]) -> dict[str, np.ndarray]:
+        """Sorted indices into ``files`` (paths relative to data_dir, as FolderListing.files) of train and val.
+
+        Rule SPLIT_RULE: a file is in val iff u = (first 52 bits of sha1(f"{split_seed}:{path}")) / 2**52, in [0, 1),
+        is below val_fraction. A file's split depends only on split_seed and its own path, so adding, removing or
+        renaming other files moves no file between the splits. Each file is drawn on its own: the val share is
+        val_fraction only on average (binomial). At least one file in each split: if no file falls in val, the one
+        with the smallest u goes to val; if all do, the one with the largest u goes to train (only then do the other
+        files matter)."""
+        if len(files) < 2:
+            raise UserInputError(f"{NAME}: {self.data_dir} holds {len(files)} image; a train and a val split need >= 2")
+        u = np.array([_unit_hash(f"{self.split_seed}:{path}") for path in files])
+        val = u < self.val_fraction
+        if not val.any():
+            val[np.argmin(u)] = True
+        elif val.all():
+            val[np.argmax(u)] = False
+        return {"val": np.flatnonzero(val), "train": np.flatnonzero(~val)}
 
     def prepare_data(self) -> None:
         """Check the files and decode them into the cache of the current listing and settings, unless complete.
@@ -145,7 +161,7 @@ class ImageFolderDataModule(PreparedImageDataModule):
                           allow_upscale=self.allow_upscale, num_workers=self.num_workers)  # fmt: skip
         rank_zero_info(f"{NAME}: preparing {len(paths)} images of {self.data_dir} into {directory}")
         atomic_write_json(directory / CLASSES_FILE, {"class_names": listing.class_names, "data_dir": self.data_dir})
-        for split, indices in self.split_indices(len(paths)).items():
+        for split, indices in self.split_indices(listing.files).items():
             skipped = [paths[i] for i in indices if paths[i] in bad]  # the manifest lists the final list
             good = [i for i in indices if paths[i] not in bad]
             files = self.split_files(listing, split)
@@ -190,17 +206,32 @@ class ImageFolderDataModule(PreparedImageDataModule):
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Saved in checkpoints: the label -> class folder mapping."""
-        return {"class_names": self.class_names, "image_size": self.image_size, "channels": self.in_channels}
+        """Saved in checkpoints: the label -> class folder mapping and the rule of the train / val split."""
+        return {"class_names": self.class_names, "image_size": self.image_size, "channels": self.in_channels,
+                "split": SPLIT_RULE}  # fmt: skip
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """On resume: the folder's classes must be the ones the checkpoint was trained with."""
+        """On resume: the folder's classes must be the ones the checkpoint was trained with; a checkpoint whose
+        validation split was chosen by another rule is resumed with a warning."""
         saved = state_dict.get("class_names")
         if saved != self.class_names:
             raise UserInputError(
                 f"{NAME}: the checkpoint was trained with classes {_short(saved)}, but {self.data_dir} has "
                 f"{_short(self.class_names)}: its labels would mean other classes. Resume on the same class folders"
             )
+        rule = state_dict.get("split")
+        if rule != SPLIT_RULE:
+            older = "an older rule (by position in the file listing)" if rule is None else f"another rule ({rule})"
+            rank_zero_warn(
+                f"{NAME}: the checkpoint's validation split was chosen by {older}, this version uses {SPLIT_RULE}: "
+                "some validation images of the checkpoint's run may now be in the training split (and the other "
+                "way round), so its validation losses are not comparable with later ones"
+            )
+
+
+def _unit_hash(text: str) -> float:
+    """The first 52 bits of sha1(text) as a float in [0, 1) (exact: float64 holds 52 bits)."""
+    return int(hashlib.sha1(text.encode()).hexdigest()[:13], 16) / 2**52
 
 
 def _short(names: list[str] | None) -> str:

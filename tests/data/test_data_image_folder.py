@@ -106,7 +106,9 @@ def test_folder_labels_pixels_and_split(tmp_path, reference):
     files = sorted(FOLDER)
     train, train_labels = _all(dm.train_dataset)
     val, val_labels = _all(dm.val_dataset)
-    assert len(train) == 7 and len(val) == 3
+    split = {k: [dm.listing().files[i] for i in v] for k, v in dm.split_indices(dm.listing().files).items()}
+    assert len(train) == len(split["train"]) and len(val) == len(split["val"]) and len(train) + len(val) == 10
+    assert sorted(split["train"] + split["val"]) == sorted(FOLDER)
     # every file is in exactly one split, with the label of its first-level folder and the reference's pixels
     expected = {}
     for rel in files:
@@ -291,7 +293,7 @@ def test_random_crop_equals_guided_diffusion(tmp_path, reference):
                                         "b/wide.webp": (1000, 330, "RGB")})  # fmt: skip
     dm = _ready(_dm(data, image_size=16, random_crop=True, val_fraction=0.2))
     listing = dm.listing()
-    train = [listing.files[i] for i in dm.split_indices(len(listing.files))["train"]]
+    train = [listing.files[i] for i in dm.split_indices(listing.files)["train"]]
     assert len(dm.train_dataset) == len(train) == 4 and not hasattr(dm.val_dataset, "index")
     assert type(dm.train_dataset).__name__ == "RandomCropDataset"
     crops = {tuple(to_uint8(dm.train_dataset[0][0][None]).flatten()[:64].tolist()) for _ in range(4)}

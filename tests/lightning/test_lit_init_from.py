@@ -188,7 +188,7 @@ def _finetune(tmp_path, name, init, data_dir, interrupt=False, ckpt_path=None):
 
 def test_finetuning_on_a_folder_resumed_equals_uninterrupted(tmp_path):
     """From a released-layout file with 3 classes to a folder of 2 classes plus the null class, with random crops and
-    flips; interrupted after step 3, in the middle of the first epoch (11 training images, batch 2: 5 steps per
+    flips; interrupted after step 3, in the middle of the first epoch (10 training images, batch 2: 5 steps per
     epoch), and resumed from that step's checkpoint."""
     data_dir = _folder(tmp_path / "images")
     source = DiffusionModule(**tiny_diffusion_kwargs(in_channels=3, num_classes=3, null_class=False, p_uncond=0.0))
