@@ -8,6 +8,7 @@ import random
 import subprocess
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -247,6 +248,78 @@ def test_classes_are_checkpointed_and_checked(tmp_path):
     with pytest.raises(ValueError, match=r"trained with classes 3 \[a, b, c\].*has 2 \[a, b\]"):
         dm.load_state_dict({**state, "class_names": ["a", "b", "c"]})
     assert _dm(root, prepare_data_per_node=False).prepare_data_per_node is False
+
+
+def _split_by_path(dm):
+    files = dm.listing().files
+    return {split: {files[i] for i in indices} for split, indices in dm.split_indices(files).items()}
+
+
+def test_adding_files_moves_no_file_between_the_splits(tmp_path):
+    """The split of a file depends only on split_seed and its path: after adding files (a new class folder sorting
+    first among them) every old file stays in its split, in split_indices and in the prepared cache; removing a file
+    moves none either."""
+    specs = {f"{c}/{i}.png": (16, 16, "RGB") for c in ("a", "b") for i in range(15)}
+    root = _write(tmp_path / "images", specs)
+    before = _ready(_dm(root, image_size=8, val_fraction=0.3))
+    split = _split_by_path(before)
+    _write(root, {f"{c}/new{i}.png": (16, 16, "RGB") for c in ("a", "b", "0first") for i in range(4)}, seed=1)
+    after = _ready(_dm(root, image_size=8, val_fraction=0.3))
+    added = _split_by_path(after)
+    assert split["val"] <= added["val"] and split["train"] <= added["train"]
+    assert added["val"] - split["val"] and added["train"] - split["train"]  # the new files fall in both splits
+    for name in ("val_dataset", "train_dataset"):  # the prepared images: every old one is in the same split
+        old, new = _all(getattr(before, name))[0], _all(getattr(after, name))[0]
+        assert len(new) > len(old) and all(any(np.array_equal(a, b) for b in new) for a in old), name
+    (root / "a" / "3.png").unlink()
+    removed = _split_by_path(_dm(root, image_size=8, val_fraction=0.3))
+    assert removed["val"] == added["val"] - {"a/3.png"} and removed["train"] == added["train"] - {"a/3.png"}
+
+
+def test_split_is_deterministic_per_seed(tmp_path):
+    files = [f"c{i % 3}/img_{i:03d}.png" for i in range(60)]
+    for rel in files:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).touch()  # split_indices reads the listing only
+    first = _split_by_path(_dm(tmp_path, val_fraction=0.2))
+    assert first == _split_by_path(_dm(tmp_path, val_fraction=0.2, split_seed=0))
+    assert first["val"] | first["train"] == set(files) and not first["val"] & first["train"]
+    other = _split_by_path(_dm(tmp_path, val_fraction=0.2, split_seed=1))
+    assert other["val"] != first["val"]
+
+
+def test_split_fraction_is_binomial_and_each_split_is_non_empty(tmp_path):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(400):
+        (folder / f"photo_{i}.jpg").touch()  # split_indices reads the listing only
+    for fraction in (0.05, 0.25, 0.5):
+        for seed in (0, 1, 2):
+            n_val = len(_split_by_path(_dm(folder, class_cond=False, val_fraction=fraction, split_seed=seed))["val"])
+            mean, sd = 400 * fraction, (400 * fraction * (1 - fraction)) ** 0.5
+            assert abs(n_val - mean) <= 4 * sd, (fraction, seed, n_val)
+    tiny = ["a.png", "b.png"]
+    for fraction in (0.01, 0.99):
+        for seed in range(20):  # with 0.01 both files usually hash above it, with 0.99 both below
+            split = _dm(folder, class_cond=False, val_fraction=fraction, split_seed=seed).split_indices(tiny)
+            assert sorted(map(len, split.values())) == [1, 1], (fraction, seed)
+    with pytest.raises(ValueError, match="need >= 2"):
+        _dm(folder, class_cond=False).split_indices(["a.png"])
+
+
+def test_old_checkpoint_split_warns_but_resumes(tmp_path):
+    root = _write(tmp_path, {"a/1.png": (64, 64, "RGB"), "b/2.png": (64, 64, "RGB")})
+    dm = _dm(root)
+    state = dm.state_dict()
+    assert state["split"] == "path-hash-v1"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dm.load_state_dict(state)  # the current rule: no warning
+    old = {k: v for k, v in state.items() if k != "split"}  # saved by the positional rule
+    with pytest.warns(UserWarning, match=r"chosen by an older rule .*validation images .* may now be in the training"):
+        dm.load_state_dict(old)
+    with pytest.raises(ValueError, match="trained with classes"):  # the class check still comes first
+        dm.load_state_dict({**old, "class_names": ["a"]})
 
 
 def test_cli_fit_on_a_folder_of_png_and_jpeg(tmp_path):
