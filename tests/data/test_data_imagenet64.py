@@ -236,6 +236,23 @@ def test_folder_source(tmp_path):
     assert x.shape == (2, 3, 64, 64) and y.dtype == torch.int64
 
 
+def test_folder_cache_follows_the_files(tmp_path):
+    """Images added to (or replaced in) a class folder after the cache was made are prepared anew."""
+    _write_folder(tmp_path)
+    dm = ImageNet64DataModule(data_dir=str(tmp_path), source="folder", num_workers=0, random_flip=False)
+    dm.prepare_data()
+    manifest = tmp_path / "prepared" / "folder64_train_manifest.json"
+    first = json.loads(manifest.read_text())["fingerprint"]
+    dm.prepare_data()  # nothing changed: the cache stays
+    assert json.loads(manifest.read_text())["fingerprint"] == first
+    Image.fromarray(np.full((64, 64, 3), 7, np.uint8)).save(tmp_path / "train" / "a_ant" / "new.png")
+    dm = ImageNet64DataModule(data_dir=str(tmp_path), source="folder", num_workers=0, random_flip=False)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert len(dm.train_dataset) == 6 and len(dm.val_dataset) == 1
+    assert (np.asarray(dm.train_dataset.images) == 7).all(axis=(1, 2, 3)).sum() == 1
+
+
 def test_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="train/<class_name>"):
         ImageNet64DataModule(data_dir=str(tmp_path), source="folder")
