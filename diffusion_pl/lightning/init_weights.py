@@ -1,8 +1,10 @@
 """Starting a training run from weights (``init_from``): a diffusion-pl checkpoint or a released OpenAI ``.pt``.
 
 Weights only: the optimizer, the lr schedule and the step count start fresh. Everything must fit exactly (keys,
-shapes and, for diffusion-pl checkpoints, the settings that change what a network with the same shapes computes),
-except the class-dependent tensors, which are adapted and the adaptation logged:
+shapes and the settings that change what a network with the same shapes computes: saved in a diffusion-pl
+checkpoint; for an OpenAI file, those of the released configuration (RELEASED_CONFIGS, and RELEASED_PROCESS for the
+diffusion process) whose shapes the file has; an OpenAI file of no released shapes loads with a warning that its
+settings cannot be checked), except the class-dependent tensors, which are adapted and the adaptation logged:
 
     model                         checkpoint                   class tensor(s)
     K classes + null class        K classes, no null class     K rows copied, the null row initialised at random
@@ -15,6 +17,8 @@ except the class-dependent tensors, which are adapted and the adaptation logged:
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Mapping
 
 import torch
@@ -22,7 +26,14 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from diffusion_pl.errors import UserInputError
 from diffusion_pl.lightning.checkpoints import checkpoint_kind, describe_kind, read_checkpoint, state_dict_problems
-from diffusion_pl.models import EncoderUNetModel, UNetModel, export_openai_state_dict, load_openai_state_dict
+from diffusion_pl.models import (
+    RELEASED_CONFIGS,
+    RELEASED_PROCESS,
+    EncoderUNetModel,
+    UNetModel,
+    export_openai_state_dict,
+    load_openai_state_dict,
+)
 from diffusion_pl.models.openai_checkpoint import OpenAICheckpointError, openai_key_map
 
 OPTION = "init_from"
@@ -79,6 +90,107 @@ def adapt_class_tensors(source: dict[str, torch.Tensor], own: Mapping[str, torch
                            "initialised at random")  # fmt: skip
 
 
+#: the config file that has a released configuration's settings, where there is one
+PRESET_CONFIG_FILES = {"adm_imagenet64": "configs/finetune_imagenet64.yaml",
+                       "adm_imagenet64_classifier": "configs/adm_imagenet64_classifier.yaml",
+                       "iddpm_cifar10": "configs/iddpm_cifar10.yaml"}  # fmt: skip
+#: network constructor settings that change the function of a released network without changing its shapes
+NETWORK_FUNCTION_SETTINGS = ("num_heads", "num_head_channels", "num_heads_upsample", "use_new_attention_order",
+                             "norm_groups", "pool")  # fmt: skip
+
+
+@functools.cache
+def _released_shapes(name: str) -> tuple[type, dict[str, tuple[int, ...]], frozenset[str]]:
+    """``(class, {reference key: shape}, reference keys of the class-dependent tensors)`` of a released
+    configuration, built on the meta device (no memory, well under a second)."""
+    cls, kwargs, _ = RELEASED_CONFIGS[name]
+    with torch.device("meta"):
+        network = cls(**kwargs)
+    key_map = openai_key_map(network)
+    shapes = {k: tuple(v.shape) for k, v in export_openai_state_dict(network).items()}
+    return type(network), shapes, frozenset(key_map[k][0] for k in class_keys(network))
+
+
+def released_matches(state_dict: Mapping[str, torch.Tensor], network_class: type) -> list[str]:
+    """The released configurations (RELEASED_CONFIGS) of ``network_class`` whose reference-layout keys and shapes
+    are those of ``state_dict``, the class-dependent tensors aside (a fine-tuned file may have another class count
+    or none)."""
+    first = state_dict.get("input_blocks.0.0.weight")
+    found = []
+    for name, (cls, kwargs, _) in RELEASED_CONFIGS.items():
+        if cls is not network_class or first is None or first.shape[0] != kwargs["model_channels"]:
+            continue  # cheap: a preset is only built (on meta) when its width fits
+        _, shapes, class_tensors = _released_shapes(name)
+        skip = class_tensors | {"label_emb.weight"}
+        theirs = {k: tuple(v.shape) for k, v in state_dict.items() if k not in skip}
+        if theirs == {k: v for k, v in shapes.items() if k not in skip}:
+            found.append(name)
+    return found
+
+
+def _effective(settings: Mapping, upsample: bool) -> dict:
+    """The network function settings that are in effect: ``num_heads`` only counts without ``num_head_channels``,
+    ``num_heads_upsample`` -1 means ``num_heads``."""
+    out = {k: settings[k] for k in ("num_head_channels", "use_new_attention_order", "norm_groups", "pool")
+           if k in settings}  # fmt: skip
+    if settings["num_head_channels"] == -1:
+        out["num_heads"] = settings["num_heads"]
+        if upsample:
+            up = settings.get("num_heads_upsample", -1)
+            out["num_heads_upsample"] = settings["num_heads"] if up == -1 else up
+    return out
+
+
+def released_setting_differences(name: str, hparams: Mapping) -> list[str]:
+    """The settings in which a module's ``hparams`` differ from released configuration ``name``, in a way that
+    changes what the network (or, for a U-Net, the diffusion process it is trained in) computes:
+    ``"setting: released <value> vs model <value>"``."""
+    cls, kwargs, _ = RELEASED_CONFIGS[name]
+    defaults = {k: p.default for k, p in inspect.signature(cls).parameters.items()
+                if p.default is not inspect.Parameter.empty}  # fmt: skip
+    released = {k: kwargs.get(k, defaults.get(k)) for k in NETWORK_FUNCTION_SETTINGS if k in defaults}
+    model = {k: hparams.get(k, released[k]) for k in released}
+    upsample = cls is UNetModel
+    released_in_effect, model_in_effect = _effective(released, upsample), _effective(model, upsample)
+    differing = [f"{k}: released {released_in_effect[k]!r} vs model {model_in_effect[k]!r}" for k in released
+                 if k in released_in_effect and k in model_in_effect
+                 and released_in_effect[k] != model_in_effect[k]]  # fmt: skip
+    if name in RELEASED_PROCESS:  # the process the released U-Net was trained in (the file does not record it)
+        steps, schedule, rescale = RELEASED_PROCESS[name]
+        process = dict(diffusion_steps=steps, noise_schedule=schedule, rescale_timesteps=rescale,
+                       mean_type="epsilon", var_type="learned_range")  # fmt: skip
+        differing += [f"{k}: released {v!r} vs model {hparams[k]!r}" for k, v in process.items()
+                      if k in hparams and hparams[k] != v]  # fmt: skip
+    return differing
+
+
+def _check_released_settings(source: Mapping[str, torch.Tensor], network: torch.nn.Module, hparams: Mapping,
+                             path: str, name: str) -> None:  # fmt: skip
+    """Refuse an OpenAI file of a released configuration's shapes into a network (or process) whose settings
+    compute something else; warn that the settings of a file of no released shapes cannot be checked."""
+    matches = released_matches(source, type(network))
+    if not matches:
+        rank_zero_warn(
+            f"{name}: {path} has the shapes of no released configuration (diffusion_pl.models.RELEASED_CONFIGS): "
+            "the settings that change what a network of the same shapes computes (num_heads, num_head_channels, "
+            "num_heads_upsample, use_new_attention_order, and the diffusion process) cannot be checked; make sure "
+            "they are those the file was trained with"
+        )
+        return
+    differences = {m: released_setting_differences(m, hparams) for m in matches}
+    if any(not d for d in differences.values()):
+        return
+    preset = matches[0]
+    config = f" ({PRESET_CONFIG_FILES[preset]} has them)" if preset in PRESET_CONFIG_FILES else ""
+    also = f" (or {', '.join(matches[1:])}, the same apart from classes)" if len(matches) > 1 else ""
+    process = " and, for the process, diffusion_pl.models.RELEASED_PROCESS" if preset in RELEASED_PROCESS else ""
+    raise UserInputError(
+        f"{name}: {OPTION} {path} has the shapes of the released {preset}{also}, which was trained with other "
+        f"settings: {'; '.join(differences[preset])}. Build the model with the released values "
+        f"(diffusion_pl.models.released_config({preset!r}){process}){config}"
+    )
+
+
 def _check_settings(checkpoint: Mapping, hparams: Mapping, path: str, name: str) -> None:
     saved = checkpoint.get("hyper_parameters") or {}
     differing = [f"{k}: checkpoint {saved[k]!r} vs model {hparams[k]!r}" for k in FUNCTION_HPARAMS
@@ -116,6 +228,7 @@ def init_network_from(network: UNetModel | EncoderUNetModel, path: str, module_k
         network.load_state_dict(source)
     elif kind == openai_kind:
         source = dict(checkpoint)
+        unchanged = dict(source)  # before the class tensors are adapted
         try:
             reference_own = export_openai_state_dict(network)  # refuses norm_groups != 32 (the reference's)
             keys = [openai_key_map(network)[k][0] for k in class_keys(network)]
@@ -123,6 +236,7 @@ def init_network_from(network: UNetModel | EncoderUNetModel, path: str, module_k
             load_openai_state_dict(network, source, strict=True, max_listed=12)
         except OpenAICheckpointError as err:
             raise OpenAICheckpointError(f"{name}: {path}: {err}") from None
+        _check_released_settings(unchanged, network, hparams, path, name)
     else:
         raise UserInputError(
             f"{name}: {path} is {describe_kind(kind, checkpoint)}; a {module_kind} starts from a {module_kind} "
