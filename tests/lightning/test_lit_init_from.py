@@ -106,6 +106,73 @@ def test_a_network_that_does_not_fit_is_listed(reference, tmp_path):
         _module(str(classifier))
 
 
+@pytest.fixture
+def released_reference(monkeypatch):
+    """The reference fixture's network registered as a released configuration, with the process of _module."""
+    from diffusion_pl.lightning import init_weights
+    from diffusion_pl.models import UNetModel
+
+    kwargs = dict(NET, out_channels=3, learn_sigma=True, num_classes=4)
+    monkeypatch.setattr(init_weights, "RELEASED_CONFIGS", {"tiny_released": (UNetModel, kwargs, 0)})
+    monkeypatch.setattr(init_weights, "RELEASED_PROCESS", {"tiny_released": (10, "cosine", False)})
+
+
+def test_released_settings_that_keep_the_shapes_are_checked(reference, released_reference, recwarn):
+    """Settings that change what a network of the released shapes computes stop fit, each named; the released
+    settings load (also with another class count), without the warning for files of no released shapes."""
+    ref, path = reference
+    module = _module(path)
+    assert _others_equal(module, ref, skip=()) and not [w for w in recwarn if "no released" in str(w.message)]
+    assert _others_equal(_module(path, num_classes=2, null_class=True), ref)
+    heads = (
+        r"init_from .*ref.pt has the shapes of the released tiny_released, which was trained with other "
+        r"settings: num_head_channels: released -1 vs model 16; use_new_attention_order: released False vs model "
+        r"True\. Build the model with the released values \(diffusion_pl.models.released_config\(.tiny_released"
+    )
+    with pytest.raises(ValueError, match=heads):
+        _module(path, num_head_channels=16, use_new_attention_order=True)
+    with pytest.raises(ValueError, match=r"settings: num_heads: released 2 vs model 1; num_heads_upsample: released 2 "
+                                         r"vs model 1\. "):  # fmt: skip
+        _module(path, num_heads=1)
+    with pytest.raises(ValueError, match=r"num_heads_upsample: released 2 vs model 4\."):
+        _module(path, num_heads_upsample=4)
+    with pytest.raises(ValueError, match=r"settings: diffusion_steps: released 10 vs model 20; noise_schedule: "
+                                         r"released 'cosine' vs model 'linear'; rescale_timesteps: released False vs "
+                                         r"model True; var_type: released 'learned_range' vs model 'learned'\. .*"
+                                         r"RELEASED_PROCESS"):  # fmt: skip
+        _module(path, diffusion_steps=20, noise_schedule="linear", rescale_timesteps=True, var_type="learned")
+
+
+def test_a_file_of_no_released_shapes_loads_with_a_warning(reference):
+    ref, path = reference
+    with pytest.warns(UserWarning, match=r"ref.pt has the shapes of no released configuration .* cannot be checked"):
+        module = _module(path, num_heads=1)  # not the file's settings: nothing can tell
+    assert _others_equal(module, ref, skip=())
+
+
+def test_the_released_configurations_are_told_apart_by_their_shapes():
+    """Every released file's shapes identify its configuration (ImageNet-256 with and without classes alike); the
+    fine-tuning config has the settings of 64x64_diffusion.pt, the network of the defect report does not."""
+    from pathlib import Path
+
+    import yaml
+
+    from diffusion_pl.lightning.init_weights import released_matches, released_setting_differences
+    from diffusion_pl.models import RELEASED_CONFIGS, build_released
+
+    for name, (cls, _, _) in RELEASED_CONFIGS.items():
+        found = released_matches(export_openai_state_dict(build_released(name, device="meta")), cls)
+        both = ["adm_imagenet256", "adm_imagenet256_uncond"]  # the same apart from the class embedding
+        assert found == (both if name in both else [name])
+    config = yaml.safe_load((Path(__file__).parents[2] / "configs" / "finetune_imagenet64.yaml").read_text())
+    hparams = DiffusionModule(**config["model"]["init_args"] | {"init_from": None}).hparams
+    assert released_setting_differences("adm_imagenet64", hparams) == []
+    hparams.update(num_head_channels=-1, num_heads=1, use_new_attention_order=False, rescale_timesteps=True)
+    assert released_setting_differences("adm_imagenet64", hparams) == [
+        "num_head_channels: released 64 vs model -1", "use_new_attention_order: released True vs model False",
+        "rescale_timesteps: released False vs model True"]  # fmt: skip
+
+
 def _fit_tiny(tmp_path, model, max_steps=2, callbacks=()):
     checkpoint = ModelCheckpoint(dirpath=str(tmp_path), save_last=True)
     trainer = L.Trainer(**trainer_kwargs(tmp_path, max_steps=max_steps, enable_checkpointing=True,
