@@ -29,7 +29,7 @@ from diffusion_pl.lightning.common import (
     reseed_for_epoch,
     reseed_for_step,
 )
-from diffusion_pl.lightning.init_weights import init_network_from
+from diffusion_pl.lightning.init_weights import follow_class_names, init_network_from
 from diffusion_pl.models import EncoderUNetModel
 from diffusion_pl.utils.device import prepare_device
 
@@ -106,8 +106,9 @@ class NoisyClassifierModule(L.LightningModule):
                 loss_type="simple", rescale_timesteps=rescale_timesteps,
             )  # fmt: skip
         self.classifier = network_from_hparams(EncoderUNetModel, self.hparams)
+        self._init_class_rows = None  # the init_from checkpoint's class rows, matched to the data's names in setup
         if init_from is not None and not self.classifier.input_conv.weight.is_meta:
-            init_network_from(self.classifier, init_from, "NoisyClassifierModule", self.hparams)
+            self._init_class_rows = init_network_from(self.classifier, init_from, "NoisyClassifierModule", self.hparams)
         self.t_min, self.t_max = t_min, upper
         self.seed = base_seed()
 
@@ -136,7 +137,11 @@ class NoisyClassifierModule(L.LightningModule):
             "in_channels": (hp.in_channels, "in_channels"),
             "num_classes": (hp.out_channels, "out_channels"),
         }
-        check_data_matches(getattr(self.trainer, "datamodule", None), expected, "NoisyClassifierModule")
+        datamodule = getattr(self.trainer, "datamodule", None)
+        check_data_matches(datamodule, expected, "NoisyClassifierModule")
+        if stage == "fit":
+            follow_class_names(self.classifier, self._init_class_rows, getattr(datamodule, "class_names", None))
+            self._init_class_rows = None
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams

@@ -33,7 +33,7 @@ from diffusion_pl.lightning.common import (
     reseed_for_epoch,
     reseed_for_step,
 )
-from diffusion_pl.lightning.init_weights import init_network_from
+from diffusion_pl.lightning.init_weights import follow_class_names, init_network_from
 from diffusion_pl.models import UNetModel
 from diffusion_pl.utils.device import prepare_device
 
@@ -148,8 +148,9 @@ class DiffusionModule(L.LightningModule):
             UNetModel, self.hparams, out_channels=in_channels, num_classes=num_classes if class_cond else None,
             learn_sigma=self.diffusion.learns_variance,
         )  # fmt: skip
+        self._init_class_rows = None  # the init_from checkpoint's class rows, matched to the data's names in setup
         if init_from is not None and not self.unet.input_conv.weight.is_meta:
-            init_network_from(self.unet, init_from, "DiffusionModule", self.hparams)
+            self._init_class_rows = init_network_from(self.unet, init_from, "DiffusionModule", self.hparams)
         self.seed = base_seed()
         self._last_batch_start: float | None = None
         self._final_raw_state: dict[str, torch.Tensor] | None = None
@@ -180,7 +181,11 @@ class DiffusionModule(L.LightningModule):
         expected = {"image_size": (hp.image_size, "image_size"), "in_channels": (hp.in_channels, "in_channels")}
         if hp.class_cond:
             expected["num_classes"] = (hp.num_classes, "num_classes")
-        check_data_matches(getattr(self.trainer, "datamodule", None), expected, "DiffusionModule")
+        datamodule = getattr(self.trainer, "datamodule", None)
+        check_data_matches(datamodule, expected, "DiffusionModule")
+        if stage == "fit":
+            follow_class_names(self.unet, self._init_class_rows, getattr(datamodule, "class_names", None))
+            self._init_class_rows = None
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams

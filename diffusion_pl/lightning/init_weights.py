@@ -13,6 +13,10 @@ settings cannot be checked), except the class-dependent tensors, which are adapt
     unconditional                 class-conditional            the class embedding is not used (warned)
     class-conditional             unconditional                initialised at random (warned)
     classifier with K outputs     another output count         the output layer initialised at random (warned)
+
+A diffusion-pl checkpoint whose DataModule saved its class names (an image-folder run) is matched by name once the
+data's names are known (the module's setup, :func:`follow_class_names`): a class of the same name keeps its row,
+wherever it is in either list, a new class starts at random (warned); any class count.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -202,10 +207,56 @@ def _check_settings(checkpoint: Mapping, hparams: Mapping, path: str, name: str)
         )
 
 
+@dataclass
+class ClassRows:
+    """What :func:`follow_class_names` needs from an ``init_from`` checkpoint: its class names (saved by its
+    DataModule), its class rows and the network's freshly initialised ones, per class tensor key."""
+
+    names: list[str]
+    checkpoint: dict[str, torch.Tensor]
+    fresh: dict[str, torch.Tensor]
+
+
+def saved_class_names(checkpoint: Mapping) -> list[str] | None:
+    """The class names a DataModule saved in a Lightning checkpoint (label i = names[i]), if any."""
+    for key, state in checkpoint.items():
+        if isinstance(key, str) and key.endswith("DataModule") and isinstance(state, Mapping):
+            names = state.get("class_names")
+            if names:
+                return list(names)
+    return None
+
+
+def follow_class_names(network: torch.nn.Module, rows: ClassRows | None, names: list[str] | None,
+                       name: str = f"model.init_args.{OPTION}") -> None:  # fmt: skip
+    """Give class c of the data (``names[c]``) the checkpoint's row of the class of the same name, in place; a class
+    the checkpoint does not know keeps a fresh random row (the null row, after the classes, is left as loaded).
+    Nothing to do when either side has no names or they are equal."""
+    if rows is None or not names or names == rows.names:
+        return
+    index = {n: i for i, n in enumerate(rows.names)}
+    matched = [n for n in names if n in index]
+    params = dict(network.named_parameters())
+    with torch.no_grad():
+        for key, saved in rows.checkpoint.items():
+            target = params[key]
+            for c, class_name in enumerate(names[: target.shape[0]]):
+                source = saved[index[class_name]] if class_name in index else rows.fresh[key][c]
+                target[c].copy_(source.to(target.dtype))
+    unknown = [n for n in names if n not in index]
+    rank_zero_warn(
+        f"{name}: the checkpoint's classes ({len(rows.names)}) are not the data's ({len(names)}) in the same order: "
+        f"class embeddings follow the class names ({len(matched)} matched by name"
+        + (f"; {len(unknown)} new, initialised at random: {', '.join(unknown[:6])}{' ...' if len(unknown) > 6 else ''}"
+           if unknown else "") + ")"
+    )  # fmt: skip
+
+
 def init_network_from(network: UNetModel | EncoderUNetModel, path: str, module_kind: str,
-                      hparams: Mapping) -> None:  # fmt: skip
+                      hparams: Mapping) -> ClassRows | None:  # fmt: skip
     """Load the weights of ``path`` into ``network`` (in place) as the module docstring says, or raise a
-    UserInputError listing what does not fit."""
+    UserInputError listing what does not fit. Returns the :class:`ClassRows` of a diffusion-pl checkpoint whose
+    DataModule saved class names (for :func:`follow_class_names` once the data's names are known), else None."""
     name = f"model.init_args.{OPTION}"
     checkpoint = read_checkpoint(path, name)
     kind = checkpoint_kind(checkpoint)
@@ -216,7 +267,12 @@ def init_network_from(network: UNetModel | EncoderUNetModel, path: str, module_k
         _check_settings(checkpoint, hparams, path, name)
         source = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
         source_null = bool((checkpoint.get("hyper_parameters") or {}).get("null_class", False))
-        adapt_class_tensors(source, own, class_keys(network), model_null, source_null, name)
+        keys, names = class_keys(network), saved_class_names(checkpoint)
+        rows = None
+        if keys and names and all(k in source and source[k].shape[0] >= len(names) for k in keys):
+            rows = ClassRows(names, {k: source[k][: len(names)].clone() for k in keys},
+                             {k: own[k].clone() for k in keys})  # fmt: skip
+        adapt_class_tensors(source, own, keys, model_null, source_null, name)
         problems = state_dict_problems(source, own)
         if problems:
             raise UserInputError(
@@ -226,7 +282,9 @@ def init_network_from(network: UNetModel | EncoderUNetModel, path: str, module_k
                 + "\nBuild the model with the checkpoint's settings (its run's config.yaml)"
             )
         network.load_state_dict(source)
-    elif kind == openai_kind:
+        _initialised(module_kind, path)
+        return rows
+    if kind == openai_kind:
         source = dict(checkpoint)
         unchanged = dict(source)  # before the class tensors are adapted
         try:
@@ -237,10 +295,14 @@ def init_network_from(network: UNetModel | EncoderUNetModel, path: str, module_k
         except OpenAICheckpointError as err:
             raise OpenAICheckpointError(f"{name}: {path}: {err}") from None
         _check_released_settings(unchanged, network, hparams, path, name)
-    else:
-        raise UserInputError(
-            f"{name}: {path} is {describe_kind(kind, checkpoint)}; a {module_kind} starts from a {module_kind} "
-            f"checkpoint of diffusion-pl or a released OpenAI {RELEASED_KIND[module_kind]} .pt"
-        )
+        _initialised(module_kind, path)
+        return None
+    raise UserInputError(
+        f"{name}: {path} is {describe_kind(kind, checkpoint)}; a {module_kind} starts from a {module_kind} "
+        f"checkpoint of diffusion-pl or a released OpenAI {RELEASED_KIND[module_kind]} .pt"
+    )
+
+
+def _initialised(module_kind: str, path: str) -> None:
     rank_zero_info(f"{module_kind}: network initialised from {path} (weights only; optimizer, schedule and step "
                    "count start fresh)")  # fmt: skip

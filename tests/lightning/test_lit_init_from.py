@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -317,3 +318,40 @@ def test_validate_a_finetuned_checkpoint_without_its_init_file(tmp_path):
                                                           f"--model.init_args.init_from={init}"]):  # fmt: skip
         cli = build_lightning_cli([*args, *trainer])
         assert cli.model.hparams.init_from is None and cli.trainer.callback_metrics
+
+
+@pytest.mark.parametrize("module_kind", ["DiffusionModule", "NoisyClassifierModule"])
+def test_class_rows_follow_the_class_names(tmp_path, module_kind):
+    """A checkpoint trained on [ants, bees, cats] fine-tuned on [bees, cats, dogs]: bees and cats keep their rows
+    (moved to labels 0 and 1), dogs gets the fresh row; with the same names in the same order nothing moves."""
+    cls, kwargs, key = {
+        "DiffusionModule": (DiffusionModule, tiny_diffusion_kwargs, "class_embed.weight"),
+        "NoisyClassifierModule": (NoisyClassifierModule, tiny_classifier_kwargs, "head.proj.weight"),
+    }[module_kind]
+    source = cls(**kwargs())
+    network = source.unet if module_kind == "DiffusionModule" else source.classifier
+    key = key if key in network.state_dict() else "head.weight"
+    path = tmp_path / "source.ckpt"
+    torch.save({"state_dict": source.state_dict(), "ImageFolderDataModule": {"class_names": ["ants", "bees", "cats"]},
+                "hyper_parameters": {**source.hparams, "_class_path": f"diffusion_pl.lightning.{module_kind}"}}, path)
+    saved = network.state_dict()[key]
+    module = cls(**kwargs(init_from=str(path)))
+    mine = module.unet if module_kind == "DiffusionModule" else module.classifier
+    fresh = module._init_class_rows.fresh[key]
+    assert torch.equal(mine.state_dict()[key][:3], saved[:3])  # loaded by position first
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(class_names=["bees", "cats", "dogs"], image_size=8,
+                                                         in_channels=1, num_classes=3),
+                              strategy=SimpleNamespace(root_device=torch.device("cpu")))  # fmt: skip
+    module.trainer = trainer  # the setup hook reads only these
+    with pytest.warns(UserWarning, match=r"class embeddings follow the class names \(2 matched by name; 1 new, "
+                                         r"initialised at random: dogs\)"):  # fmt: skip
+        module.setup("fit")
+    rows = mine.state_dict()[key]
+    assert torch.equal(rows[0], saved[1]) and torch.equal(rows[1], saved[2]) and torch.equal(rows[2], fresh[2])
+    if module_kind == "DiffusionModule":
+        assert torch.equal(rows[3], saved[3])  # the null class row stays
+    same = cls(**kwargs(init_from=str(path)))
+    same.trainer = SimpleNamespace(datamodule=SimpleNamespace(class_names=["ants", "bees", "cats"], image_size=8,
+                                                              in_channels=1, num_classes=3), strategy=trainer.strategy)
+    same.setup("fit")
+    assert torch.equal((same.unet if module_kind == "DiffusionModule" else same.classifier).state_dict()[key], saved)
