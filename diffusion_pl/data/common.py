@@ -168,16 +168,19 @@ def evaluation_dataloader(
 
     The dataset is the one of the DataModule's own ``train_dataloader()`` / ``val_dataloader()``; a dataset with a
     ``random_flip`` attribute (ArrayImageDataset, the datasets of diffusion_pl.data) is used through a copy with the
-    flip turned off. A training split that flips in some other way (the DataModule has ``random_flip`` true but its
+    flip turned off, and one with a ``random_crop`` attribute (RandomCropDataset) with centre crops instead. A
+    training split that flips in some other way (the DataModule has ``random_flip`` true but its
     dataset has no such attribute) is refused. Batch size: ``batch_size``, else the DataModule loader's.
     """
     if split not in ("train", "val"):
         raise UserInputError(f"split must be 'train' or 'val', got {split!r}")
     loader = getattr(datamodule, f"{split}_dataloader")()
     dataset = getattr(loader, "source_dataset", loader.dataset)  # ResumableDataLoader wraps its dataset
-    if getattr(dataset, "random_flip", False):
+    if getattr(dataset, "random_flip", False) or getattr(dataset, "random_crop", False):
         dataset = copy.copy(dataset)  # shares the (memory-mapped) arrays
         dataset.random_flip = False
+        if hasattr(dataset, "random_crop"):
+            dataset.random_crop = False
     elif split == "train" and getattr(datamodule, "random_flip", False) and not hasattr(dataset, "random_flip"):
         raise UserInputError(
             f"the train split of {type(datamodule).__name__} is randomly flipped by its {type(dataset).__name__}, "

@@ -23,7 +23,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from diffusion_pl.data.cache import MANIFEST_VERSION, atomic_write_json, tmp_name
-from diffusion_pl.data.folder import CHANNEL_MODES, box_halve, open_image, random_crop_arr
+from diffusion_pl.data.folder import CHANNEL_MODES, box_halve, center_crop_arr, open_image, random_crop_arr
 from diffusion_pl.utils.images import from_uint8
 
 MIN_CROP_FRAC, MAX_CROP_FRAC = 0.8, 1.0
@@ -101,11 +101,16 @@ class RaggedSplit:
 
 class RandomCropDataset(Dataset):
     """Items (x, y) of a :class:`RaggedSplit`: x = random_crop_arr of the stored image (draws from torch's global RNG,
-    which the training DataLoader seeds per example: data/resumable.py), optionally flipped, float CHW in [-1, 1]."""
+    which the training DataLoader seeds per example: data/resumable.py), optionally flipped, float CHW in [-1, 1].
 
-    def __init__(self, split: RaggedSplit, image_size: int, random_flip: bool = True) -> None:
+    With ``random_crop`` false (evaluation: data.common.evaluation_dataloader) x is center_crop_arr of the stored
+    image, which equals center_crop_arr of the original file: the stored image is the original after the first
+    BOX halvings, and center_crop_arr takes the same halvings (it halves at least as often as any random crop)."""
+
+    def __init__(self, split: RaggedSplit, image_size: int, random_flip: bool = True, random_crop: bool = True) -> None:
         self.paths = (str(split.pixels), str(split.index), str(split.labels))
         self.channels, self.image_size, self.random_flip = split.channels, image_size, random_flip
+        self.random_crop = random_crop
         self.index, self.labels = np.load(split.index), np.load(split.labels)
         self._pixels: np.memmap | None = None
 
@@ -121,8 +126,11 @@ class RandomCropDataset(Dataset):
         offset, h, w = (int(v) for v in self.index[i])
         arr = np.array(self._pixels[offset : offset + h * w * self.channels]).reshape(h, w, self.channels)
         image = Image.fromarray(arr[..., 0] if self.channels == 1 else arr, CHANNEL_MODES[self.channels])
-        rng = random.Random(int(torch.randint(0, 2**62, ())))
-        hwc = random_crop_arr(image, self.image_size, rng, MIN_CROP_FRAC, MAX_CROP_FRAC)
+        if self.random_crop:
+            rng = random.Random(int(torch.randint(0, 2**62, ())))
+            hwc = random_crop_arr(image, self.image_size, rng, MIN_CROP_FRAC, MAX_CROP_FRAC)
+        else:
+            hwc = center_crop_arr(image, self.image_size)
         hwc = hwc[..., None] if hwc.ndim == 2 else hwc
         if self.random_flip and torch.rand(()) < 0.5:
             hwc = hwc[:, ::-1]

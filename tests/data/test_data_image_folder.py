@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from diffusion_pl.data import ImageFolderDataModule
+from diffusion_pl.data.common import evaluation_dataloader
 from diffusion_pl.data.folder import center_crop_arr, random_crop_arr
 from diffusion_pl.utils.images import to_uint8
 
@@ -381,6 +382,13 @@ def test_random_crop_equals_guided_diffusion(tmp_path, reference):
                 expected = reference.random_crop_arr(image.convert("RGB"), 16)
             assert np.array_equal(to_uint8(x[None])[0].permute(1, 2, 0).numpy(), expected), (rel, draw)
             assert y.item() == dm.class_names.index(rel.split("/")[0])
+    # Evaluation (FID reference of the train split): the centre crops of the original files, the same every time.
+    batches = [torch.cat([x for x, _ in evaluation_dataloader(dm, "train")]) for _ in range(2)]
+    assert torch.equal(*batches) and dm.train_dataset.random_crop  # the training dataset keeps its random crops
+    for i, rel in enumerate(train):
+        with Image.open(data / rel) as image:
+            assert np.array_equal(to_uint8(batches[0][i : i + 1])[0].permute(1, 2, 0).numpy(),
+                                  reference.center_crop_arr(image.convert("RGB"), 16)), rel  # fmt: skip
     # another setting, another cache; the reduced images are stored smaller than the files
     (cache,) = [p for p in (data / ".diffusion_pl_cache").iterdir()]
     assert (cache / "folder16_reduced_train_pixels.bin").stat().st_size < 517 * 260 * 3
