@@ -21,7 +21,7 @@ from diffusion_pl.commands.common import (
     load_model,
 )
 from diffusion_pl.commands.options import ClassifierSource, Guidance, ModelSource, SamplingOptions, settings_of
-from diffusion_pl.errors import UserFileExistsError
+from diffusion_pl.errors import UserFileExistsError, UserInputError
 from diffusion_pl.sampling import shards
 from diffusion_pl.sampling.engine import check_guidance
 
@@ -44,6 +44,27 @@ def check_no_samples(out_dir: str, overwrite: bool) -> None:
         )
 
 
+def reusable_samples(out_dir: str, settings: dict[str, Any]) -> bool:
+    """`evaluate`: True when OUT_DIR/samples.npz exists and its settings.json equals ``settings`` (timing fields
+    ignored), so the samples are reused; False without samples.npz. Samples made with other settings are refused,
+    naming the settings that differ."""
+    final = os.path.join(out_dir, shards.SAMPLES_NAME)
+    if not os.path.exists(final):
+        return False
+    recorded = shards.read_settings(os.path.join(out_dir, shards.SETTINGS_NAME))
+    if recorded is None:
+        why = f"there is no readable {os.path.join(out_dir, shards.SETTINGS_NAME)} to tell how they were made"
+    else:
+        changed = shards.settings_differences(recorded, settings)
+        if not changed:
+            return True
+        why = f"they were made with other settings ({', '.join(changed)} differ)"
+    raise UserInputError(
+        f"{final} already exists and cannot be reused: {why}. Rerun with the settings of its settings.json to "
+        "reuse the samples, pass --overwrite to sample anew, or choose another --out_dir"
+    )
+
+
 def run_sampling(fabric, model: LoadedModel, classifier: LoadedClassifier | None, options: dict[str, Any],
                  out_dir: str, *, num_samples: int, batch_size: int, shard_size: int, labels: list[int] | None,
                  settings: dict[str, Any], overwrite: bool = False) -> SamplingResult:  # fmt: skip
@@ -53,6 +74,8 @@ def run_sampling(fabric, model: LoadedModel, classifier: LoadedClassifier | None
     rank, shard_dir = fabric.global_rank, os.path.join(out_dir, shards.SHARD_DIR)
     plan = shards.plan_shards(num_samples, shard_size)
     if rank == 0:
+        if overwrite:  # before any new shard: an interrupted overwrite leaves no old samples.npz, and resumes
+            shards.remove_outputs(out_dir)
         shards.prepare_shard_dir(shard_dir, settings, overwrite)
     fabric.barrier()
     label_arr = np.asarray(expand_labels(labels, num_samples), dtype=np.int64) if labels is not None else None
@@ -108,12 +131,31 @@ class SampleSource:
         """settings.json: the option groups, with the model's real training process (T, schedule, variance)."""
         return settings_of(self.model, self.classifier, guidance, self.sampling, **self.loaded.process, **more)
 
+    def run_settings(
+        self,
+        guidance: Guidance,
+        out_dir: str,
+        *,
+        num_samples: int,
+        shard_size: int | None = None,
+        labels: list[int] | None = None,
+        overwrite: bool = False,
+    ) -> tuple[dict[str, Any], int]:
+        """The settings a run into ``out_dir`` records, and its shard size: ``shard_size``, else (unless
+        ``overwrite``) the one the run already in ``out_dir`` was made with, so a resume may change the batch size,
+        else 4 batches."""
+        if shard_size is None and not overwrite:
+            shard_size = shards.recorded_shard_size(out_dir)
+        shard_size = shard_size or 4 * self.sampling.sample_batch_size
+        return self.settings(guidance, num_samples=num_samples, shard_size=shard_size, labels=labels), shard_size
+
     def generate(self, fabric, guidance: Guidance, out_dir: str, *, num_samples: int, shard_size: int | None = None,
                  labels: list[int] | None = None, overwrite: bool = False) -> SamplingResult:  # fmt: skip
-        """num_samples samples at ``guidance`` into ``out_dir`` (shards of ``shard_size``, default 4 batches)."""
+        """num_samples samples at ``guidance`` into ``out_dir`` (shards of ``shard_size``; default: those of the run
+        being resumed, else 4 batches)."""
         batch_size = self.sampling.sample_batch_size
-        shard_size = shard_size or 4 * batch_size
-        settings = self.settings(guidance, num_samples=num_samples, shard_size=shard_size, labels=labels)
+        settings, shard_size = self.run_settings(guidance, out_dir, num_samples=num_samples, shard_size=shard_size,
+                                                 labels=labels, overwrite=overwrite)  # fmt: skip
         return run_sampling(fabric, self.loaded, self.loaded_classifier, self.engine_options(guidance), out_dir,
                             num_samples=num_samples, batch_size=batch_size, shard_size=shard_size, labels=labels,
                             settings=settings, overwrite=overwrite)  # fmt: skip

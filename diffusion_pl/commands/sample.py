@@ -53,9 +53,11 @@ def sample(
     Args:
         out_dir: output directory
         num_samples: number of samples
-        shard_size: samples per shard file (unit of resumption and of work per rank); default 4 * sample_batch_size
+        shard_size: samples per shard file (unit of resumption and of work per rank); default: the shard size of the
+            run being resumed (so a resume may change --sample_batch_size), else 4 * sample_batch_size
         labels: class labels: one value for every sample, or one per sample (default: drawn per label_mode)
-        overwrite: replace an existing samples.npz and discard existing shards
+        overwrite: start over: remove samples.npz, grid.png and settings.json of the previous run before sampling and
+            discard existing shards (an interrupted overwrite then resumes without --overwrite)
     """
     # Every input is checked before anything is written or generated.
     check_out_dir(out_dir)

@@ -7,6 +7,9 @@ Layout of an output directory:
     <out>/settings.json       the settings of the run (+ timing summary)
     <out>/shards/settings.json  the settings the shards were made with (a resume must match them)
     <out>/shards/shard_000012.npz  images, labels, indices of shard 12
+
+--overwrite removes the previous samples.npz, grid.png and settings.json before the first new shard is written, so an
+interrupted overwrite never leaves an old samples.npz next to new shards: its rerun without --overwrite resumes it.
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ SHARD_DIR = "shards"
 GRID_MAX_ROWS = 32
 GRID_MAX_COLS = 16
 GRID_SQUARE = 64
+# The outputs of a finished run; samples.npz first: it is written last, and its presence means the run is complete.
+FINAL_NAMES = (SAMPLES_NAME, GRID_NAME, SETTINGS_NAME)
+# Fields of settings.json that describe the run's timing, not the samples (ignored when settings are compared).
+TIMING_FIELDS = frozenset({"seconds"})
 
 
 @dataclass(frozen=True)
@@ -111,6 +118,45 @@ def write_shard(shard_dir: str, shard: Shard, images_uint8_nhwc: np.ndarray, lab
     return atomic_write(shard_path(shard_dir, shard.shard_id), lambda f: np.savez(f, **arrays))
 
 
+def remove_outputs(out_dir: str) -> list[str]:
+    """--overwrite: remove the previous run's samples.npz, grid.png and settings.json (a link: the link only) before any
+    new shard is written. Returns the paths removed."""
+    removed = []
+    for name in FINAL_NAMES:
+        path = os.path.join(out_dir, name)
+        if os.path.islink(path) or os.path.isfile(path):
+            os.remove(path)
+            removed.append(path)
+    return removed
+
+
+def read_settings(path: str) -> dict | None:
+    """The settings recorded in a settings.json, or None if it is missing or unreadable."""
+    try:
+        with open(path) as f:
+            settings = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return settings if isinstance(settings, dict) else None
+
+
+def recorded_shard_size(out_dir: str) -> int | None:
+    """The shard_size the run in ``out_dir`` was made with (its shard settings, else its settings.json), if any: a
+    resume that does not set --shard_size keeps it, whatever its batch size."""
+    for path in (os.path.join(out_dir, SHARD_DIR, SETTINGS_NAME), os.path.join(out_dir, SETTINGS_NAME)):
+        size = (read_settings(path) or {}).get("shard_size")
+        if isinstance(size, int) and not isinstance(size, bool) and size >= 1:
+            return size
+    return None
+
+
+def settings_differences(recorded: dict, settings: dict) -> list[str]:
+    """The keys whose values differ between recorded settings and ``settings`` (as JSON), timing fields ignored."""
+    recorded = {k: v for k, v in recorded.items() if k not in TIMING_FIELDS}
+    settings = json.loads(json.dumps({k: v for k, v in settings.items() if k not in TIMING_FIELDS}))
+    return sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
+
+
 def prepare_shard_dir(shard_dir: str, settings: dict, overwrite: bool) -> None:
     """Create ``shard_dir`` or check that its shards were made with the same ``settings`` (resume).
 
@@ -129,7 +175,7 @@ def prepare_shard_dir(shard_dir: str, settings: dict, overwrite: bool) -> None:
             return
         finished = shard_files(shard_dir)
         if finished:
-            changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+            changed = settings_differences(previous, settings)
             raise UserInputError(
                 f"{shard_dir} holds {len(finished)} finished shard(s) of a run with different settings "
                 f"({', '.join(changed)} differ): rerun with the same settings to resume it, pass --overwrite to "

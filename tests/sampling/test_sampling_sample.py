@@ -173,3 +173,63 @@ def test_rank_without_work_waits_for_the_others(reference_run, ckpts, tmp_path, 
     for a, b in zip(load_samples_npz(os.path.join(out, "samples.npz")),
                     load_samples_npz(os.path.join(reference_run, "samples.npz")), strict=True):  # fmt: skip
         np.testing.assert_array_equal(a, b)
+
+
+def test_interrupted_overwrite_leaves_no_old_samples_and_resumes(reference_run, ckpts, tmp_path, monkeypatch):
+    """--overwrite removes the previous samples.npz, grid.png and settings.json before its first shard: an interrupted
+    overwrite leaves no complete-looking old result, and its rerun without --overwrite resumes the new run."""
+    out = str(tmp_path / "out")
+    old = dict(out_dir=out, ckpt=ckpts["cond"], classifier_ckpt=ckpts["classifier"], classifier_scale=1.0, **COMMON)
+    run_command(sample, **dict(old, seed=1))  # the previous run, other settings
+    new = dict(old, overwrite=True)
+    real_run_shards = shard_io.run_shards
+    calls = []
+
+    def interrupted(engine, shards, *args, **kw):
+        calls.append(shards[0].shard_id)
+        if len(calls) == 2:
+            raise RuntimeError("simulated interruption")
+        return real_run_shards(engine, shards, *args, **kw)
+
+    monkeypatch.setattr(shard_io, "run_shards", interrupted)
+    with pytest.raises(RuntimeError, match="simulated interruption"):
+        run_command(sample, **new)
+    assert sorted(os.listdir(out)) == ["shards"]  # no old samples.npz, grid.png or settings.json
+    assert sorted(os.listdir(os.path.join(out, "shards"))) == ["settings.json", "shard_000000.npz"]
+
+    calls.clear()
+    monkeypatch.setattr(shard_io, "run_shards", lambda *a, **k: (calls.append(1), real_run_shards(*a, **k))[1])
+    run_command(sample, **old)  # without --overwrite: resumes the new run (seed 0)
+    assert len(calls) == 2  # shard 0 kept, shards 1 and 2 generated
+    for a, b in zip(load_samples_npz(os.path.join(out, "samples.npz")),
+                    load_samples_npz(os.path.join(reference_run, "samples.npz")), strict=True):  # fmt: skip
+        np.testing.assert_array_equal(a, b)
+    with open(os.path.join(out, "settings.json")) as f:
+        assert json.load(f)["seed"] == 0
+
+
+def test_resume_with_another_batch_size(ckpts, tmp_path, monkeypatch):
+    """After a crash (e.g. out of memory) a rerun with another --sample_batch_size and no --shard_size resumes with the
+    recorded shard size and gives the bytes of an uninterrupted run; an explicit other --shard_size is refused."""
+    kwargs = dict(ckpt=ckpts["cond"], num_samples=10, steps="3", accelerator="cpu")
+    whole = str(tmp_path / "whole")
+    run_command(sample, out_dir=whole, sample_batch_size=2, **kwargs)  # shard size 4 * 2 = 8
+    out = str(tmp_path / "out")
+    real_run_shards = shard_io.run_shards
+
+    def crash_at_shard_1(engine, shards, *args, **kw):
+        if shards[0].shard_id == 1:
+            raise RuntimeError("simulated out of memory")
+        return real_run_shards(engine, shards, *args, **kw)
+
+    monkeypatch.setattr(shard_io, "run_shards", crash_at_shard_1)
+    with pytest.raises(RuntimeError, match="simulated out of memory"):
+        run_command(sample, out_dir=out, sample_batch_size=1, **kwargs)  # shard size 4: shard 0 finished
+    monkeypatch.setattr(shard_io, "run_shards", real_run_shards)
+    with pytest.raises(ValueError, match=r"different settings \(shard_size differ\)"):
+        run_command(sample, out_dir=out, sample_batch_size=3, shard_size=3, **kwargs)
+    run_command(sample, out_dir=out, sample_batch_size=3, **kwargs)  # resumes with the recorded shard size 4
+    with open(os.path.join(out, "settings.json")) as f:
+        assert json.load(f)["shard_size"] == 4
+    with open(os.path.join(whole, "samples.npz"), "rb") as a, open(os.path.join(out, "samples.npz"), "rb") as b:
+        assert a.read() == b.read()
