@@ -19,7 +19,7 @@ from typing import Any
 
 from diffusion_pl.commands.bits_per_dim import nll_bpd, write_nll_terms
 from diffusion_pl.commands.common import check_file, check_out_dir, load_model, write_json
-from diffusion_pl.commands.generate import SampleSource
+from diffusion_pl.commands.generate import SampleSource, reusable_samples
 from diffusion_pl.commands.launcher import check_launch, start
 from diffusion_pl.commands.metrics import check_evaluation_inputs, sample_metrics
 from diffusion_pl.commands.options import (
@@ -109,16 +109,28 @@ def evaluate_sample_quality(samples: str | None, model: ModelSource, classifier:
     writes metrics.json."""
     check_sample_inputs(samples, model, evaluation, num_samples)
     source = SampleSource.load(model, classifier, sampling) if samples is None else None  # checked before launching
+    sample_dir = os.path.join(os.path.dirname(out_json), "samples")
+    reuse = False
+    if source is not None and not overwrite:  # finished samples of the same settings (metrics failed before): reused
+        settings, _ = source.run_settings(guidance, sample_dir, num_samples=num_samples)
+        reuse = reusable_samples(sample_dir, settings)
     fabric = start(launch)
+    if overwrite and fabric.global_rank == 0 and os.path.exists(out_json):
+        os.remove(out_json)  # before sampling: an interrupted overwrite leaves no old metrics next to new samples
     info: dict[str, Any] = {}
     if source is not None:
-        sample_dir = os.path.join(os.path.dirname(out_json), "samples")
-        result = source.generate(fabric, guidance, sample_dir, num_samples=num_samples, overwrite=overwrite)
-        if fabric.global_rank == 0:
-            print_summary(result, source.loaded.image_shape, "generated")
         samples = os.path.join(sample_dir, SAMPLES_NAME)
+        images_per_second = float("nan")
+        if reuse:
+            if fabric.global_rank == 0:
+                print(f"reusing {samples}: made with the same settings (its settings.json)")
+        else:
+            result = source.generate(fabric, guidance, sample_dir, num_samples=num_samples, overwrite=overwrite)
+            if fabric.global_rank == 0:
+                print_summary(result, source.loaded.image_shape, "generated")
+            images_per_second = result.images_per_second
         info = {"sampling": source.settings(guidance, num_samples=num_samples),
-                "images_per_second": result.images_per_second}  # fmt: skip
+                "images_per_second": images_per_second}  # fmt: skip
     values = sample_metrics(fabric, samples, evaluation)
     out = {"metrics": values, "samples": os.path.abspath(samples), "reference": evaluation.reference,
            "data_class": evaluation.data_class, "data_args": evaluation.data_args, "split": evaluation.split,
@@ -148,7 +160,9 @@ def evaluate(
     """Evaluate samples (FID, IS, precision, recall, KID; ADM protocol, torch-fidelity Inception) or, with --nll true,
     the model's bits/dim.
 
-    Samples: --samples (an ADM npz) or --ckpt / --openai_ckpt (num_samples fresh samples written to OUT_DIR/samples).
+    Samples: --samples (an ADM npz) or --ckpt / --openai_ckpt (num_samples fresh samples written to OUT_DIR/samples;
+    an interrupted run resumes, and a rerun after the metrics failed reuses OUT_DIR/samples/samples.npz when its
+    settings.json holds this run's settings).
     Reference: --reference (image folder, ADM reference npz, or a diffusion-pl reference cache) or --data_class
     (+ --data_args, --split). Writes OUT_DIR/metrics.json, or with --nll OUT_DIR/nll.json + nll_terms.csv.
 
@@ -163,7 +177,7 @@ def evaluate(
         nll: compute bits/dim of the model on --data_class --split with the full T-step process instead of sample
             metrics (noise seeded by --seed)
         nll_batches: limit --nll to the first batches of the split (default: all)
-        overwrite: replace existing output files
+        overwrite: replace existing output files (generated samples are made anew)
     """
     # Every input is checked before processes are launched, models loaded or anything written.
     check_out_dir(out_dir)

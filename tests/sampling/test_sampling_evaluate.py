@@ -111,3 +111,35 @@ def test_two_processes_give_the_metrics_of_one(tmp_path, random_inception_weight
     assert set(one) >= {"isc_mean", "precision", "recall", "kid_mean"} and one.keys() == two.keys()
     for key, value in one.items():  # other batch sizes per process: float32 conv noise only
         assert two[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+def test_rerun_after_failed_metrics_reuses_the_samples(ckpts, tmp_path, monkeypatch, random_inception_weights):
+    """`evaluate --ckpt` whose metrics failed after sampling finished: the rerun reuses OUT_DIR/samples/samples.npz
+    (no model call) when its settings.json holds this run's settings; other settings are refused, naming them."""
+    import diffusion_pl.commands.evaluate as evaluate_module
+    import diffusion_pl.sampling.shards as shard_io
+
+    options = dict(ckpt=ckpts["cond"], num_samples=6, steps="3", sample_batch_size=2, metrics=["fid"],
+                   data_class="sampling_helpers.TinyDataModule", inception_weights=random_inception_weights,
+                   out_dir=str(tmp_path / "ev"), accelerator="cpu")  # fmt: skip
+
+    def weights_missing(*args, **kwargs):
+        raise FileNotFoundError("simulated: Inception weights missing")
+
+    monkeypatch.setattr(evaluate_module, "sample_metrics", weights_missing)
+    with pytest.raises(FileNotFoundError, match="simulated"):
+        run_command(evaluate, **options)
+    npz = tmp_path / "ev" / "samples" / "samples.npz"
+    made = npz.read_bytes()
+
+    def no_model_calls(*args, **kwargs):
+        raise AssertionError("the samples were made again")
+
+    monkeypatch.setattr(shard_io, "run_shards", no_model_calls)
+    monkeypatch.setattr(evaluate_module, "sample_metrics", lambda fabric, samples, evaluation: {"fid": 1.5})
+    with pytest.raises(ValueError, match=r"cannot be reused: they were made with other settings \(seed, steps differ\)"
+                                         r".*pass --overwrite"):  # fmt: skip
+        run_command(evaluate, **dict(options, seed=1, steps="2"))
+    out = run_command(evaluate, **dict(options, sample_batch_size=3))  # the batch size does not change the images
+    assert out["metrics"] == {"fid": 1.5} and out["samples"] == str(npz)
+    assert npz.read_bytes() == made
