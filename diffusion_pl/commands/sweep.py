@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
+from dataclasses import dataclass
 from typing import Any
 
 from diffusion_pl.commands.common import check_out_dir, write_json
@@ -27,7 +29,7 @@ from diffusion_pl.commands.options import (
 )
 from diffusion_pl.errors import UserInputError
 from diffusion_pl.evaluation import check_enough_images
-from diffusion_pl.sampling import SAMPLES_NAME
+from diffusion_pl.sampling import SAMPLES_NAME, SETTINGS_NAME
 from diffusion_pl.utils.files import atomic_write
 from diffusion_pl.utils.folder_lock import holds_output_folder
 
@@ -69,20 +71,71 @@ def plot_sweep(path: str, rows: list[dict[str, Any]]) -> str:
     return path
 
 
-def sweep_plan(classifier_scales: list[float] | None, cfg_scales: list[float] | None) -> list[Guidance]:
-    """The guidance of each point of the sweep: the classifier scales, then the classifier-free ones."""
-    plan = [Guidance(classifier_scale=float(s)) for s in (classifier_scales or [])]
-    plan += [Guidance(cfg_scale=float(s)) for s in (cfg_scales or [])]
+@dataclass(frozen=True)
+class SweepPoint:
+    """One point of the sweep: its kind ("classifier" or "cfg", the list it came from), scale and guidance."""
+
+    kind: str
+    scale: float
+
+    @property
+    def guidance(self) -> Guidance:
+        return Guidance(classifier_scale=self.scale) if self.kind == "classifier" else Guidance(cfg_scale=self.scale)
+
+    @property
+    def folder(self) -> str:
+        """Its folder under --out_dir, e.g. classifier_0.5 or cfg_0 (scale 0 of each list is a point of its own)."""
+        return f"{self.kind}_{self.scale:g}"
+
+
+def sweep_plan(classifier_scales: list[float] | None, cfg_scales: list[float] | None) -> list[SweepPoint]:
+    """The points of the sweep: the classifier scales, then the classifier-free ones."""
+    plan = [SweepPoint("classifier", float(s)) for s in (classifier_scales or [])]
+    plan += [SweepPoint("cfg", float(s)) for s in (cfg_scales or [])]
     if not plan:
         raise UserInputError("nothing to sweep: give --classifier_scales and/or --cfg_scales")
     return plan
 
 
-def point_name(guidance: Guidance) -> tuple[str, float]:
-    """(kind, scale) of a sweep point: ("classifier", s) or ("cfg", w)."""
-    if guidance.cfg_scale != 0.0:
-        return "cfg", guidance.cfg_scale
-    return "classifier", guidance.classifier_scale
+# settings.json fields that do not describe the images: the run's timing, and how the work was split into shards.
+NOT_COMPARED = frozenset({"seconds", "shard_size"})
+
+
+def point_settings(source: SampleSource, point: SweepPoint, num_samples: int) -> dict[str, Any]:
+    """The settings.json sampling this point would write (as read back from JSON), without NOT_COMPARED."""
+    settings = source.settings(point.guidance, num_samples=num_samples, labels=None)
+    return {k: v for k, v in json.loads(json.dumps(settings)).items() if k not in NOT_COMPARED}
+
+
+def check_reusable(source: SampleSource, point: SweepPoint, out_dir: str, num_samples: int) -> bool:
+    """Whether the point's samples.npz is there to be reused (without --overwrite): only when its settings.json
+    records the settings this run would sample it with; samples of other (or unknown) settings are refused."""
+    sample_dir = os.path.join(out_dir, point.folder)
+    if not os.path.exists(os.path.join(sample_dir, SAMPLES_NAME)):
+        return False
+    fix = "pass --overwrite to sample it again, or choose another --out_dir"
+    settings_path = os.path.join(sample_dir, SETTINGS_NAME)
+    unknown = f"so there is no telling which settings made these samples (they may be of another model): {fix}"
+    if not os.path.isfile(settings_path):
+        raise UserInputError(f"sweep point {sample_dir} holds {SAMPLES_NAME} but no {SETTINGS_NAME}, {unknown}")
+    try:
+        with open(settings_path) as f:
+            previous = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserInputError(
+            f"sweep point {sample_dir} holds {SAMPLES_NAME} but its {SETTINGS_NAME} cannot be read "
+            f"({type(e).__name__}), {unknown}"
+        ) from None
+    previous = {k: v for k, v in previous.items() if k not in NOT_COMPARED} if isinstance(previous, dict) else {}
+    wanted = point_settings(source, point, num_samples)
+    changed = sorted(k for k in set(previous) | set(wanted) if previous.get(k) != wanted.get(k))
+    if changed:
+        shown = ", ".join(f"{k} {previous.get(k, '(none)')!r} -> {wanted.get(k, '(none)')!r}" for k in changed)
+        raise UserInputError(
+            f"sweep point {sample_dir} holds samples of other settings than this run's ({shown}); "
+            f"they would be scored as this run's: {fix}"
+        )
+    return True
 
 
 @holds_output_folder("out_dir")  # one writer per --out_dir (diffusion_pl/utils/folder_lock.py)
@@ -102,7 +155,8 @@ def sweep(
 ) -> list[dict[str, Any]]:
     """Sample at each classifier scale and/or CFG scale (same seeds, so only the scale differs), evaluate each against
     one reference, and write OUT_DIR/sweep.csv, sweep.json and sweep.png; samples go to OUT_DIR/<kind>_<scale>/.
-    An interrupted sweep resumes: finished scales keep their samples (rerun without --overwrite).
+    An interrupted sweep resumes: finished scales keep their samples (rerun without --overwrite), reused only if their
+    settings.json records this run's settings (else the sweep stops before sampling and names the differences).
 
     Args:
         classifier_scales: classifier guidance scales to sweep, e.g. [0, 0.5, 1, 2] (needs a classifier)
@@ -111,7 +165,7 @@ def sweep(
         num_samples: samples per scale
         wandb: log the table and the plot to W&B (the active run, else a new one in --wandb_project)
         wandb_project: W&B project of a new run (with --wandb true)
-        overwrite: regenerate samples and replace outputs
+        overwrite: regenerate the samples of every point and replace outputs
     """
     plan = sweep_plan(classifier_scales, cfg_scales)
     if not classifier_scales:
@@ -123,11 +177,14 @@ def sweep(
     source = SampleSource.load(model, classifier, sampling)
     fabric = start(launch)
     # Every point is checked before anything is sampled: the guidance of each, then the shared options.
-    for guidance in plan:
-        source.check_guidance(guidance)
-    for guidance in plan:
-        source.engine_options(guidance)
-    rows = [sweep_point(fabric, source, guidance, evaluation, out_dir, num_samples, overwrite) for guidance in plan]
+    for point in plan:
+        source.check_guidance(point.guidance)
+    for point in plan:
+        source.engine_options(point.guidance)
+    # Samples left by an earlier run are reused only if they were made with this run's settings (checked first too).
+    reuse = [not overwrite and check_reusable(source, point, out_dir, num_samples) for point in plan]
+    rows = [sweep_point(fabric, source, point, evaluation, out_dir, num_samples, overwrite, reused)
+            for point, reused in zip(plan, reuse, strict=True)]  # fmt: skip
     if fabric.global_rank == 0:
         os.makedirs(out_dir, exist_ok=True)
         files = write_table(out_dir, rows)
@@ -138,15 +195,15 @@ def sweep(
     return rows
 
 
-def sweep_point(fabric, source: SampleSource, guidance: Guidance, evaluation: Evaluation, out_dir: str,
-                num_samples: int, overwrite: bool) -> dict[str, Any]:  # fmt: skip
-    """Sample one point (unless its samples are there) and evaluate them: its row of the table."""
-    kind, scale = point_name(guidance)
-    sample_dir = os.path.join(out_dir, f"{kind}_{scale:g}")
+def sweep_point(fabric, source: SampleSource, point: SweepPoint, evaluation: Evaluation, out_dir: str,
+                num_samples: int, overwrite: bool, reused: bool) -> dict[str, Any]:  # fmt: skip
+    """Sample one point (unless its samples of the same settings are ``reused``) and evaluate them: its row."""
+    kind, scale = point.kind, point.scale
+    sample_dir = os.path.join(out_dir, point.folder)
     npz = os.path.join(sample_dir, SAMPLES_NAME)
     images_per_second = float("nan")
-    if overwrite or not os.path.exists(npz):
-        result = source.generate(fabric, guidance, sample_dir, num_samples=num_samples, overwrite=overwrite)
+    if not reused:
+        result = source.generate(fabric, point.guidance, sample_dir, num_samples=num_samples, overwrite=overwrite)
         images_per_second = result.images_per_second
     values = sample_metrics(fabric, npz, evaluation)
     if fabric.global_rank == 0:
