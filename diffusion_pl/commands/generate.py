@@ -3,6 +3,7 @@ the processes of a Fabric, resumed when interrupted, merged into samples.npz + g
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -45,9 +46,9 @@ def check_no_samples(out_dir: str, overwrite: bool) -> None:
 
 
 def reusable_samples(out_dir: str, settings: dict[str, Any]) -> bool:
-    """`evaluate`: True when OUT_DIR/samples.npz exists and its settings.json equals ``settings`` (timing fields
-    ignored), so the samples are reused; False without samples.npz. Samples made with other settings are refused,
-    naming the settings that differ."""
+    """`evaluate`, `sweep`: True when OUT_DIR/samples.npz exists and its settings.json equals ``settings`` (timing
+    fields ignored), so the samples are reused; False without samples.npz. Samples made with other (or unknown)
+    settings are refused, naming the settings that differ with both values."""
     final = os.path.join(out_dir, shards.SAMPLES_NAME)
     if not os.path.exists(final):
         return False
@@ -58,7 +59,9 @@ def reusable_samples(out_dir: str, settings: dict[str, Any]) -> bool:
         changed = shards.settings_differences(recorded, settings)
         if not changed:
             return True
-        why = f"they were made with other settings ({', '.join(changed)} differ)"
+        wanted = json.loads(json.dumps(settings))
+        shown = ", ".join(f"{k} {recorded.get(k, '(none)')!r} -> {wanted.get(k, '(none)')!r}" for k in changed)
+        why = f"they were made with other settings ({shown})"
     raise UserInputError(
         f"{final} already exists and cannot be reused: {why}. Rerun with the settings of its settings.json to "
         "reuse the samples, pass --overwrite to sample anew, or choose another --out_dir"

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 from dataclasses import dataclass
 from typing import Any
 
 from diffusion_pl.commands.common import check_out_dir, write_json
-from diffusion_pl.commands.generate import SampleSource
+from diffusion_pl.commands.generate import SampleSource, reusable_samples
 from diffusion_pl.commands.launcher import check_launch, start
 from diffusion_pl.commands.metrics import check_evaluation_inputs, sample_metrics
 from diffusion_pl.commands.options import (
@@ -29,7 +28,7 @@ from diffusion_pl.commands.options import (
 )
 from diffusion_pl.errors import UserInputError
 from diffusion_pl.evaluation import check_enough_images
-from diffusion_pl.sampling import SAMPLES_NAME, SETTINGS_NAME
+from diffusion_pl.sampling import SAMPLES_NAME
 from diffusion_pl.utils.files import atomic_write
 from diffusion_pl.utils.folder_lock import holds_output_folder
 
@@ -97,45 +96,12 @@ def sweep_plan(classifier_scales: list[float] | None, cfg_scales: list[float] | 
     return plan
 
 
-# settings.json fields that do not describe the images: the run's timing, and how the work was split into shards.
-NOT_COMPARED = frozenset({"seconds", "shard_size"})
-
-
-def point_settings(source: SampleSource, point: SweepPoint, num_samples: int) -> dict[str, Any]:
-    """The settings.json sampling this point would write (as read back from JSON), without NOT_COMPARED."""
-    settings = source.settings(point.guidance, num_samples=num_samples, labels=None)
-    return {k: v for k, v in json.loads(json.dumps(settings)).items() if k not in NOT_COMPARED}
-
-
 def check_reusable(source: SampleSource, point: SweepPoint, out_dir: str, num_samples: int) -> bool:
     """Whether the point's samples.npz is there to be reused (without --overwrite): only when its settings.json
     records the settings this run would sample it with; samples of other (or unknown) settings are refused."""
     sample_dir = os.path.join(out_dir, point.folder)
-    if not os.path.exists(os.path.join(sample_dir, SAMPLES_NAME)):
-        return False
-    fix = "pass --overwrite to sample it again, or choose another --out_dir"
-    settings_path = os.path.join(sample_dir, SETTINGS_NAME)
-    unknown = f"so there is no telling which settings made these samples (they may be of another model): {fix}"
-    if not os.path.isfile(settings_path):
-        raise UserInputError(f"sweep point {sample_dir} holds {SAMPLES_NAME} but no {SETTINGS_NAME}, {unknown}")
-    try:
-        with open(settings_path) as f:
-            previous = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserInputError(
-            f"sweep point {sample_dir} holds {SAMPLES_NAME} but its {SETTINGS_NAME} cannot be read "
-            f"({type(e).__name__}), {unknown}"
-        ) from None
-    previous = {k: v for k, v in previous.items() if k not in NOT_COMPARED} if isinstance(previous, dict) else {}
-    wanted = point_settings(source, point, num_samples)
-    changed = sorted(k for k in set(previous) | set(wanted) if previous.get(k) != wanted.get(k))
-    if changed:
-        shown = ", ".join(f"{k} {previous.get(k, '(none)')!r} -> {wanted.get(k, '(none)')!r}" for k in changed)
-        raise UserInputError(
-            f"sweep point {sample_dir} holds samples of other settings than this run's ({shown}); "
-            f"they would be scored as this run's: {fix}"
-        )
-    return True
+    settings, _ = source.run_settings(point.guidance, sample_dir, num_samples=num_samples)
+    return reusable_samples(sample_dir, settings)
 
 
 @holds_output_folder("out_dir")  # one writer per --out_dir (diffusion_pl/utils/folder_lock.py)

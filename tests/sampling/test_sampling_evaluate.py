@@ -137,8 +137,8 @@ def test_rerun_after_failed_metrics_reuses_the_samples(ckpts, tmp_path, monkeypa
 
     monkeypatch.setattr(shard_io, "run_shards", no_model_calls)
     monkeypatch.setattr(evaluate_module, "sample_metrics", lambda fabric, samples, evaluation: {"fid": 1.5})
-    with pytest.raises(ValueError, match=r"cannot be reused: they were made with other settings \(seed, steps differ\)"
-                                         r".*pass --overwrite"):  # fmt: skip
+    with pytest.raises(ValueError, match=r"cannot be reused: they were made with other settings \(seed 0 -> 1, "
+                                         r"steps '3' -> '2'\).*pass --overwrite"):  # fmt: skip
         run_command(evaluate, **dict(options, seed=1, steps="2"))
     out = run_command(evaluate, **dict(options, sample_batch_size=3))  # the batch size does not change the images
     assert out["metrics"] == {"fid": 1.5} and out["samples"] == str(npz)

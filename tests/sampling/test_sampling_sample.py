@@ -55,26 +55,31 @@ def test_refuses_to_overwrite(reference_run, ckpts):
                     classifier_scale=1.0, **COMMON)  # fmt: skip
 
 
+def interrupt_at_shard(monkeypatch, shard_id: int, message: str):
+    """Make sampling raise RuntimeError(message) when it reaches shard ``shard_id`` (an interruption after the shards
+    before it were written); returns the real run_shards."""
+    real_run_shards = shard_io.run_shards
+
+    def run_until(engine, shards, *args, **kw):
+        if shards[0].shard_id == shard_id:
+            raise RuntimeError(message)
+        return real_run_shards(engine, shards, *args, **kw)
+
+    monkeypatch.setattr(shard_io, "run_shards", run_until)
+    return real_run_shards
+
+
 def test_resume_after_interruption(reference_run, ckpts, tmp_path, monkeypatch):
     out = str(tmp_path / "out")
     kwargs = dict(out_dir=out, ckpt=ckpts["cond"], classifier_ckpt=ckpts["classifier"], classifier_scale=1.0, **COMMON)
-    real_run_shards = shard_io.run_shards
-    calls = []
-
-    def interrupted(engine, shards, *args, **kw):
-        calls.append([s.shard_id for s in shards])
-        if len(calls) == 2:
-            raise RuntimeError("simulated interruption")
-        return real_run_shards(engine, shards, *args, **kw)
-
-    monkeypatch.setattr(shard_io, "run_shards", interrupted)
+    real_run_shards = interrupt_at_shard(monkeypatch, 1, "simulated interruption")
     with pytest.raises(RuntimeError, match="simulated interruption"):
         run_command(sample, **kwargs)
     assert not os.path.exists(os.path.join(out, "samples.npz"))
     assert sorted(os.listdir(os.path.join(out, "shards"))) == ["settings.json", "shard_000000.npz"]
     first_shard_mtime = os.stat(os.path.join(out, "shards", "shard_000000.npz")).st_mtime_ns
 
-    calls.clear()
+    calls = []
     monkeypatch.setattr(shard_io, "run_shards", lambda *a, **k: (calls.append(1), real_run_shards(*a, **k))[1])
     run_command(sample, **kwargs)
     assert len(calls) == 2  # shard 0 skipped, shards 1 and 2 generated
@@ -139,7 +144,7 @@ def test_compatibility_errors(ckpts, tmp_path):
                 "--overwrite", "--sample_batch_size", "finished shards (OUT_DIR/shards) are skipped."]),
     ("evaluate", ["--samples", "--reference", "--inception_weights", "--nll", "--data_class", "--num_nodes",
                   "--sample_batch_size", "--inception_batch_size", "nll_terms.csv."]),
-    ("sweep", ["--classifier_scales", "--cfg_scales", "--wandb", "--num_nodes", "(rerun without --overwrite)."]),
+    ("sweep", ["--classifier_scales", "--cfg_scales", "--wandb", "--num_nodes", "names the differences)."]),
 ])  # fmt: skip
 def test_cli_help(command, options):
     """Each command's options, its whole description (the last words of its docstring's text) and -c/--config."""
@@ -157,14 +162,7 @@ def test_rank_without_work_waits_for_the_others(reference_run, ckpts, tmp_path, 
     without error: here shards 0 and 1 are done, so on 2 ranks rank 0 has shard 2 and rank 1 nothing."""
     out = str(tmp_path / "resume_ddp")
     kwargs = dict(out_dir=out, ckpt=ckpts["cond"], classifier_ckpt=ckpts["classifier"], classifier_scale=1.0, **COMMON)
-    real_run_shards = shard_io.run_shards
-
-    def stop_at_shard_2(engine, shards, *args, **kw):
-        if shards[0].shard_id == 2:
-            raise RuntimeError("simulated interruption")
-        return real_run_shards(engine, shards, *args, **kw)
-
-    monkeypatch.setattr(shard_io, "run_shards", stop_at_shard_2)
+    interrupt_at_shard(monkeypatch, 2, "simulated interruption")
     with pytest.raises(RuntimeError, match="simulated interruption"):
         run_command(sample, **kwargs)
     assert sorted(os.listdir(os.path.join(out, "shards"))) == ["settings.json", "shard_000000.npz", "shard_000001.npz"]
@@ -182,22 +180,13 @@ def test_interrupted_overwrite_leaves_no_old_samples_and_resumes(reference_run, 
     old = dict(out_dir=out, ckpt=ckpts["cond"], classifier_ckpt=ckpts["classifier"], classifier_scale=1.0, **COMMON)
     run_command(sample, **dict(old, seed=1))  # the previous run, other settings
     new = dict(old, overwrite=True)
-    real_run_shards = shard_io.run_shards
-    calls = []
-
-    def interrupted(engine, shards, *args, **kw):
-        calls.append(shards[0].shard_id)
-        if len(calls) == 2:
-            raise RuntimeError("simulated interruption")
-        return real_run_shards(engine, shards, *args, **kw)
-
-    monkeypatch.setattr(shard_io, "run_shards", interrupted)
+    real_run_shards = interrupt_at_shard(monkeypatch, 1, "simulated interruption")
     with pytest.raises(RuntimeError, match="simulated interruption"):
         run_command(sample, **new)
     assert sorted(os.listdir(out)) == ["shards"]  # no old samples.npz, grid.png or settings.json
     assert sorted(os.listdir(os.path.join(out, "shards"))) == ["settings.json", "shard_000000.npz"]
 
-    calls.clear()
+    calls = []
     monkeypatch.setattr(shard_io, "run_shards", lambda *a, **k: (calls.append(1), real_run_shards(*a, **k))[1])
     run_command(sample, **old)  # without --overwrite: resumes the new run (seed 0)
     assert len(calls) == 2  # shard 0 kept, shards 1 and 2 generated
@@ -215,14 +204,7 @@ def test_resume_with_another_batch_size(ckpts, tmp_path, monkeypatch):
     whole = str(tmp_path / "whole")
     run_command(sample, out_dir=whole, sample_batch_size=2, **kwargs)  # shard size 4 * 2 = 8
     out = str(tmp_path / "out")
-    real_run_shards = shard_io.run_shards
-
-    def crash_at_shard_1(engine, shards, *args, **kw):
-        if shards[0].shard_id == 1:
-            raise RuntimeError("simulated out of memory")
-        return real_run_shards(engine, shards, *args, **kw)
-
-    monkeypatch.setattr(shard_io, "run_shards", crash_at_shard_1)
+    real_run_shards = interrupt_at_shard(monkeypatch, 1, "simulated out of memory")
     with pytest.raises(RuntimeError, match="simulated out of memory"):
         run_command(sample, out_dir=out, sample_batch_size=1, **kwargs)  # shard size 4: shard 0 finished
     monkeypatch.setattr(shard_io, "run_shards", real_run_shards)

@@ -100,7 +100,8 @@ def test_sweep_rerun_with_other_settings_is_refused(ckpts, tmp_path, random_ince
     with pytest.raises(UserInputError) as err:
         _sweep(ckpts, out, random_inception_weights, cfg_scales=[0.0], **changed)
     message = str(err.value)
-    assert f"sweep point {out / 'cfg_0'} holds samples of other settings" in message
+    assert f"{out / 'cfg_0' / 'samples.npz'} already exists and cannot be reused: they were made with other " \
+           "settings" in message
     assert shown in message and "--overwrite" in message and "another --out_dir" in message
     assert count_sampling == ["cfg_0"] and os.stat(out / "cfg_0" / "samples.npz").st_mtime_ns == mtime
     if "ckpt" in changed:  # --overwrite samples the point again with the new settings, and a rerun reuses them
@@ -115,7 +116,8 @@ def test_sweep_refuses_samples_without_settings(ckpts, tmp_path, random_inceptio
     out = tmp_path / "s"
     _sweep(ckpts, out, random_inception_weights, cfg_scales=[1.0, 2.0])
     os.remove(out / "cfg_2" / "settings.json")
-    refused = r"cfg_2 holds samples.npz but no settings.json, so there is no telling .* or choose another --out_dir"
+    refused = r"cfg_2/samples.npz already exists and cannot be reused: there is no readable .*cfg_2/settings.json .*" \
+              r"or choose another --out_dir"
     with pytest.raises(UserInputError, match=refused):
         _sweep(ckpts, out, random_inception_weights, cfg_scales=[1.0, 2.0])
     assert count_sampling == ["cfg_1", "cfg_2"]  # refused before anything is sampled or scored
