@@ -29,6 +29,7 @@ from diffusion_pl.commands.options import ClassifierSource, Guidance, ModelSourc
 from diffusion_pl.data.imagenet_classes import sorted_wnids
 from diffusion_pl.errors import UserInputError
 from diffusion_pl.lightning.checkpoints import read_checkpoint
+from diffusion_pl.sampling.engine import PRECISIONS
 from diffusion_pl.sampling.shards import grid_images
 from diffusion_pl.utils.images import image_grid, nchw_to_nhwc, to_uint8
 
@@ -49,6 +50,8 @@ def load(checkpoint: str, preset: str | None = None, *, device: str | torch.devi
     (``diffusion_pl.models.RELEASED_PROCESS``; ``diffusion_steps`` / ``noise_schedule`` / ``rescale_timesteps`` override
     it). ``device``: default the GPU if
     there is one; ``precision``: "32-true", "bf16-mixed" or "16-mixed" (autocast around the network)."""
+    if precision not in PRECISIONS:  # before the checkpoint is read, not at the first sample()
+        raise UserInputError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
     if preset is None and any(v is not None for v in (diffusion_steps, noise_schedule, rescale_timesteps)):
         raise UserInputError("diffusion_steps / noise_schedule / rescale_timesteps apply to released .pt files (with "
                              "preset=...); a diffusion-pl checkpoint carries its own process")  # fmt: skip

@@ -76,6 +76,8 @@ def test_labels_by_name_and_errors(page):
     # Sampler options are checked before a classifier file is read (this one does not exist).
     with pytest.raises(ValueError, match="--steps 'karras2' gives 2 step"):
         mine.sample(num_images=1, method="dpmpp_2m", steps="karras2", classifier="no-such-classifier.ckpt")
+    with pytest.raises(ValueError, match="unknown precision 'fp16'; choose from 32-true, bf16-mixed, 16-mixed"):
+        ns["diffusion_pl"].load("no-such-file.ckpt", precision="fp16")
     with pytest.raises(ValueError, match="carries its own process"):
         ns["diffusion_pl"].load(str(page[0] / "run" / "last.ckpt"), diffusion_steps=10)
 
