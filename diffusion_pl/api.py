@@ -28,7 +28,7 @@ from diffusion_pl.commands.common import (
 from diffusion_pl.commands.options import ClassifierSource, Guidance, ModelSource, SamplingOptions
 from diffusion_pl.data.imagenet_classes import sorted_wnids
 from diffusion_pl.errors import UserInputError
-from diffusion_pl.lightning.checkpoints import read_checkpoint
+from diffusion_pl.lightning.checkpoints import read_checkpoint, saved_class_names
 from diffusion_pl.sampling.engine import PRECISIONS
 from diffusion_pl.sampling.shards import grid_images
 from diffusion_pl.utils.images import image_grid, nchw_to_nhwc, to_uint8
@@ -57,19 +57,12 @@ def load(checkpoint: str, preset: str | None = None, *, device: str | torch.devi
                              "preset=...); a diffusion-pl checkpoint carries its own process")  # fmt: skip
     if preset is None:
         loaded = load_model(ModelSource(ckpt=checkpoint))
-        class_names = _checkpoint_class_names(checkpoint)
+        class_names = saved_class_names(read_checkpoint(checkpoint, "checkpoint"))
     else:
         loaded = load_model(ModelSource(openai_ckpt=checkpoint, arch=preset, diffusion_steps=diffusion_steps,
                                         noise_schedule=noise_schedule, rescale_timesteps=rescale_timesteps))
         class_names = list(sorted_wnids()) if loaded.num_classes == 1000 else None
     return Sampler(loaded, device=device or default_device(), precision=precision, class_names=class_names)
-
-
-def _checkpoint_class_names(path: str) -> list[str] | None:
-    """The class folder names an ImageFolderDataModule saved in a checkpoint (label i = names[i]), if any."""
-    state = read_checkpoint(path, "checkpoint").get("ImageFolderDataModule") or {}
-    names = state.get("class_names")
-    return list(names) if names else None
 
 
 class Sampler:

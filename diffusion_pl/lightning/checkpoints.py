@@ -90,6 +90,16 @@ def read_checkpoint(path: str | os.PathLike, option: str = "checkpoint") -> Any:
         raise _unreadable(option, path, e) from e
 
 
+def saved_class_names(checkpoint: Mapping) -> list[str] | None:
+    """The class names a DataModule saved in a Lightning checkpoint (label i = names[i]), if any."""
+    for key, state in checkpoint.items():
+        if isinstance(key, str) and key.endswith("DataModule") and isinstance(state, Mapping):
+            names = state.get("class_names")
+            if names:
+                return list(names)
+    return None
+
+
 def _unreadable(option: str, path: str, error: BaseException) -> UserInputError:
     reason = str(error).strip().splitlines()[0].split(". ")[0][:160] if str(error).strip() else ""
     size = os.path.getsize(path)
