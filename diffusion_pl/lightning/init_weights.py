@@ -30,7 +30,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from diffusion_pl.errors import UserInputError
-from diffusion_pl.lightning.checkpoints import checkpoint_kind, describe_kind, read_checkpoint, state_dict_problems
+from diffusion_pl.lightning.checkpoints import (
+    checkpoint_kind,
+    describe_kind,
+    read_checkpoint,
+    saved_class_names,
+    state_dict_problems,
+)
 from diffusion_pl.models import (
     RELEASED_CONFIGS,
     RELEASED_PROCESS,
@@ -99,21 +105,18 @@ def adapt_class_tensors(source: dict[str, torch.Tensor], own: Mapping[str, torch
 PRESET_CONFIG_FILES = {"adm_imagenet64": "configs/finetune_imagenet64.yaml",
                        "adm_imagenet64_classifier": "configs/adm_imagenet64_classifier.yaml",
                        "iddpm_cifar10": "configs/iddpm_cifar10.yaml"}  # fmt: skip
-#: network constructor settings that change the function of a released network without changing its shapes
-NETWORK_FUNCTION_SETTINGS = ("num_heads", "num_head_channels", "num_heads_upsample", "use_new_attention_order",
-                             "norm_groups", "pool")  # fmt: skip
 
 
 @functools.cache
-def _released_shapes(name: str) -> tuple[type, dict[str, tuple[int, ...]], frozenset[str]]:
-    """``(class, {reference key: shape}, reference keys of the class-dependent tensors)`` of a released
-    configuration, built on the meta device (no memory, well under a second)."""
+def _released_shapes(name: str) -> tuple[dict[str, tuple[int, ...]], frozenset[str]]:
+    """``({reference key: shape}, reference keys of the class-dependent tensors)`` of a released configuration,
+    built on the meta device (no memory)."""
     cls, kwargs, _ = RELEASED_CONFIGS[name]
     with torch.device("meta"):
         network = cls(**kwargs)
     key_map = openai_key_map(network)
     shapes = {k: tuple(v.shape) for k, v in export_openai_state_dict(network).items()}
-    return type(network), shapes, frozenset(key_map[k][0] for k in class_keys(network))
+    return shapes, frozenset(key_map[k][0] for k in class_keys(network))
 
 
 def released_matches(state_dict: Mapping[str, torch.Tensor], network_class: type) -> list[str]:
@@ -125,7 +128,7 @@ def released_matches(state_dict: Mapping[str, torch.Tensor], network_class: type
     for name, (cls, kwargs, _) in RELEASED_CONFIGS.items():
         if cls is not network_class or first is None or first.shape[0] != kwargs["model_channels"]:
             continue  # cheap: a preset is only built (on meta) when its width fits
-        _, shapes, class_tensors = _released_shapes(name)
+        shapes, class_tensors = _released_shapes(name)
         skip = class_tensors | {"label_emb.weight"}
         theirs = {k: tuple(v.shape) for k, v in state_dict.items() if k not in skip}
         if theirs == {k: v for k, v in shapes.items() if k not in skip}:
@@ -136,8 +139,7 @@ def released_matches(state_dict: Mapping[str, torch.Tensor], network_class: type
 def _effective(settings: Mapping, upsample: bool) -> dict:
     """The network function settings that are in effect: ``num_heads`` only counts without ``num_head_channels``,
     ``num_heads_upsample`` -1 means ``num_heads``."""
-    out = {k: settings[k] for k in ("num_head_channels", "use_new_attention_order", "norm_groups", "pool")
-           if k in settings}  # fmt: skip
+    out = {k: v for k, v in settings.items() if k not in ("num_heads", "num_heads_upsample")}
     if settings["num_head_channels"] == -1:
         out["num_heads"] = settings["num_heads"]
         if upsample:
@@ -153,13 +155,13 @@ def released_setting_differences(name: str, hparams: Mapping) -> list[str]:
     cls, kwargs, _ = RELEASED_CONFIGS[name]
     defaults = {k: p.default for k, p in inspect.signature(cls).parameters.items()
                 if p.default is not inspect.Parameter.empty}  # fmt: skip
-    released = {k: kwargs.get(k, defaults.get(k)) for k in NETWORK_FUNCTION_SETTINGS if k in defaults}
+    released = {k: kwargs.get(k, defaults[k]) for k in FUNCTION_HPARAMS if k in defaults}  # the network's own
     model = {k: hparams.get(k, released[k]) for k in released}
     upsample = cls is UNetModel
     released_in_effect, model_in_effect = _effective(released, upsample), _effective(model, upsample)
+    both = released_in_effect.keys() & model_in_effect.keys()  # num_heads counts only where both go by it
     differing = [f"{k}: released {released_in_effect[k]!r} vs model {model_in_effect[k]!r}" for k in released
-                 if k in released_in_effect and k in model_in_effect
-                 and released_in_effect[k] != model_in_effect[k]]  # fmt: skip
+                 if k in both and released_in_effect[k] != model_in_effect[k]]  # fmt: skip
     if name in RELEASED_PROCESS:  # the process the released U-Net was trained in (the file does not record it)
         steps, schedule, rescale = RELEASED_PROCESS[name]
         process = dict(diffusion_steps=steps, noise_schedule=schedule, rescale_timesteps=rescale,
@@ -217,16 +219,6 @@ class ClassRows:
     fresh: dict[str, torch.Tensor]
 
 
-def saved_class_names(checkpoint: Mapping) -> list[str] | None:
-    """The class names a DataModule saved in a Lightning checkpoint (label i = names[i]), if any."""
-    for key, state in checkpoint.items():
-        if isinstance(key, str) and key.endswith("DataModule") and isinstance(state, Mapping):
-            names = state.get("class_names")
-            if names:
-                return list(names)
-    return None
-
-
 def follow_class_names(network: torch.nn.Module, rows: ClassRows | None, names: list[str] | None,
                        name: str = f"model.init_args.{OPTION}") -> None:  # fmt: skip
     """Give class c of the data (``names[c]``) the checkpoint's row of the class of the same name, in place; a class
@@ -235,7 +227,6 @@ def follow_class_names(network: torch.nn.Module, rows: ClassRows | None, names: 
     if rows is None or not names or names == rows.names:
         return
     index = {n: i for i, n in enumerate(rows.names)}
-    matched = [n for n in names if n in index]
     params = dict(network.named_parameters())
     with torch.no_grad():
         for key, saved in rows.checkpoint.items():
@@ -244,12 +235,11 @@ def follow_class_names(network: torch.nn.Module, rows: ClassRows | None, names: 
                 source = saved[index[class_name]] if class_name in index else rows.fresh[key][c]
                 target[c].copy_(source.to(target.dtype))
     unknown = [n for n in names if n not in index]
+    new = f"; {len(unknown)} new, initialised at random: {', '.join(unknown[:6])}{' ...' * (len(unknown) > 6)}"
     rank_zero_warn(
         f"{name}: the checkpoint's classes ({len(rows.names)}) are not the data's ({len(names)}) in the same order: "
-        f"class embeddings follow the class names ({len(matched)} matched by name"
-        + (f"; {len(unknown)} new, initialised at random: {', '.join(unknown[:6])}{' ...' if len(unknown) > 6 else ''}"
-           if unknown else "") + ")"
-    )  # fmt: skip
+        f"class embeddings follow the class names ({len(names) - len(unknown)} matched by name{new * bool(unknown)})"
+    )
 
 
 def init_network_from(network: UNetModel | EncoderUNetModel, path: str, module_kind: str,
