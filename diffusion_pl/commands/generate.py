@@ -3,7 +3,6 @@ the processes of a Fabric, resumed when interrupted, merged into samples.npz + g
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -59,8 +58,7 @@ def reusable_samples(out_dir: str, settings: dict[str, Any]) -> bool:
         changed = shards.settings_differences(recorded, settings)
         if not changed:
             return True
-        wanted = json.loads(json.dumps(settings))
-        shown = ", ".join(f"{k} {recorded.get(k, '(none)')!r} -> {wanted.get(k, '(none)')!r}" for k in changed)
+        shown = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
         why = f"they were made with other settings ({shown})"
     raise UserInputError(
         f"{final} already exists and cannot be reused: {why}. Rerun with the settings of its settings.json to "

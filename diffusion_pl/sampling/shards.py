@@ -22,6 +22,7 @@ import zipfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -118,16 +119,13 @@ def write_shard(shard_dir: str, shard: Shard, images_uint8_nhwc: np.ndarray, lab
     return atomic_write(shard_path(shard_dir, shard.shard_id), lambda f: np.savez(f, **arrays))
 
 
-def remove_outputs(out_dir: str) -> list[str]:
+def remove_outputs(out_dir: str) -> None:
     """--overwrite: remove the previous run's samples.npz, grid.png and settings.json (a link: the link only) before any
-    new shard is written. Returns the paths removed."""
-    removed = []
+    new shard is written."""
     for name in FINAL_NAMES:
         path = os.path.join(out_dir, name)
         if os.path.islink(path) or os.path.isfile(path):
             os.remove(path)
-            removed.append(path)
-    return removed
 
 
 def read_settings(path: str) -> dict | None:
@@ -150,11 +148,11 @@ def recorded_shard_size(out_dir: str) -> int | None:
     return None
 
 
-def settings_differences(recorded: dict, settings: dict) -> list[str]:
-    """The keys whose values differ between recorded settings and ``settings`` (as JSON), timing fields ignored."""
-    recorded = {k: v for k, v in recorded.items() if k not in TIMING_FIELDS}
-    settings = json.loads(json.dumps({k: v for k, v in settings.items() if k not in TIMING_FIELDS}))
-    return sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
+def settings_differences(recorded: dict, settings: dict) -> dict[str, tuple[Any, Any]]:
+    """{key: (recorded value, value of ``settings`` as JSON)} of the keys that differ, sorted, timing fields ignored."""
+    settings = json.loads(json.dumps(settings))
+    keys = sorted((set(recorded) | set(settings)) - TIMING_FIELDS)
+    return {k: (recorded.get(k), settings.get(k)) for k in keys if recorded.get(k) != settings.get(k)}
 
 
 def prepare_shard_dir(shard_dir: str, settings: dict, overwrite: bool) -> None:
@@ -175,7 +173,7 @@ def prepare_shard_dir(shard_dir: str, settings: dict, overwrite: bool) -> None:
             return
         finished = shard_files(shard_dir)
         if finished:
-            changed = settings_differences(previous, settings)
+            changed = list(settings_differences(previous, settings))
             raise UserInputError(
                 f"{shard_dir} holds {len(finished)} finished shard(s) of a run with different settings "
                 f"({', '.join(changed)} differ): rerun with the same settings to resume it, pass --overwrite to "
