@@ -160,15 +160,19 @@ class ImageNet64DataModule(PreparedImageDataModule):
         Lightning calls this on the first process of every node (``prepare_data_per_node=True``) or of the first
         node only (False). Every file is written under a temporary name and renamed, so concurrent calls on shared
         storage cannot leave a truncated cache (only duplicate work)."""
-        todo = [s for s in SPLITS if self._stale(s)]
-        if todo and self.source == "npz":
-            train, val = find_npz_batches(Path(self.data_dir))
-            inputs = {"train": train, "val": [val]}
-            for split in todo:
-                self._prepare_npz(split, inputs[split])
-        elif todo:
-            for split in todo:
-                self._prepare_folder(split)
+        if self.source == "npz":
+            todo = [s for s in SPLITS if self.split_files(s).read_manifest() is None]
+            if todo:
+                train, val = find_npz_batches(Path(self.data_dir))
+                inputs = {"train": train, "val": [val]}
+                for split in todo:
+                    self._prepare_npz(split, inputs[split])
+        else:  # the folder source: prepared again when its files changed (the listing's fingerprint)
+            for split in SPLITS:
+                listing = self._folder_listing(split)
+                manifest = self.split_files(split).read_manifest()
+                if manifest is None or manifest.get("fingerprint") != listing.fingerprint:
+                    self._prepare_folder(split, listing)
         if self.source == "npz" and self.label_order == "sorted_wnid":
             for split in SPLITS:
                 self.split_files(split).write_ordered_labels(self.label_order, devkit_to_sorted())
@@ -185,24 +189,16 @@ class ImageNet64DataModule(PreparedImageDataModule):
                 "label_order": "devkit"}  # fmt: skip
         self.split_files(split).write(sum(counts), chunks(), info)
 
-    def _stale(self, split: str) -> bool:
-        """No complete cache of ``split``, or (folder source) one made from other files: the listing's fingerprint
-        (names, sizes, modification times) differs, so added, removed or replaced images are prepared anew."""
-        manifest = self.split_files(split).read_manifest()
-        if manifest is None:
-            return True
-        return self.source == "folder" and manifest.get("fingerprint") != self._folder_listing(split).fingerprint
-
     def _folder_listing(self, split: str) -> folder.FolderListing:
+        """The image files of ``split`` with their fingerprint (names, sizes, modification times)."""
         root = Path(self.data_dir) / split
         list_class_folders(root)  # the layout's own message when the split has no class folders
         return folder.list_images(root, class_cond=True, name=f"ImageNet-64 (folder) {split}")
 
-    def _prepare_folder(self, split: str) -> None:
+    def _prepare_folder(self, split: str, listing: folder.FolderListing) -> None:
         root = Path(self.data_dir) / split
         class_names = self.class_names or list_class_folders(Path(self.data_dir) / "train")
         index = {name: i for i, name in enumerate(class_names)}
-        listing = self._folder_listing(split)
         for name in listing.class_names:
             if name not in index:
                 raise UserInputError(
