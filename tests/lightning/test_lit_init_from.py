@@ -339,6 +339,7 @@ def test_class_rows_follow_the_class_names(tmp_path, module_kind):
     mine = module.unet if module_kind == "DiffusionModule" else module.classifier
     fresh = module._init_class_rows.fresh[key]
     assert torch.equal(mine.state_dict()[key][:3], saved[:3])  # loaded by position first
+    assert not torch.equal(fresh[2], saved[2])  # so "dogs" below tells the fresh row from the checkpoint's
     trainer = SimpleNamespace(datamodule=SimpleNamespace(class_names=["bees", "cats", "dogs"], image_size=8,
                                                          in_channels=1, num_classes=3),
                               strategy=SimpleNamespace(root_device=torch.device("cpu")))  # fmt: skip
