@@ -21,7 +21,6 @@ from diffusion_pl.errors import UserInputError
 from diffusion_pl.lightning.checkpoints import apply_optimizer_settings, check_checkpoint_fits, load_kwargs
 from diffusion_pl.lightning.common import (
     base_seed,
-    check_data_matches,
     derive_seed,
     lr_factor,
     network_from_hparams,
@@ -29,7 +28,7 @@ from diffusion_pl.lightning.common import (
     reseed_for_epoch,
     reseed_for_step,
 )
-from diffusion_pl.lightning.init_weights import follow_class_names, init_network_from
+from diffusion_pl.lightning.init_weights import init_network_from, setup_for_data
 from diffusion_pl.models import EncoderUNetModel
 from diffusion_pl.utils.device import prepare_device
 
@@ -137,11 +136,7 @@ class NoisyClassifierModule(L.LightningModule):
             "in_channels": (hp.in_channels, "in_channels"),
             "num_classes": (hp.out_channels, "out_channels"),
         }
-        datamodule = getattr(self.trainer, "datamodule", None)
-        check_data_matches(datamodule, expected, "NoisyClassifierModule")
-        if stage == "fit":
-            follow_class_names(self.classifier, self._init_class_rows, getattr(datamodule, "class_names", None))
-            self._init_class_rows = None
+        setup_for_data(self, self.classifier, expected, "NoisyClassifierModule", stage)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams

@@ -24,7 +24,6 @@ from diffusion_pl.errors import UserInputError
 from diffusion_pl.lightning.checkpoints import apply_optimizer_settings, check_checkpoint_fits, load_kwargs
 from diffusion_pl.lightning.common import (
     base_seed,
-    check_data_matches,
     derive_seed,
     lr_factor,
     make_all_gather,
@@ -33,7 +32,7 @@ from diffusion_pl.lightning.common import (
     reseed_for_epoch,
     reseed_for_step,
 )
-from diffusion_pl.lightning.init_weights import follow_class_names, init_network_from
+from diffusion_pl.lightning.init_weights import init_network_from, setup_for_data
 from diffusion_pl.models import UNetModel
 from diffusion_pl.utils.device import prepare_device
 
@@ -181,11 +180,7 @@ class DiffusionModule(L.LightningModule):
         expected = {"image_size": (hp.image_size, "image_size"), "in_channels": (hp.in_channels, "in_channels")}
         if hp.class_cond:
             expected["num_classes"] = (hp.num_classes, "num_classes")
-        datamodule = getattr(self.trainer, "datamodule", None)
-        check_data_matches(datamodule, expected, "DiffusionModule")
-        if stage == "fit":
-            follow_class_names(self.unet, self._init_class_rows, getattr(datamodule, "class_names", None))
-            self._init_class_rows = None
+        setup_for_data(self, self.unet, expected, "DiffusionModule", stage)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams

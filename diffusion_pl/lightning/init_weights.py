@@ -37,6 +37,7 @@ from diffusion_pl.lightning.checkpoints import (
     saved_class_names,
     state_dict_problems,
 )
+from diffusion_pl.lightning.common import check_data_matches
 from diffusion_pl.models import (
     RELEASED_CONFIGS,
     RELEASED_PROCESS,
@@ -240,6 +241,18 @@ def follow_class_names(network: torch.nn.Module, rows: ClassRows | None, names: 
         f"{name}: the checkpoint's classes ({len(rows.names)}) are not the data's ({len(names)}) in the same order: "
         f"class embeddings follow the class names ({len(names) - len(unknown)} matched by name{new * bool(unknown)})"
     )
+
+
+def setup_for_data(module, network: torch.nn.Module, expected: dict[str, tuple[int, str]], name: str,
+                   stage: str) -> None:  # fmt: skip
+    """The data side of a module's ``setup``: the DataModule must fit the network (:func:`check_data_matches` with
+    ``expected``); at fit, the class rows loaded from ``init_from`` (``module._init_class_rows``) follow its class
+    names (:func:`follow_class_names`)."""
+    datamodule = getattr(module.trainer, "datamodule", None)
+    check_data_matches(datamodule, expected, name)
+    if stage == "fit":
+        follow_class_names(network, module._init_class_rows, getattr(datamodule, "class_names", None))
+        module._init_class_rows = None
 
 
 def init_network_from(network: UNetModel | EncoderUNetModel, path: str, module_kind: str,
